@@ -163,11 +163,14 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not is_hooked(self.hook_scale):
             return hp(self.hook_normalized, F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps))
-        xc = x - x.mean(-1, keepdim=True)
-        scale = hp(self.hook_scale, (xc.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        out = xc / scale * self.w
-        if self.b is not None:
-            out = out + self.b
+        # Hooked scale: the output must be computed from whatever the hook returns (freezing LN
+        # scales is a common intervention). One Welford pass gives mean and variance, and only
+        # two [batch, pos, d] tensors are allocated: caching every hook keeps each allocation
+        # alive, so every avoided temporary is memory the kernel would otherwise fault in.
+        var, mean = torch.var_mean(x, -1, keepdim=True, correction=0)
+        scale = hp(self.hook_scale, (var + self.eps).sqrt())
+        xc = (x - mean).div_(scale)
+        out = torch.addcmul(self.b, xc, self.w) if self.b is not None else xc.mul_(self.w)
         return hp(self.hook_normalized, out)
 
 
@@ -185,8 +188,9 @@ class RMSNorm(nn.Module):
         if not is_hooked(self.hook_scale) and x.dtype == torch.float32:
             return hp(self.hook_normalized, F.rms_norm(x, x.shape[-1:], self.w, self.eps))
         x32 = x.float()
-        scale = hp(self.hook_scale, (x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return hp(self.hook_normalized, (x32 / scale).to(x.dtype) * self.w)
+        ms = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square() / x.shape[-1]
+        scale = hp(self.hook_scale, (ms + self.eps).sqrt())
+        return hp(self.hook_normalized, (x32 / scale).to(x.dtype).mul_(self.w))
 
 
 def make_norm(cfg: ModelConfig, d: int | None = None) -> nn.Module | None:
@@ -377,17 +381,19 @@ class Attention(nn.Module):
         qh = q.transpose(1, 2)  # [batch, head, q, d_head]
         kh = self._repeat_kv(k).transpose(1, 2)
         vh = self._repeat_kv(v).transpose(1, 2)
-        scores = (qh @ kh.transpose(-1, -2)) * self.scale  # [batch, head, q, k]
+        # One [batch, head, q, k] buffer, edited in place (none of these ops' backward needs the
+        # overwritten values): with every hook cached each extra copy is fresh memory to fault in.
+        scores = (qh @ kh.transpose(-1, -2)).mul_(self.scale)  # [batch, head, q, k]
         if ctx.pos_bias is not None:
-            scores = scores + ctx.pos_bias.to(scores.dtype)
+            scores = scores.add_(ctx.pos_bias.to(scores.dtype))
         if ctx.temperature != 1.0:
-            scores = scores / ctx.temperature
+            scores = scores.div_(ctx.temperature)
         soft = ctx.soft(scores.dtype)
         if soft is not None:
-            scores = scores + soft
+            scores = scores.add_(soft)
         hard = ctx.hard()
         if hard is not None:
-            scores = scores.masked_fill(~hard, torch.finfo(scores.dtype).min)
+            scores = scores.masked_fill_(~hard, torch.finfo(scores.dtype).min)
         scores = hp(self.hook_attn_scores, scores)
         pattern = torch.softmax(scores.float(), dim=-1).to(qh.dtype)
         pattern = hp(self.hook_pattern, pattern)  # [batch, head, q, k]

@@ -30,9 +30,12 @@ def _split(value: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
 @click.option("--threads", default=0, type=click.IntRange(0, 1024), help="torch threads (0 = torch's default).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--keep-freed-memory", is_flag=True,
+              help="Call interp.keep_freed_memory() first (glibc keeps freed memory for reuse; all tools benefit). "
+                   "Timed workloads only: peak-memory workers always run with the default allocator.")
 @click.option("--quiet", is_flag=True, help="Print only the table.")
 def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens: int, device: str, threads: int,
-              json_path: Path | None, seed: int, quiet: bool) -> None:
+              json_path: Path | None, seed: int, keep_freed_memory: bool, quiet: bool) -> None:
     """Time interp against plain transformers, TransformerLens and nnsight on the same weights.
 
     Interleaved rounds after warm-up; medians and per-round ratios to plain transformers
@@ -57,9 +60,17 @@ def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens:
         raise CliError(f"--json folder {json_path.parent} does not exist; create it first")
     if threads:
         torch.set_num_threads(threads)
+    allocator = "default"
+    if keep_freed_memory:
+        import interp
+
+        if not interp.keep_freed_memory():
+            raise CliError("--keep-freed-memory needs glibc (Linux); run without it on this platform")
+        allocator = "glibc, freed memory kept (interp.keep_freed_memory)"
     say = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     result = bench.run_bench(models=ms, workloads=ws, tools=ts, rounds=rounds, device=device, long_tokens=long_tokens,
                              progress=say, seed=seed)
+    result["machine"]["allocator"] = allocator
     click.echo(bench.format_table(result))
     for note in result["notes"]:
         click.echo(f"note: {note}")
