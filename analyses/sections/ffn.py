@@ -217,9 +217,22 @@ def _trace_findings(avg: pd.DataFrame, window: int) -> list[str]:
             single = sub[(sub["kind"] == "mlp_single") & (sub["role"] == "subject_last")]
             if not single.empty:
                 top = single.loc[single["aie"].idxmax()]
-                out.append(f"Single-layer MLP restoration at the last subject token ({corruption}) peaks at layer "
-                           f"{int(top['layer'])} (AIE {_fmt(float(top['aie']))}); compare with the windowed map: a "
-                           f"window containing that layer inherits its effect.")
+                rest = single[single["layer"] != top["layer"]]
+                text = (f"Single-layer MLP restoration at the last subject token ({corruption}) peaks at layer "
+                        f"{int(top['layer'])} (AIE {_fmt(float(top['aie']))})")
+                if not rest.empty:
+                    nxt = rest.loc[rest["aie"].idxmax()]
+                    text += f"; the next best single layer is {int(nxt['layer'])} (AIE {_fmt(float(nxt['aie']))})"
+                # windows that leave the single-layer peak out show what the other layers do together
+                lo = int(top["layer"])
+                centres = mlp["layer"].to_numpy()
+                inside = (centres - window // 2 <= lo) & (lo < centres - (-window // 2))
+                away = mlp[(mlp["role"] == "subject_last").to_numpy() & ~inside]
+                if not away.empty and window > 1:
+                    text += (f"; windows without layer {lo} reach at most AIE {_fmt(float(away['aie'].max()))}, so the "
+                             f"windowed early site is {'mostly' if float(away['aie'].max()) < 0.5 * float(top['aie']) else 'not only'} "
+                             f"that one layer")
+                out.append(text + ".")
     return out
 
 
@@ -299,7 +312,8 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
             if (avg["corruption"] == corruption).any():
                 figures[f"ffn_trace_{corruption}"] = _trace_figure(
                     avg, corruption, f"average indirect effect over {len(chosen)} facts ({label})")
-        figures["ffn_trace_example"] = _example_figure(res["causal_trace"], chosen[0].name, "noise")
+        traced = res["causal_trace"].groupby("fact")["position"].nunique()
+        figures["ffn_trace_example"] = _example_figure(res["causal_trace"], str(traced.idxmax()), "noise")
         figures["ffn_logit_lens"] = _logit_lens_figure(res["logit_lens"])
         if not res["edit_summary"].empty:
             figures["ffn_edits"] = _edits_figure(res["edit_summary"])
