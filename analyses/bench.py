@@ -81,17 +81,30 @@ def build_hf(model: str, *, n_positions: int = 4096, small: bool = False, seed: 
         hf = GPT2LMHeadModel(cfg).eval()
         tok = gpt2_tokenizer()
     elif model == "smollm2-135m":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from interp.loading import builtin_path  # the packaged GGUF file
+        from interp.loading.gguf import gguf_tokenizer
 
         gguf = Path(builtin_path("smollm2-135m"))
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+        tok = gguf_tokenizer(gguf)  # interp's reader of the same GGUF metadata (AutoTokenizer needs sentencepiece)
+        # transformers dequantises GGUF weights to float32 but keeps the model marked as
+        # quantised, which save_pretrained refuses (TransformerBridge boots from a folder): the
+        # same float32 weights in a plain model of the same config
+        config = loaded.config
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        hf = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        hf.load_state_dict(loaded.state_dict())
+        hf.eval()
+        del loaded
     else:
         raise ValueError(f"Unknown bench model {model!r}; valid: {', '.join(MODELS)}.")
     _set_attn(hf, "sdpa")
     hf.save_pretrained(folder)
+    if tok is not None and hasattr(tok, "save_pretrained"):
+        tok.save_pretrained(folder)  # TransformerBridge loads its tokenizer from the folder
     return hf, tok, folder
 
 

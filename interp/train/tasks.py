@@ -373,21 +373,36 @@ class Knowledge(Task):
 
     Subjects get unique names of ``min_name_len``..``max_name_len`` syllable tokens; every
     (subject, relation) pair has one object, drawn uniformly from that relation's
-    ``n_objects`` objects, fixed by ``data_seed``. A training sequence is
-    ``[BOS] <name tokens> <relation> <object> <pad>...`` and the loss is taken only on the
-    object, so the model must memorise the facts. Name tokens are shared across subjects, so
-    a fact can only be retrieved from the whole name: the subject's last token is where
-    early-layer MLPs recall attributes (Geva et al. 2021, "Transformer Feed-Forward Layers
-    Are Key-Value Memories"; Meng et al. 2022, "Locating and Editing Factual Associations in
-    GPT"). :meth:`facts` lists every fact with its prompt, subject span and answer.
+    ``n_objects`` objects, fixed by ``data_seed``. A query sequence is
+    ``[BOS] <name tokens> <relation> <object> <pad>...`` with the loss only on the object, so
+    the model must memorise the facts. Name tokens are shared across subjects, so a fact can
+    only be retrieved from the whole name. :meth:`facts` lists every fact with its prompt,
+    subject span and answer.
+
+    Where the model looks a fact up is a choice of the training data and the architecture,
+    and the defaults are set so that it happens at the subject, as Meng et al. (2022, "Locating
+    and Editing Factual Associations in GPT") found in GPT-2: a fraction ``bio_fraction`` of
+    the sequences are "biographies", ``[BOS] <name> <objects of every relation in a random
+    order>`` with the loss on every object, so the subject's last token must already predict
+    its attributes (as in pretraining text, where what follows a name depends on who it is);
+    the default model's causal sliding-window mask (``causal&sliding_window:2``) lets the
+    relation token reach the whole name only through the subject's last token; and label
+    smoothing keeps answers off probability 1, so single neurons can matter (Dai et al. 2022
+    report relative changes). Measured on the shipped ``knowledge.pt`` (seed 0): the
+    strongest MLP indirect effect is at the last subject token (layers 0-1, ~0.25), against
+    <0.1 at the last token, and suppressing Dai et al.'s knowledge neurons drops answer
+    probability by ~65% while unrelated facts move <5%. With ``bio_fraction=0`` and full
+    causal attention the same model looks facts up at the relation token instead.
     """
 
     name = "knowledge"
     mechanism = "facts memorised in the weights, recalled at the subject's last token (Geva et al. 2021; Meng et al. 2022)"
     defaults = {"n_subjects": 200, "n_relations": 4, "n_objects": 16, "n_name_parts": 40,
-                "min_name_len": 2, "max_name_len": 3, "data_seed": 0}
-    model_defaults = {"n_layers": 2, "d_model": 128, "n_heads": 4, "d_mlp": 512, "positional": "learned"}
-    train_defaults = {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0}
+                "min_name_len": 3, "max_name_len": 3, "bio_fraction": 0.5, "data_seed": 0}
+    model_defaults = {"n_layers": 3, "d_model": 128, "n_heads": 4, "d_mlp": 512, "positional": "learned",
+                      "mask": "causal&sliding_window:2"}
+    train_defaults = {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0,
+                      "label_smoothing": 0.1}
 
     def _validate(self) -> None:
         p = self.params
@@ -397,6 +412,9 @@ class Knowledge(Task):
         _int("min_name_len", p["min_name_len"], 1, 16)
         _int("max_name_len", p["max_name_len"], p["min_name_len"], 16)
         _int("data_seed", p["data_seed"], 0)
+        bio = p["bio_fraction"]
+        if isinstance(bio, bool) or not isinstance(bio, (int, float)) or not 0.0 <= float(bio) < 1.0:
+            raise InterpError(f"task parameter bio_fraction must be a number in [0, 1), got {bio!r}")
         capacity = sum(p["n_name_parts"] ** k for k in range(p["min_name_len"], p["max_name_len"] + 1))
         _int("n_subjects", p["n_subjects"], 1, capacity)
 
@@ -451,10 +469,21 @@ class Knowledge(Task):
             tokens[i, L] = f.answer
             labels[i, L - 1] = f.answer  # loss only on the object
         self._tokens, self._labels = tokens, labels
+        # "biographies": [BOS] <name> then the subject's objects in a random relation order,
+        # no relation tokens; the loss is on every object (see the class docstring)
+        R = len(self.relations)
+        self._bio_prefix = torch.full((len(names), width), tok.pad_token_id, dtype=torch.long)
+        self._bio_objects = torch.tensor([[f.answer for f in facts[s * R:(s + 1) * R]] for s in range(len(names))],
+                                         dtype=torch.long).reshape(len(names), R)
+        self._bio_start = torch.tensor([1 + len(n) for n in names], dtype=torch.long)
+        for s, name in enumerate(names):
+            self._bio_prefix[s, :1 + len(name)] = torch.tensor([tok.index[w] for w in ("<bos>", *name)])
 
     @property
     def seq_len(self) -> int:
-        return 1 + self.params["max_name_len"] + 2  # BOS, name, relation, object
+        # BOS, name, relation, object; a biography needs BOS, name and one object per relation
+        extra = max(2, self.params["n_relations"]) if self.params["bio_fraction"] > 0 else 2
+        return 1 + self.params["max_name_len"] + extra
 
     def facts(self) -> list[Fact]:
         """Every fact of the knowledge base, in a fixed order (subject-major)."""
@@ -462,7 +491,22 @@ class Knowledge(Task):
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         idx = torch.randint(len(self._facts), (batch_size,), generator=generator)
-        return Batch(self._tokens[idx], self._labels[idx])
+        tokens, labels = self._tokens[idx].clone(), self._labels[idx].clone()
+        if self.params["bio_fraction"] > 0:
+            bio = torch.rand(batch_size, generator=generator) < self.params["bio_fraction"]
+            n_bio = int(bio.sum())
+            if n_bio:
+                subj = torch.randint(len(self._bio_start), (n_bio,), generator=generator)
+                R = self._bio_objects.shape[1]
+                order = torch.argsort(torch.rand(n_bio, R, generator=generator), dim=1)
+                objs = self._bio_objects[subj].gather(1, order)  # [n_bio, R]
+                cols = self._bio_start[subj, None] + torch.arange(R)  # object positions
+                tok = self._bio_prefix[subj].clone()
+                tok.scatter_(1, cols, objs)
+                lab = torch.full_like(tok, -100)
+                lab.scatter_(1, cols - 1, objs)  # each object is predicted from the position before it
+                tokens[bio], labels[bio] = tok, lab
+        return Batch(tokens, labels)
 
     @torch.no_grad()
     def evaluate(self, model: Any, seed: int = 12345, batch_size: int = 512) -> dict[str, float]:

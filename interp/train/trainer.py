@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
+    label_smoothing: float = 0.0  # keeps memorised answers off probability 1 (Szegedy et al. 2016)
     seed: int = 0
     log_every: int = 10  # history rows (and progress-bar updates) every this many steps
     eval_every: int = 0  # 0: evaluate only at the end
@@ -69,6 +70,9 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
                 raise InterpError(f"{name} must be between 0 and 1, got {v!r}.")
+        v = self.label_smoothing
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
+            raise InterpError(f"label_smoothing must be in [0, 1), got {v!r}.")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
     def lr_at(self, step: int) -> float:
@@ -267,7 +271,8 @@ def train(
             batch = task.sample(tc.batch_size, gen)
             tokens, labels = batch.tokens.to(device), batch.labels.to(device)
             logits = model(tokens)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                   label_smoothing=tc.label_smoothing)
             moe = model.moe_losses()
             aux = moe["aux"] + moe["z"]
             opt.zero_grad(set_to_none=True)
