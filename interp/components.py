@@ -378,12 +378,17 @@ class Attention(nn.Module):
         return t if g == 1 else t.repeat_interleave(g, dim=2)
 
     def _eager(self, q, k, v, ctx: AttnContext) -> torch.Tensor:
-        qh = q.transpose(1, 2)  # [batch, head, q, d_head]
-        kh = self._repeat_kv(k).transpose(1, 2)
-        vh = self._repeat_kv(v).transpose(1, 2)
+        B, T, nh, dh = q.shape
+        nkv, S = k.shape[2], k.shape[1]
+        g = nh // nkv
+        kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [batch, kv_head, k, d_head]
+        # GQA/MQA without copying K and V once per query head: the g query heads sharing a KV
+        # head are stacked along the query axis, one matmul per KV head, and the result viewed
+        # back as [batch, head, q, k] (head = kv_head * g + j, the order of repeat_interleave).
+        qh = q.transpose(1, 2) if g == 1 else q.view(B, T, nkv, g, dh).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * T, dh)
         # One [batch, head, q, k] buffer, edited in place (none of these ops' backward needs the
         # overwritten values): with every hook cached each extra copy is fresh memory to fault in.
-        scores = (qh @ kh.transpose(-1, -2)).mul_(self.scale)  # [batch, head, q, k]
+        scores = (qh @ kh.transpose(-1, -2)).mul_(self.scale).view(B, nh, T, S)  # [batch, head, q, k]
         if ctx.pos_bias is not None:
             scores = scores.add_(ctx.pos_bias.to(scores.dtype))
         if ctx.temperature != 1.0:
@@ -395,9 +400,12 @@ class Attention(nn.Module):
         if hard is not None:
             scores = scores.masked_fill_(~hard, torch.finfo(scores.dtype).min)
         scores = hp(self.hook_attn_scores, scores)
-        pattern = torch.softmax(scores.float(), dim=-1).to(qh.dtype)
+        pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         pattern = hp(self.hook_pattern, pattern)  # [batch, head, q, k]
-        return (pattern @ vh).transpose(1, 2)  # [batch, pos, head, d_head]
+        if g == 1:
+            return (pattern @ vh).transpose(1, 2)  # [batch, pos, head, d_head]
+        z = pattern.reshape(B, nkv, g * T, S) @ vh  # [batch, kv_head, g * q, d_head]
+        return z.view(B, nh, T, dh).transpose(1, 2)
 
     def _sdpa(self, q, k, v, ctx: AttnContext) -> torch.Tensor:
         mask, is_causal = ctx.sdpa_mask(q.dtype)
