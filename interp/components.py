@@ -386,6 +386,17 @@ class Attention(nn.Module):
         # head are stacked along the query axis, one matmul per KV head, and the result viewed
         # back as [batch, head, q, k] (head = kv_head * g + j, the order of repeat_interleave).
         qh = q.transpose(1, 2) if g == 1 else q.view(B, T, nkv, g, dh).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * T, dh)
+        hard = ctx.hard()
+        if (hard is not None and hard.shape[0] == 1 and ctx.pos_bias is None and ctx.temperature == 1.0
+                and ctx.penalty is None):
+            # The common case (a structural mask, no padding, bias, penalty or temperature): scale
+            # and mask in the matmul's own epilogue, scores = min-or-0 + scale * q.k^T (baddbmm),
+            # one pass over the [batch, head, q, k] buffer instead of three. Masked entries equal
+            # finfo.min exactly, as masked_fill would write.
+            bias = self._eager_bias(ctx, hard, g, q.dtype)  # [g * q, k]
+            scores = torch.baddbmm(bias, qh.reshape(B * nkv, g * T, dh), kh.reshape(B * nkv, S, dh).transpose(1, 2),
+                                   alpha=self.scale).view(B, nh, T, S)
+            return self._softmax_pv(scores, vh, q.dtype, B, nh, nkv, g, T, S, dh)
         # One [batch, head, q, k] buffer, edited in place (none of these ops' backward needs the
         # overwritten values): with every hook cached each extra copy is fresh memory to fault in.
         scores = (qh @ kh.transpose(-1, -2)).mul_(self.scale).view(B, nh, T, S)  # [batch, head, q, k]
@@ -396,11 +407,22 @@ class Attention(nn.Module):
         soft = ctx.soft(scores.dtype)
         if soft is not None:
             scores = scores.add_(soft)
-        hard = ctx.hard()
         if hard is not None:
             scores = scores.masked_fill_(~hard, torch.finfo(scores.dtype).min)
+        return self._softmax_pv(scores, vh, q.dtype, B, nh, nkv, g, T, S, dh)
+
+    @staticmethod
+    def _eager_bias(ctx: AttnContext, hard: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
+        """[g * q, k] additive mask (0 or finfo.min), built once per forward pass and dtype."""
+        key = ("eager_bias", dtype, g)
+        if key not in ctx._cache:
+            m = torch.zeros(hard.shape[-2:], dtype=dtype, device=hard.device).masked_fill_(~hard[0, 0], torch.finfo(dtype).min)
+            ctx._cache[key] = m.repeat(g, 1) if g > 1 else m
+        return ctx._cache[key]
+
+    def _softmax_pv(self, scores, vh, dtype, B, nh, nkv, g, T, S, dh) -> torch.Tensor:
         scores = hp(self.hook_attn_scores, scores)
-        pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        pattern = torch.softmax(scores.float(), dim=-1).to(dtype)
         pattern = hp(self.hook_pattern, pattern)  # [batch, head, q, k]
         if g == 1:
             return (pattern @ vh).transpose(1, 2)  # [batch, pos, head, d_head]
