@@ -492,6 +492,12 @@ def run_isolated(spec: dict[str, Any], timeout: int = 1800) -> dict[str, Any]:
     """Run :func:`_worker` in a fresh Python process so peak memory belongs to one measurement."""
     proc = subprocess.run([sys.executable, "-m", "analyses.bench", json.dumps(spec)], capture_output=True, text=True,
                           timeout=timeout)
+    if proc.returncode < 0:  # killed by a signal: SIGKILL is usually the kernel's out-of-memory killer
+        import signal
+
+        name = signal.Signals(-proc.returncode).name
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return {"error": f"killed by {name}{hint}"}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": tail[0][:300]}

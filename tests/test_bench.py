@@ -61,3 +61,15 @@ def test_cli_rejects_unknown_workload():
     r = CliRunner().invoke(cli, ["bench", "--workloads", "nope"])
     assert r.exit_code == 2
     assert "valid" in r.output and "Traceback" not in r.output
+
+
+def test_isolated_worker_killed_by_a_signal_is_reported(monkeypatch):
+    """A peak-memory worker the kernel kills (out of memory) is named as such, not as its last log line."""
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9, "", "Writing model shards: 100%"))
+    assert bench.run_isolated({"model": "gpt2-small", "tool": "interp", "workload": "long_context"}) == {
+        "error": "killed by SIGKILL (out of memory?)"}
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom\nValueError: bad"))
+    assert bench.run_isolated({"model": "gpt2-small", "tool": "interp", "workload": "long_context"}) == {
+        "error": "ValueError: bad"}
