@@ -5,7 +5,7 @@ shipped facts it knows, analyses ``--facts`` of them (causal tracing with noise 
 replacement, knowledge neurons, key-value memories, logit lens) and prints the wall time per
 method and the headline numbers that notes/ffn.md quotes. ``--out DIR`` also writes the report.
 
-    OMP_NUM_THREADS=2 python scripts/bench_ffn_smollm2.py --facts 20 --threads 2 --out reports/ffn_smol
+    OMP_NUM_THREADS=2 python scripts/bench_ffn_smollm2.py --facts 20 --threads 2 --out reports/ffn_smol   # 14:44 on 2 cores (--samples 2)
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def _progress(iterable, desc: str = "", total: int | None = None):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--facts", type=int, default=20, help="known facts to analyse")
-    ap.add_argument("--samples", type=int, default=3, help="noise samples / replacement subjects per fact")
+    # 2 keeps 20 facts within 15 minutes on 2 cores (14:44 measured; 3, the CLI default: 17:46)
+    ap.add_argument("--samples", type=int, default=2, help="noise samples / replacement subjects per fact")
     ap.add_argument("--replacements", type=int, default=None, help="replacement subjects per fact [default: --samples]")
     ap.add_argument("--positions", choices=["all", "roles"], default="roles")
     ap.add_argument("--ig-steps", type=int, default=20)
