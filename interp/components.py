@@ -117,6 +117,22 @@ class AttnContext:
             self._cache[key] = None if s is None else torch.where(s, 0.0, -float(self.penalty)).to(dtype)[None, None]
         return self._cache[key]
 
+    def hard_bias(self, dtype: torch.dtype, rows: int = 1) -> torch.Tensor | None:
+        """:meth:`hard` as an additive mask (0 visible, ``finfo.min`` hidden), [batch|1, 1, q, k];
+        with ``rows > 1`` the single [q, k] mask tiled to [rows * q, k] (for grouped-query
+        eager attention, which stacks a KV head's query heads along the query axis)."""
+        key = ("hard_bias", dtype, rows)
+        if key not in self._cache:
+            hard = self.hard()
+            if hard is None:
+                out = None
+            elif rows == 1:
+                out = torch.zeros(hard.shape, dtype=dtype, device=self.device).masked_fill_(~hard, torch.finfo(dtype).min)
+            else:
+                out = self.hard_bias(dtype)[0, 0].repeat(rows, 1)
+            self._cache[key] = out
+        return self._cache[key]
+
     def sdpa_mask(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
         """(float additive mask, is_causal) for ``scaled_dot_product_attention``.
 
@@ -133,9 +149,8 @@ class AttnContext:
                 m = None
                 if self.pos_bias is not None:
                     m = (self.pos_bias / self.temperature).to(dtype)[None]
-                hard = self.hard()
-                if hard is not None:
-                    h = torch.zeros(hard.shape, dtype=dtype, device=self.device).masked_fill(~hard, torch.finfo(dtype).min)
+                h = self.hard_bias(dtype)
+                if h is not None:
                     m = h if m is None else m + h
                 soft = self.soft(dtype)
                 if soft is not None:
@@ -393,7 +408,7 @@ class Attention(nn.Module):
             # and mask in the matmul's own epilogue, scores = min-or-0 + scale * q.k^T (baddbmm),
             # one pass over the [batch, head, q, k] buffer instead of three. Masked entries equal
             # finfo.min exactly, as masked_fill would write.
-            bias = self._eager_bias(ctx, hard, g, q.dtype)  # [g * q, k]
+            bias = ctx.hard_bias(q.dtype, rows=g).reshape(g * T, S)  # one batch-free mask, [g * q, k]
             scores = torch.baddbmm(bias, qh.reshape(B * nkv, g * T, dh), kh.reshape(B * nkv, S, dh).transpose(1, 2),
                                    alpha=self.scale).view(B, nh, T, S)
             return self._softmax_pv(scores, vh, q.dtype, B, nh, nkv, g, T, S, dh)
@@ -410,15 +425,6 @@ class Attention(nn.Module):
         if hard is not None:
             scores = scores.masked_fill_(~hard, torch.finfo(scores.dtype).min)
         return self._softmax_pv(scores, vh, q.dtype, B, nh, nkv, g, T, S, dh)
-
-    @staticmethod
-    def _eager_bias(ctx: AttnContext, hard: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
-        """[g * q, k] additive mask (0 or finfo.min), built once per forward pass and dtype."""
-        key = ("eager_bias", dtype, g)
-        if key not in ctx._cache:
-            m = torch.zeros(hard.shape[-2:], dtype=dtype, device=hard.device).masked_fill_(~hard[0, 0], torch.finfo(dtype).min)
-            ctx._cache[key] = m.repeat(g, 1) if g > 1 else m
-        return ctx._cache[key]
 
     def _softmax_pv(self, scores, vh, dtype, B, nh, nkv, g, T, S, dh) -> torch.Tensor:
         scores = hp(self.hook_attn_scores, scores)
