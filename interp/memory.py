@@ -1,46 +1,117 @@
-"""CPU memory reuse for repeated caching runs.
+"""CPU memory reuse for repeated recording runs.
 
-Caching every hook of a forward pass keeps every intermediate alive, so each of the pass's
-outputs needs memory the allocator does not have free. With glibc's default settings a large
-freed block at the top of the heap is handed back to the kernel (trimmed), and the next pass
-has to fault the same memory back in, a 4 KiB zeroed page at a time. Measured on GPT-2-small
-shapes (8 x 128 tokens, 2-core CPU): caching all 208 hook points allocates ~0.9 GB, takes
-~230,000 page faults and 1.3-1.5x the time of an unhooked forward; keeping freed memory for
-reuse removes the faults and brings it to ~1.05-1.15x. On GPUs PyTorch's caching allocator
-already does this. :func:`keep_freed_memory` is opt-in because it is process-wide: the
-process's resident memory then stays at its peak instead of shrinking after each pass.
+Recording a forward pass keeps its intermediates alive, so each recorded tensor needs memory the
+allocator does not have free. With glibc's default settings a large freed block at the top of
+the heap is handed back to the kernel (trimmed) as soon as the cache is dropped, and the next
+pass has to fault the same memory back in, one zeroed 4 KiB page at a time. On a VM a fault
+costs several microseconds: caching every hook point of SmolLM2-135M (8 x 128 tokens, 1.5 GB)
+took ~420,000 faults and 2.0x the time of transformers' unhooked forward, against 1.17x once
+the freed memory is reused (2-core VM, BENCHMARKS.md change 6). On GPUs PyTorch's caching
+allocator already keeps freed blocks.
+
+So interp keeps, by default, freed memory up to twice the largest cache it has recorded:
+:func:`note_recorded` (called by ``run_with_cache``) raises glibc's trim threshold to that
+bound (the pass's transients sit on the heap next to the cache, so the freed top of the heap
+is larger than the cache itself; with the cache's size alone glibc still trimmed in 2 of 8
+runs). The process then stays resident at a peak it already reached, but no higher;
+``reuse_recorded_memory(False)`` or ``INTERP_REUSE_CACHE_MEMORY=0`` turns it off, and
+:func:`keep_freed_memory` sets a fixed, larger threshold for the whole process. Where the C
+library is not glibc (macOS, musl, Windows) nothing changes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+from collections.abc import Callable
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "note_recorded", "retained_limit", "reuse_recorded_memory", "reuses_recorded_memory"]
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
 _MMAP_MAX = 32 * 1024 * 1024  # glibc's largest allowed mmap threshold on 64-bit systems
 _TRIM_MAX = 2**31 - 1  # mallopt takes an int
+_MIN_AUTO = 16 * 1024 * 1024  # below this the default dynamic threshold already keeps it
+
+_mallopt: Callable[[int, int], int] | None = None
+_looked_up = False
+_trim_set: int | None = None  # the trim threshold interp last set, None while glibc's default rules
+_auto = os.environ.get("INTERP_REUSE_CACHE_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed heap memory for reuse instead of returning it to the kernel.
-
-    Sets ``M_TRIM_THRESHOLD`` to 2 GiB (no trimming below that) and ``M_MMAP_THRESHOLD`` to
-    32 MiB (blocks up to 32 MiB come from the reusable heap rather than fresh ``mmap``
-    regions). Returns True when applied, False where the C library is not glibc (macOS,
-    musl, Windows), in which case nothing changes. Call it once, early, in a process that
-    runs many cached forward passes; see the module docstring for the trade-off.
-    """
+def _libc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, looked up once; None on other C libraries."""
+    global _mallopt, _looked_up
+    if _looked_up:
+        return _mallopt
+    _looked_up = True
     name = ctypes.util.find_library("c")
     if not name:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        fn = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only; musl has mallopt as a no-op
     except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    _mallopt = fn
+    return fn
+
+
+def _set_trim(limit: int) -> bool:
+    global _trim_set
+    mallopt = _libc_mallopt()
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_MAX)) and bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX))
+    limit = max(0, min(int(limit), _TRIM_MAX))
+    # setting any threshold freezes glibc's dynamic mmap threshold, so pin it where the dynamic
+    # rule would end up (32 MiB): blocks up to that size come from the reusable heap
+    ok = bool(mallopt(_M_TRIM_THRESHOLD, limit)) and bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX))
+    if ok:
+        _trim_set = limit
+    return ok
+
+
+def keep_freed_memory(limit: int = _TRIM_MAX) -> bool:
+    """Make glibc keep up to ``limit`` bytes (default 2 GiB) of freed heap memory for reuse.
+
+    Sets ``M_TRIM_THRESHOLD`` to ``limit`` and ``M_MMAP_THRESHOLD`` to 32 MiB (blocks up to
+    32 MiB come from the reusable heap rather than fresh ``mmap`` regions). Returns True when
+    applied, False where the C library is not glibc, in which case nothing changes. For a
+    process that records caches of very different sizes, or memory freed outside interp's
+    caches; recording through ``run_with_cache`` already keeps as much as its largest cache.
+    """
+    return _set_trim(limit)
+
+
+def reuse_recorded_memory(enabled: bool) -> None:
+    """Turn the automatic reuse of recorded caches' memory on or off (on by default; the
+    environment variable ``INTERP_REUSE_CACHE_MEMORY=0`` starts it off). Turning it off does
+    not undo a threshold already set; ``keep_freed_memory(0)`` trims everything again."""
+    global _auto
+    _auto = bool(enabled)
+
+
+def reuses_recorded_memory() -> bool:
+    """Whether recordings raise the trim threshold (the policy is on and the C library is glibc)."""
+    return _auto and _libc_mallopt() is not None
+
+
+def retained_limit() -> int | None:
+    """The trim threshold interp has set (bytes of freed memory glibc keeps), or None."""
+    return _trim_set
+
+
+def note_recorded(nbytes: int) -> bool:
+    """Tell the allocator policy that a cache of ``nbytes`` was recorded on the CPU.
+
+    Raises glibc's trim threshold to ``2 * nbytes`` (capped at 2 GiB) when that is more than
+    interp has set so far (never lowers it), so the next recording reuses this pass's memory
+    once it is freed instead of faulting it in afresh. Returns True when the threshold changed."""
+    limit = min(2 * int(nbytes), _TRIM_MAX)
+    if not _auto or nbytes < _MIN_AUTO or (_trim_set is not None and limit <= _trim_set):
+        return False
+    return _set_trim(limit)

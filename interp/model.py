@@ -37,6 +37,7 @@ from interp.components import (
 from interp.config import ModelConfig
 from interp.errors import InterpError, unknown_hook_error
 from interp.masks import Bidirectional, Causal, MaskSpec
+from interp.memory import note_recorded
 from interp.positions import (
     RelativePositionBias,
     alibi_bias,
@@ -46,6 +47,18 @@ from interp.positions import (
 )
 
 ReturnType = Literal["logits", "loss", "both", "hidden"] | None
+
+
+def _note_recorded_memory(cache: Any) -> None:
+    """Report the CPU bytes a recording kept to :mod:`interp.memory`, whose default policy keeps
+    that much freed memory for the next recording (fresh pages cost a fault each)."""
+    values = cache.cache_dict.values() if isinstance(cache, ActivationCache) else cache.values()
+    storages = {}
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.device.type == "cpu":
+            st = v.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    note_recorded(sum(storages.values()))
 
 
 class _HookDict(dict):
@@ -348,6 +361,7 @@ class _Base(HookedRootModule):
             # hook_result is opt-in as in TransformerLens: caching "everything" skips it
             kwargs["names_filter"] = lambda name: not name.endswith("hook_result")
         out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        _note_recorded_memory(cache)
         if return_cache_object and not isinstance(cache, ActivationCache):
             cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache

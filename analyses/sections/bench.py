@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -33,9 +34,13 @@ def _split(value: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
 @click.option("--keep-freed-memory", is_flag=True,
               help="Call interp.keep_freed_memory() first (glibc keeps freed memory for reuse; all tools benefit). "
                    "Timed workloads only: peak-memory workers always run with the default allocator.")
+@click.option("--no-reuse-recorded-memory", is_flag=True,
+              help="Turn off interp's default of keeping a recorded cache's freed memory for the next recording "
+                   "(glibc trims freed memory again, as before change 6 in BENCHMARKS.md).")
 @click.option("--quiet", is_flag=True, help="Print only the table.")
 def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens: int, device: str, threads: int,
-              json_path: Path | None, seed: int, keep_freed_memory: bool, quiet: bool) -> None:
+              json_path: Path | None, seed: int, keep_freed_memory: bool, no_reuse_recorded_memory: bool,
+              quiet: bool) -> None:
     """Time interp against plain transformers, TransformerLens and nnsight on the same weights.
 
     Interleaved rounds after warm-up; medians and per-round ratios to plain transformers
@@ -60,10 +65,20 @@ def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens:
         raise CliError(f"--json folder {json_path.parent} does not exist; create it first")
     if threads:
         torch.set_num_threads(threads)
-    allocator = "default"
-    if keep_freed_memory:
-        import interp
+    import interp
+    from interp import memory
 
+    if keep_freed_memory and no_reuse_recorded_memory:
+        raise CliError("--keep-freed-memory and --no-reuse-recorded-memory contradict each other; pass one")
+    if no_reuse_recorded_memory:
+        memory.reuse_recorded_memory(False)
+        os.environ["INTERP_REUSE_CACHE_MEMORY"] = "0"  # and in the peak-memory worker processes
+        allocator = "glibc default (interp's reuse of recorded memory off)"
+    elif memory.reuses_recorded_memory():
+        allocator = "glibc, freed memory up to 2x interp's largest recorded cache kept (interp's default)"
+    else:
+        allocator = "default"
+    if keep_freed_memory:
         if not interp.keep_freed_memory():
             raise CliError("--keep-freed-memory needs glibc (Linux); run without it on this platform")
         allocator = "glibc, freed memory kept (interp.keep_freed_memory)"
