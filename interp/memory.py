@@ -13,23 +13,28 @@ So interp keeps, by default, freed memory up to twice the largest cache it has r
 :func:`note_recorded` (called by ``run_with_cache``) raises glibc's trim threshold to that
 bound (the pass's transients sit on the heap next to the cache, so the freed top of the heap
 is larger than the cache itself; with the cache's size alone glibc still trimmed in 2 of 8
-runs). The process then stays resident at a peak it already reached, but no higher;
-``reuse_recorded_memory(False)`` or ``INTERP_REUSE_CACHE_MEMORY=0`` turns it off, and
-:func:`keep_freed_memory` sets a fixed, larger threshold for the whole process. Where the C
-library is not glibc (macOS, musl, Windows) nothing changes.
+runs), and while a later recording runs (:func:`recording`) blocks over 32 MiB, such as the
+logits, come from that heap too instead of fresh mmaps. The process then stays resident at a
+peak it already reached, but no higher. ``reuse_recorded_memory(False)`` or
+``INTERP_REUSE_CACHE_MEMORY=0`` turns it off, and :func:`keep_freed_memory` sets a fixed,
+larger threshold for the whole process. Where the C library is not glibc (macOS, musl,
+Windows) nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-__all__ = ["keep_freed_memory", "note_recorded", "retained_limit", "reuse_recorded_memory", "reuses_recorded_memory"]
+__all__ = ["keep_freed_memory", "note_recorded", "recording", "retained_limit", "reuse_recorded_memory", "reuses_recorded_memory"]
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_DEFAULT_MMAP_MAX = 65536  # glibc's default number of simultaneous mmapped blocks
 _MMAP_MAX = 32 * 1024 * 1024  # glibc's largest allowed mmap threshold on 64-bit systems
 _TRIM_MAX = 2**31 - 1  # mallopt takes an int
 _MIN_AUTO = 16 * 1024 * 1024  # below this the default dynamic threshold already keeps it
@@ -37,6 +42,7 @@ _MIN_AUTO = 16 * 1024 * 1024  # below this the default dynamic threshold already
 _mallopt: Callable[[int, int], int] | None = None
 _looked_up = False
 _trim_set: int | None = None  # the trim threshold interp last set, None while glibc's default rules
+_depth = 0  # nesting of recording() blocks
 _auto = os.environ.get("INTERP_REUSE_CACHE_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -115,3 +121,26 @@ def note_recorded(nbytes: int) -> bool:
     if not _auto or nbytes < _MIN_AUTO or (_trim_set is not None and limit <= _trim_set):
         return False
     return _set_trim(limit)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """Serve every block of a recording pass from the heap, so that the next pass reuses it.
+
+    glibc maps blocks over its mmap threshold (at most 32 MiB) afresh and unmaps them on free,
+    whatever the trim threshold: SmolLM2's 8 x 128 logits (201 MB) were faulted in on every
+    cached pass (49,000 faults, ~0.2-0.4 s on a VM). Once :func:`note_recorded` has set a
+    threshold, this sets ``M_MMAP_MAX`` to 0 for the block's duration (the heap grows
+    instead; glibc still falls back to mmap where the heap cannot grow) and restores glibc's
+    default (65536) when the outermost block ends. Outside recordings nothing changes."""
+    global _depth
+    mallopt = _libc_mallopt() if (_auto and _trim_set is not None) else None
+    if mallopt is not None and _depth == 0:
+        mallopt(_M_MMAP_MAX, 0)
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if mallopt is not None and _depth == 0:
+            mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)

@@ -37,7 +37,7 @@ from interp.components import (
 from interp.config import ModelConfig
 from interp.errors import InterpError, unknown_hook_error
 from interp.masks import Bidirectional, Causal, MaskSpec
-from interp.memory import note_recorded
+from interp.memory import note_recorded, recording
 from interp.positions import (
     RelativePositionBias,
     alibi_bias,
@@ -360,7 +360,8 @@ class _Base(HookedRootModule):
         if kwargs.get("names_filter") is None and not self.runtime.use_attn_result:
             # hook_result is opt-in as in TransformerLens: caching "everything" skips it
             kwargs["names_filter"] = lambda name: not name.endswith("hook_result")
-        out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        with recording():
+            out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         _note_recorded_memory(cache)
         if return_cache_object and not isinstance(cache, ActivationCache):
             cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
