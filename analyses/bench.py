@@ -360,8 +360,9 @@ def _time(fn: Callable[[], Any], device: str) -> float:
 @torch.no_grad()
 def time_workload(ways: dict[str, Way], workload: str, tokens: torch.Tensor, *, rounds: int, warmup: int = 1,
                   device: str = "cpu") -> dict[str, Any]:
-    """Interleaved rounds; per tool the median seconds and the median per-round ratio to plain
-    transformers without hooks (the reference every target is stated against)."""
+    """Interleaved rounds (the reference, then every tool in an order rotated each round); per
+    tool the median seconds and the median per-round ratio to plain transformers without hooks
+    (the reference every target is stated against). ``order`` records each round's order."""
     ref = ways["transformers"].run["no_hooks"]
     active = {n: w.run[workload] for n, w in ways.items() if workload in w.run}
     for _ in range(warmup):
@@ -371,10 +372,14 @@ def time_workload(ways: dict[str, Way], workload: str, tokens: torch.Tensor, *, 
     times: dict[str, list[float]] = {n: [] for n in active}
     ratios: dict[str, list[float]] = {n: [] for n in active}
     refs: list[float] = []
-    for _ in range(rounds):
+    names = list(active)
+    for i in range(rounds):
         r = _time(lambda: ref(tokens), device)
         refs.append(r)
-        for n, fn in active.items():
+        # rotate the tools' order each round: a systematic position effect (the run just after
+        # the reference measured 1.07x against itself on the shared VM) then falls on every tool
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            fn = active[n]
             gc.collect()
             t = _time(lambda fn=fn: fn(tokens), device)
             times[n].append(t)
@@ -385,6 +390,7 @@ def time_workload(ways: dict[str, Way], workload: str, tokens: torch.Tensor, *, 
         "reference_s": statistics.median(refs),
         "medians_s": {n: statistics.median(v) for n, v in times.items()},
         "ratio_vs_plain_transformers": {n: statistics.median(v) for n, v in ratios.items()},
+        "order": [names[i % len(names):] + names[:i % len(names)] for i in range(rounds)],
     }
     if "interp" in times:
         for n in times:
@@ -610,13 +616,23 @@ def format_table(result: dict[str, Any]) -> str:
                     p = e["per_call_1x8"]
                     cells = [f"{p['medians_s'][t] * 1e3:.2f} ms" if t in p["medians_s"] else "-" for t in TOOLS]
                     r = p["ratio_vs_plain_transformers"].get("interp")
-                    rows.append(f"| {model} | per call (1x8) | " + " | ".join(cells) + f" | {r:.3f} | <= nnsight |")
+                    nn = p["ratio_vs_plain_transformers"].get("nnsight")
+                    bound = f"<= nnsight ({nn:.3f})" if nn is not None else "<= nnsight"
+                    rows.append(f"| {model} | per call (1x8) | " + " | ".join(cells) + f" | {r:.3f} | {bound} |")
             elif wl == "long_context":
                 def cell(t, k="no_patterns", e=e):
-                    v = e.get(t, {}).get(k) if isinstance(e.get(t), dict) else None
+                    got = e.get(t) if isinstance(e.get(t), dict) else {}
+                    if k == "no_patterns" and "error" in got:
+                        return got["error"]
+                    v = got.get(k)
                     return f"{v['seconds']:.2f} s, {v['peak_mib']:.0f} MiB" if v else "-"
-                rows.append(f"| {model} | 1x4096, no patterns | " + " | ".join(cell(t) for t in TOOLS) + " | "
-                            f"mem {e.get('memory_ratio_interp_vs_transformer_lens', float('nan')):.2f} of TL | <= 0.25 of TL |")
+                if "memory_ratio_interp_vs_transformer_lens" in e:
+                    mem = f"mem {e['memory_ratio_interp_vs_transformer_lens']:.2f} of TL"
+                elif "error" in e.get("transformer_lens", {}):
+                    mem = "TL failed; interp ran"
+                else:
+                    mem = "-"
+                rows.append(f"| {model} | 1x4096, no patterns | " + " | ".join(cell(t) for t in TOOLS) + f" | {mem} | <= 0.25 of TL |")
                 rows.append(f"| {model} | 1x4096, one layer's patterns | " + " | ".join(cell(t, 'one_layer_patterns') for t in TOOLS) + " | | |")
             elif wl == "streaming":
                 s = e.get("interp", {})

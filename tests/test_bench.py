@@ -50,7 +50,19 @@ def test_time_workload_reports_medians_and_ratios(small_ways):
     assert set(res["medians_s"]) >= {"transformers", "interp", "transformer_lens"}
     assert res["ratio_interp_vs_transformers"] > 0
     assert "ratio_interp_vs_transformer_lens" in res
+    # every tool takes every position: round 2 starts where round 1's second tool stood
+    assert res["order"][1] == res["order"][0][1:] + res["order"][0][:1]
+    assert sorted(res["order"][0]) == sorted(res["medians_s"])
     json.dumps(res)  # JSON-able
+
+
+def test_table_names_a_failed_peer_instead_of_a_ratio():
+    med = {"no_patterns": {"seconds": 1.0, "peak_mib": 700.0}}
+    result = {"workloads": {"long_context": {"smollm2-135m": {
+        "transformers": med, "transformer_lens": {"error": "killed by SIGKILL (out of memory?)"}, "interp": med}}}}
+    table = bench.format_table(result)
+    assert "killed by SIGKILL (out of memory?)" in table and "TL failed; interp ran" in table
+    assert "nan" not in table
 
 
 def test_cli_rejects_unknown_workload():
