@@ -357,10 +357,13 @@ def _time(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - t0
 
 
+_REF = "reference (transformers, no hooks)"
+
+
 @torch.no_grad()
 def time_workload(ways: dict[str, Way], workload: str, tokens: torch.Tensor, *, rounds: int, warmup: int = 1,
                   device: str = "cpu") -> dict[str, Any]:
-    """Interleaved rounds (the reference, then every tool in an order rotated each round); per
+    """Interleaved rounds (the reference and every tool, in an order rotated each round); per
     tool the median seconds and the median per-round ratio to plain transformers without hooks
     (the reference every target is stated against). ``order`` records each round's order."""
     ref = ways["transformers"].run["no_hooks"]
@@ -373,24 +376,28 @@ def time_workload(ways: dict[str, Way], workload: str, tokens: torch.Tensor, *, 
     ratios: dict[str, list[float]] = {n: [] for n in active}
     refs: list[float] = []
     names = list(active)
-    for i in range(rounds):
-        r = _time(lambda: ref(tokens), device)
-        refs.append(r)
-        # rotate the tools' order each round: a systematic position effect (the run just after
-        # the reference measured 1.07x against itself on the shared VM) then falls on every tool
-        for n in names[i % len(names):] + names[:i % len(names)]:
-            fn = active[n]
+    slots = [_REF, *names]
+    orders = [slots[i % len(slots):] + slots[:i % len(slots)] for i in range(rounds)]
+    for order in orders:
+        # the reference takes its turn in the rotation too: a position effect (a run just after
+        # another measured 1.02-1.07x against itself on the shared VM) then falls on every slot
+        # equally instead of always favouring the reference
+        got: dict[str, float] = {}
+        for n in order:
+            fn = ref if n == _REF else active[n]
             gc.collect()
-            t = _time(lambda fn=fn: fn(tokens), device)
-            times[n].append(t)
-            ratios[n].append(t / r)
+            got[n] = _time(lambda fn=fn: fn(tokens), device)
+        refs.append(got[_REF])
+        for n in names:
+            times[n].append(got[n])
+            ratios[n].append(got[n] / got[_REF])
     res: dict[str, Any] = {
         "shape": list(tokens.shape),
         "rounds": rounds,
         "reference_s": statistics.median(refs),
         "medians_s": {n: statistics.median(v) for n, v in times.items()},
         "ratio_vs_plain_transformers": {n: statistics.median(v) for n, v in ratios.items()},
-        "order": [names[i % len(names):] + names[:i % len(names)] for i in range(rounds)],
+        "order": orders,
     }
     if "interp" in times:
         for n in times:

@@ -50,9 +50,10 @@ def test_time_workload_reports_medians_and_ratios(small_ways):
     assert set(res["medians_s"]) >= {"transformers", "interp", "transformer_lens"}
     assert res["ratio_interp_vs_transformers"] > 0
     assert "ratio_interp_vs_transformer_lens" in res
-    # every tool takes every position: round 2 starts where round 1's second tool stood
+    # the reference and every tool take every position: round 2 starts with round 1's second
     assert res["order"][1] == res["order"][0][1:] + res["order"][0][:1]
-    assert sorted(res["order"][0]) == sorted(res["medians_s"])
+    assert sorted(res["order"][0]) == sorted([bench._REF, *res["medians_s"]])
+    assert res["order"][0][0] == bench._REF and res["order"][1][-1] == bench._REF
     json.dumps(res)  # JSON-able
 
 
