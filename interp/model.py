@@ -50,8 +50,9 @@ ReturnType = Literal["logits", "loss", "both", "hidden"] | None
 
 
 def _note_recorded_memory(cache: Any) -> None:
-    """Report the CPU bytes a recording kept to :mod:`interp.memory`, whose default policy keeps
-    that much freed memory for the next recording (fresh pages cost a fault each)."""
+    """Report the CPU bytes a recording kept (unique storages: views share them) to
+    :mod:`interp.memory`, whose default policy keeps up to twice that much freed memory for the
+    next recording instead of faulting it in afresh."""
     values = cache.cache_dict.values() if isinstance(cache, ActivationCache) else cache.values()
     storages = {}
     for v in values:
