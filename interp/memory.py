@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 from collections.abc import Callable, Iterator
 
@@ -39,19 +40,14 @@ _MMAP_MAX = 32 * 1024 * 1024  # glibc's largest allowed mmap threshold on 64-bit
 _TRIM_MAX = 2**31 - 1  # mallopt takes an int
 _MIN_AUTO = 16 * 1024 * 1024  # below this the default dynamic threshold already keeps it
 
-_mallopt: Callable[[int, int], int] | None = None
-_looked_up = False
 _trim_set: int | None = None  # the trim threshold interp last set, None while glibc's default rules
 _depth = 0  # nesting of recording() blocks
 _auto = os.environ.get("INTERP_REUSE_CACHE_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+@functools.cache
 def _libc_mallopt() -> Callable[[int, int], int] | None:
     """glibc's ``mallopt``, looked up once; None on other C libraries."""
-    global _mallopt, _looked_up
-    if _looked_up:
-        return _mallopt
-    _looked_up = True
     name = ctypes.util.find_library("c")
     if not name:
         return None
@@ -63,7 +59,6 @@ def _libc_mallopt() -> Callable[[int, int], int] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
-    _mallopt = fn
     return fn
 
 
@@ -88,7 +83,7 @@ def keep_freed_memory(limit: int = _TRIM_MAX) -> bool:
     32 MiB come from the reusable heap rather than fresh ``mmap`` regions). Returns True when
     applied, False where the C library is not glibc, in which case nothing changes. For a
     process that records caches of very different sizes, or memory freed outside interp's
-    caches; recording through ``run_with_cache`` already keeps as much as its largest cache.
+    caches; recording through ``run_with_cache`` already keeps up to twice its largest cache.
     """
     return _set_trim(limit)
 

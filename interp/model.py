@@ -37,7 +37,7 @@ from interp.components import (
 from interp.config import ModelConfig
 from interp.errors import InterpError, unknown_hook_error
 from interp.masks import Bidirectional, Causal, MaskSpec
-from interp.memory import note_recorded, recording
+from interp.memory import note_recorded, recording, reuses_recorded_memory
 from interp.positions import (
     RelativePositionBias,
     alibi_bias,
@@ -53,6 +53,8 @@ def _note_recorded_memory(cache: Any) -> None:
     """Report the CPU bytes a recording kept (unique storages: views share them) to
     :mod:`interp.memory`, whose default policy keeps up to twice that much freed memory for the
     next recording instead of faulting it in afresh."""
+    if not reuses_recorded_memory():
+        return
     values = cache.cache_dict.values() if isinstance(cache, ActivationCache) else cache.values()
     storages = {}
     for v in values:
