@@ -21,6 +21,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from interp.config import ModelConfig
+from interp.kernels import Linear
 from interp.masks import MaskSpec
 from interp.positions import apply_rope
 
@@ -263,11 +264,11 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else dh**-0.5
         self.use_rope = (cfg.positional == "rope" and not cross) if use_rope is None else use_rope
         if cross:
-            self.q_proj = nn.Linear(d, nh * dh, bias=cfg.attn_qkv_bias)
-            self.kv_proj = nn.Linear(d, 2 * nkv * dh, bias=cfg.attn_qkv_bias)
+            self.q_proj = Linear(d, nh * dh, bias=cfg.attn_qkv_bias)
+            self.kv_proj = Linear(d, 2 * nkv * dh, bias=cfg.attn_qkv_bias)
         else:
-            self.qkv = nn.Linear(d, (nh + 2 * nkv) * dh, bias=cfg.attn_qkv_bias)  # fused q, k, v
-        self.o = nn.Linear(nh * dh, d, bias=cfg.attn_out_bias)
+            self.qkv = Linear(d, (nh + 2 * nkv) * dh, bias=cfg.attn_qkv_bias)  # fused q, k, v
+        self.o = Linear(nh * dh, d, bias=cfg.attn_out_bias)
         if cfg.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(nh * dh, cfg.norm_eps), RMSNorm(nkv * dh, cfg.norm_eps)
         elif cfg.qk_norm == "head":
@@ -486,8 +487,8 @@ class MLP(nn.Module):
         self.d_mlp = d_mlp or cfg.d_mlp
         self.gated = cfg.is_gated
         self.act = ACT_FNS[cfg.act]
-        self.fc_in = nn.Linear(cfg.d_model, self.d_mlp * (2 if self.gated else 1), bias=cfg.mlp_bias)  # [gate; up]
-        self.fc_out = nn.Linear(self.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.fc_in = Linear(cfg.d_model, self.d_mlp * (2 if self.gated else 1), bias=cfg.mlp_bias)  # [gate; up]
+        self.fc_out = Linear(self.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         if self.gated:
             self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
@@ -547,12 +548,12 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_experts, self.k = cfg.n_experts, cfg.experts_per_token
-        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.router = Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList([MLP(cfg, cfg.d_expert) for _ in range(cfg.n_experts)])
         if cfg.n_shared_experts:
             self.shared = MLP(cfg, cfg.d_shared_expert * cfg.n_shared_experts)
             if cfg.shared_expert_gate:
-                self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
+                self.shared_gate = Linear(cfg.d_model, 1, bias=False)
         self.expert_mask: torch.Tensor | None = None
         self.last_losses: dict[str, torch.Tensor] = {}
         self.hook_router_logits = HookPoint()  # [batch, pos, n_experts]

@@ -36,6 +36,7 @@ from interp.components import (
 )
 from interp.config import ModelConfig
 from interp.errors import InterpError, unknown_hook_error
+from interp.kernels import Linear, linear
 from interp.masks import Bidirectional, Causal, MaskSpec
 from interp.memory import note_recorded, recording, reuses_recorded_memory
 from interp.positions import (
@@ -116,7 +117,7 @@ class Unembed(nn.Module):
         return self._weight.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight, self.b_U)
+        return linear(x, self._weight, self.b_U)
 
 
 class MLMHead(nn.Module):
@@ -124,7 +125,7 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dense = Linear(cfg.d_model, cfg.d_model)
         self.act = ACT_FNS[cfg.act if not cfg.is_gated else "gelu"]
         self.ln = LayerNorm(cfg.d_model, cfg.norm_eps)
 

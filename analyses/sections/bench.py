@@ -37,10 +37,13 @@ def _split(value: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
 @click.option("--no-reuse-recorded-memory", is_flag=True,
               help="Turn off interp's default of keeping a recorded cache's freed memory for the next recording "
                    "(glibc trims freed memory again, as before change 6 in BENCHMARKS.md).")
+@click.option("--cpu-linear", type=click.Choice(["onednn", "aten"]), default="onednn", show_default=True,
+              help="interp's float32 CPU linear kernel without autograd: oneDNN (interp's default) or F.linear "
+                   "(MKL, what the peers run; change 9 in BENCHMARKS.md).")
 @click.option("--quiet", is_flag=True, help="Print only the table.")
 def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens: int, device: str, threads: int,
               json_path: Path | None, seed: int, keep_freed_memory: bool, no_reuse_recorded_memory: bool,
-              quiet: bool) -> None:
+              cpu_linear: str, quiet: bool) -> None:
     """Time interp against plain transformers, TransformerLens and nnsight on the same weights.
 
     Interleaved rounds after warm-up; medians and per-round ratios to plain transformers
@@ -66,7 +69,10 @@ def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens:
     if threads:
         torch.set_num_threads(threads)
     import interp
-    from interp import memory
+    from interp import kernels, memory
+
+    kernels.use_onednn_linear(cpu_linear == "onednn")
+    os.environ["INTERP_CPU_LINEAR"] = cpu_linear  # the peak-memory worker processes too
 
     if keep_freed_memory and no_reuse_recorded_memory:
         raise CliError("--keep-freed-memory and --no-reuse-recorded-memory contradict each other; pass one")
@@ -86,6 +92,7 @@ def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens:
     result = bench.run_bench(models=ms, workloads=ws, tools=ts, rounds=rounds, device=device, long_tokens=long_tokens,
                              progress=say, seed=seed)
     result["machine"]["allocator"] = allocator
+    result["machine"]["interp_cpu_linear"] = "oneDNN" if kernels.uses_onednn_linear() else "F.linear (MKL)"
     click.echo(bench.format_table(result))
     for note in result["notes"]:
         click.echo(f"note: {note}")

@@ -1,0 +1,87 @@
+"""The linear layers' CPU kernel: oneDNN's float32 GEMM where autograd is not recording.
+
+PyTorch's CPU wheels route ``F.linear`` to MKL's ``sgemm``. The same wheels ship oneDNN, whose
+JIT-compiled float32 GEMM measured 10-25% faster at every shape of GPT-2 small and SmolLM2 on
+this project's CPU (an AMD EPYC with AVX-512, 2 threads; 1,024 tokens: 576 -> 3,072 17.1 vs
+20.3 ms, the 49,152-way unembedding 330 vs 391 ms; 8 tokens: 0.26 vs 0.36 ms; BENCHMARKS.md
+change 9). Matrix products are ~90% of an unhooked forward on the CPU, so this is where
+interp gets ahead of plain transformers without recording less.
+
+The oneDNN path (``torch.ops.mkldnn._linear_pointwise``, the op Inductor uses for frozen CPU
+linears) computes in float32 throughout: its error against a float64 reference is of the
+same order as MKL's (7e-7 vs 4e-7 relative, K = 576), so every parity test holds. It is taken
+only when all of these hold, and ``F.linear`` runs otherwise:
+
+* the input is a float32 CPU tensor (CUDA, half precision and meta tensors keep PyTorch's own
+  dispatch);
+* autograd is not recording through this call (the op has no tested backward: training and
+  gradient-based attribution get ``F.linear``'s exact autograd);
+* nothing is tracing or compiling the model (``torch.jit``, ``torch.compile``, ``torch.func``
+  transforms see the plain op they know).
+
+``use_onednn_linear(False)`` or ``INTERP_CPU_LINEAR=aten`` in the environment turns it off
+(for example to compare with MKL on an Intel CPU, where the two are closer).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Linear", "linear", "onednn_linear_available", "use_onednn_linear", "uses_onednn_linear"]
+
+
+def _find_op():
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+    return op if torch.backends.mkldnn.is_available() else None
+
+
+_OP = _find_op()
+_enabled = os.environ.get("INTERP_CPU_LINEAR", "onednn").strip().lower() not in ("aten", "mkl", "0", "off", "false", "no")
+_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch build has the oneDNN linear op."""
+    return _OP is not None
+
+
+def use_onednn_linear(enabled: bool) -> None:
+    """Route float32 CPU linears through oneDNN (the default) or always through ``F.linear``."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def uses_onednn_linear() -> bool:
+    """Whether eligible calls (see the module docstring) take the oneDNN path."""
+    return _enabled and _OP is not None
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
+    return not (_is_wrapped is not None and (_is_wrapped(x) or _is_wrapped(weight)))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x @ weight.T + bias``, on oneDNN where eligible."""
+    if _enabled and _OP is not None and _eligible(x, weight, bias):
+        return _OP(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) whose forward is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
