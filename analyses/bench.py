@@ -310,11 +310,15 @@ def build_ways(hf: Any, tok: Any, folder: Path, tools: tuple[str, ...] = TOOLS) 
 
 
 @torch.no_grad()
-def check_equivalence(ways: dict[str, Way], tokens: torch.Tensor, atol: float = 1e-4) -> dict[str, dict[str, float]]:
+def check_equivalence(ways: dict[str, Way], tokens: torch.Tensor, atol: float = 1e-4,
+                      rtol: float = 1e-4) -> dict[str, dict[str, float]]:
     """Max abs difference to transformers' outputs, per tool and workload; raises on a mismatch.
 
     The harness only times tools that compute the same thing: logits, every attention/MLP output
-    and every pattern are compared before any timing."""
+    and every pattern are compared before any timing. A tensor passes when its max abs difference
+    is at most ``atol + rtol * max|reference|``: SmolLM2's massive activations (MLP outputs up to
+    ~26,000 in layer 11) differ by float32 rounding alone by ~0.03 between GEMM kernels (1.3e-6 of
+    their scale), while a changed weight moves outputs by a sizeable fraction of theirs."""
     ref = ways["transformers"]
     out: dict[str, dict[str, float]] = {}
     for name, w in ways.items():
@@ -329,10 +333,15 @@ def check_equivalence(ways: dict[str, Way], tokens: torch.Tensor, atol: float = 
             b = b if isinstance(b, list) else [b]
             if len(a) != len(b):
                 raise AssertionError(f"{name} {wl}: {len(b)} tensors, transformers gives {len(a)}")
-            diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))
-            if diff > atol:
-                raise AssertionError(f"{name} {wl}: max abs diff {diff:.2e} to transformers exceeds {atol}")
-            out[name][wl] = diff
+            worst = 0.0
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                diff = float((x.float() - y.float()).abs().max())
+                bound = atol + rtol * float(x.float().abs().max())
+                if diff > bound:
+                    raise AssertionError(f"{name} {wl}: tensor {i}: max abs diff {diff:.2e} to transformers exceeds "
+                                         f"{bound:.2e} (atol {atol} + rtol {rtol} x its scale)")
+                worst = max(worst, diff)
+            out[name][wl] = worst
     return out
 
 

@@ -86,3 +86,22 @@ def test_isolated_worker_killed_by_a_signal_is_reported(monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom\nValueError: bad"))
     assert bench.run_isolated({"model": "gpt2-small", "tool": "interp", "workload": "long_context"}) == {
         "error": "ValueError: bad"}
+
+
+def test_equivalence_tolerance_scales_with_the_tensor():
+    """Float32 rounding on a massive activation (SmolLM2's MLP outputs reach ~26,000) passes;
+    a difference that is a real fraction of the tensor's scale does not."""
+    big = torch.full((2, 3), 2.6e4)
+    small = torch.full((2, 3), 0.5)
+
+    def ways(delta_big: float, delta_small: float) -> dict[str, bench.Way]:
+        ref = bench.Way("transformers", {"no_hooks": lambda t: [big, small]})
+        tool = bench.Way("interp", {"no_hooks": lambda t: [big + delta_big, small + delta_small]})
+        return {"transformers": ref, "interp": tool}
+
+    got = bench.check_equivalence(ways(0.03, 0.0), torch.zeros(1, 1, dtype=torch.long), atol=1e-3)
+    assert got["interp"]["no_hooks"] == pytest.approx(0.03, rel=0.05)
+    with pytest.raises(AssertionError, match="tensor 0"):
+        bench.check_equivalence(ways(30.0, 0.0), torch.zeros(1, 1, dtype=torch.long), atol=1e-3)
+    with pytest.raises(AssertionError, match="tensor 1"):
+        bench.check_equivalence(ways(0.0, 0.01), torch.zeros(1, 1, dtype=torch.long), atol=1e-3)
