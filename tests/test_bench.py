@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -105,3 +106,30 @@ def test_equivalence_tolerance_scales_with_the_tensor():
         bench.check_equivalence(ways(30.0, 0.0), torch.zeros(1, 1, dtype=torch.long), atol=1e-3)
     with pytest.raises(AssertionError, match="tensor 1"):
         bench.check_equivalence(ways(0.0, 0.01), torch.zeros(1, 1, dtype=torch.long), atol=1e-3)
+
+
+def test_cli_cpu_linear_switch_is_applied_and_recorded(monkeypatch, tmp_path):
+    """`--cpu-linear aten` runs interp on F.linear (the peers' kernel) in this process and in the
+    peak-memory workers (the environment), and the JSON records which kernel interp used."""
+    from click.testing import CliRunner
+
+    from analyses.cli import cli
+    from interp import kernels
+
+    monkeypatch.setenv("INTERP_CPU_LINEAR", "onednn")  # restored after the test
+    monkeypatch.setattr(kernels, "_enabled", kernels._enabled)
+    seen = {}
+
+    def fake_run_bench(**kw):
+        seen["onednn"] = kernels.uses_onednn_linear()
+        seen["env"] = os.environ["INTERP_CPU_LINEAR"]
+        return {"machine": {}, "workloads": {}, "notes": []}
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(cli, ["bench", "--cpu-linear", "aten", "--json", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"onednn": False, "env": "aten"}
+    assert json.loads(out.read_text())["machine"]["interp_cpu_linear"] == "F.linear (MKL)"
+    bad = CliRunner().invoke(cli, ["bench", "--cpu-linear", "mkl"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

@@ -37,13 +37,13 @@ def _split(value: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
 @click.option("--no-reuse-recorded-memory", is_flag=True,
               help="Turn off interp's default of keeping a recorded cache's freed memory for the next recording "
                    "(glibc trims freed memory again, as before change 6 in BENCHMARKS.md).")
-@click.option("--cpu-linear", type=click.Choice(["onednn", "aten"]), default="onednn", show_default=True,
+@click.option("--cpu-linear", type=click.Choice(["onednn", "aten"]), default=None,
               help="interp's float32 CPU linear kernel without autograd: oneDNN (interp's default) or F.linear "
-                   "(MKL, what the peers run; change 9 in BENCHMARKS.md).")
+                   "(MKL, what the peers run; change 9 in BENCHMARKS.md). Default: INTERP_CPU_LINEAR, else oneDNN.")
 @click.option("--quiet", is_flag=True, help="Print only the table.")
 def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens: int, device: str, threads: int,
               json_path: Path | None, seed: int, keep_freed_memory: bool, no_reuse_recorded_memory: bool,
-              cpu_linear: str, quiet: bool) -> None:
+              cpu_linear: str | None, quiet: bool) -> None:
     """Time interp against plain transformers, TransformerLens and nnsight on the same weights.
 
     Interleaved rounds after warm-up; medians and per-round ratios to plain transformers
@@ -71,8 +71,9 @@ def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens:
     import interp
     from interp import kernels, memory
 
-    kernels.use_onednn_linear(cpu_linear == "onednn")
-    os.environ["INTERP_CPU_LINEAR"] = cpu_linear  # the peak-memory worker processes too
+    if cpu_linear is not None:
+        kernels.use_onednn_linear(cpu_linear == "onednn")
+        os.environ["INTERP_CPU_LINEAR"] = cpu_linear  # the peak-memory worker processes too
 
     if keep_freed_memory and no_reuse_recorded_memory:
         raise CliError("--keep-freed-memory and --no-reuse-recorded-memory contradict each other; pass one")
