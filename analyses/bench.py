@@ -16,11 +16,13 @@ Workloads (names are the JSON contract):
 - ``streaming``: head-taxonomy scores streamed over a corpus and one ten times larger: tokens/s and
   peak memory, each in its own process.
 
-Timing: tools run interleaved (A B C D A B C D ...) after warm-up; each round also runs plain
-transformers without hooks, and every ratio is the median over rounds of (tool time / that
-round's plain-transformers time), so slow drifts of the machine cancel. Peak memory is the
+Timing: tools run interleaved after warm-up, the reference (plain transformers without hooks)
+and every tool in an order rotated each round; every ratio is the median over rounds of (tool
+time / that round's reference time), so slow drifts of the machine cancel. Peak memory is the
 process high-water mark (VmHWM) reset just before the measured call (Linux ``clear_refs``), in a
-fresh process per (tool, workload).
+fresh process per (tool, workload). With ``device="cuda"`` calls are timed with CUDA events and
+peak memory is PyTorch's peak allocated device memory over the call (never run here: no GPU
+was available to this project).
 """
 
 from __future__ import annotations
@@ -435,8 +437,16 @@ def _status_kb(field_name: str) -> int:
     return 0
 
 
-def measure_peak(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(seconds, peak extra resident MiB) of one call: VmHWM after minus VmRSS before."""
+def measure_peak(fn: Callable[[], Any], device: str = "cpu") -> tuple[float, float]:
+    """(seconds, peak extra MiB) of one call: on the CPU VmHWM after minus VmRSS before; on CUDA
+    PyTorch's peak allocated device memory minus what was allocated before, timed with events."""
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_bytes = torch.cuda.memory_allocated()
+        dt = _time(fn, device)
+        return dt, max(torch.cuda.max_memory_allocated() - base_bytes, 0) / 2**20
     gc.collect()
     _reset_peak()
     base = _status_kb("VmRSS")
@@ -451,33 +461,36 @@ def measure_peak(fn: Callable[[], Any]) -> tuple[float, float]:
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs in its own process: one tool, one memory workload."""
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    device = spec.get("device", "cpu")
     hf, tok, folder = build_hf(spec["model"], seed=spec.get("seed", 0))
+    hf.to(device)  # every way below copies or wraps these weights on their device
     tool, wl = spec["tool"], spec["workload"]
     if wl == "long_context":
         T = spec.get("tokens", 4096)
-        ids = torch.randint(0, hf.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, hf.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
         res: dict[str, Any] = {}
         with torch.no_grad():
             if tool == "transformers":
-                res["no_patterns"] = measure_peak(lambda: hf(ids).logits)
+                res["no_patterns"] = measure_peak(lambda: hf(ids).logits, device)
             elif tool == "interp":
                 import interp
 
-                m = interp.load_pretrained(hf)
+                m = interp.load_pretrained(hf).to(device)
                 del hf
                 gc.collect()
-                res["no_patterns"] = measure_peak(lambda: m(ids))
+                res["no_patterns"] = measure_peak(lambda: m(ids), device)
                 res["one_layer_patterns"] = measure_peak(
-                    lambda: m.run_with_cache(ids, names_filter=["blocks.0.attn.hook_pattern"], return_cache_object=False))
+                    lambda: m.run_with_cache(ids, names_filter=["blocks.0.attn.hook_pattern"], return_cache_object=False),
+                    device)
             elif tool == "transformer_lens":
                 w = way_transformer_lens(hf, folder)
-                res["no_patterns"] = measure_peak(lambda: w.run["no_hooks"](ids))
-                res["one_layer_patterns"] = measure_peak(lambda: w.run["patterns"](ids)[0])
+                res["no_patterns"] = measure_peak(lambda: w.run["no_hooks"](ids), device)
+                res["one_layer_patterns"] = measure_peak(lambda: w.run["patterns"](ids)[0], device)
             elif tool == "nnsight":
                 w = way_nnsight(hf, tok)
                 if w is None:
                     return {"skipped": "nnsight not installed"}
-                res["no_patterns"] = measure_peak(lambda: w.run["no_hooks"](ids))
+                res["no_patterns"] = measure_peak(lambda: w.run["no_hooks"](ids), device)
         return {k: {"seconds": v[0], "peak_mib": v[1]} for k, v in res.items()}
     if wl == "streaming":
         if tool != "interp":
@@ -485,7 +498,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         import interp
         from analyses import heads
 
-        m = interp.load_pretrained(hf)
+        m = interp.load_pretrained(hf).to(device)  # heads.scan moves each batch to the model's device
         del hf
         gc.collect()
         vocab = heads.VocabInfo.from_model(m)
@@ -504,7 +517,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 heads.scan(m, corpus(), [acc])
                 return acc.frame()
 
-            dt, peak = measure_peak(stream)
+            dt, peak = measure_peak(stream, device)
             out[f"{scale}x"] = {"seconds": dt, "peak_mib": peak, "tokens": n_seq * 128, "tokens_per_s": n_seq * 128 / dt}
         return out
     raise ValueError(wl)
@@ -596,7 +609,8 @@ def run_bench(*, models: tuple[str, ...] = MODELS, workloads: tuple[str, ...] = 
             entry = {}
             for tool in tools if wl == "long_context" else ("interp",):
                 progress(f"[{model}] {wl}: {tool} (own process)")
-                entry[tool] = run_isolated({"model": model, "tool": tool, "workload": wl, "tokens": long_tokens, "seed": seed})
+                entry[tool] = run_isolated({"model": model, "tool": tool, "workload": wl, "tokens": long_tokens, "seed": seed,
+                                            "device": device})
             if wl == "long_context":
                 try:
                     entry["memory_ratio_interp_vs_transformer_lens"] = (

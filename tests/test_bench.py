@@ -133,3 +133,36 @@ def test_cli_cpu_linear_switch_is_applied_and_recorded(monkeypatch, tmp_path):
     assert json.loads(out.read_text())["machine"]["interp_cpu_linear"] == "F.linear (MKL)"
     bad = CliRunner().invoke(cli, ["bench", "--cpu-linear", "mkl"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_cuda_timing_and_peak_use_events_and_device_memory(monkeypatch):
+    """The CUDA branch (no GPU here): time comes from CUDA events, peak memory from PyTorch's
+    device allocator stats minus what was allocated before the call, never from the process RSS."""
+    calls: list[str] = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False):
+            assert enable_timing
+
+        def record(self):
+            calls.append("record")
+
+        def elapsed_time(self, end):
+            return 1500.0  # ms
+
+    allocated = {"now": 100 * 2**20, "peak": 0}
+
+    def fake_fn():
+        calls.append("fn")
+        allocated["peak"] = 612 * 2**20
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: allocated.__setitem__("peak", 0))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: allocated["peak"])
+    monkeypatch.setattr(bench, "_status_kb", lambda *a: pytest.fail("the CUDA path must not read the process RSS"))
+    seconds, peak_mib = bench.measure_peak(fake_fn, "cuda")
+    assert seconds == pytest.approx(1.5)
+    assert peak_mib == pytest.approx(512.0)
+    assert calls.index("fn") > calls.index("record") and calls[-1] == "sync"
