@@ -23,12 +23,14 @@ must match another MKL-based run. The path is taken only when all of these hold,
   transforms see the plain op they know).
 
 ``use_onednn_linear(False)`` or ``INTERP_CPU_LINEAR=aten`` in the environment turns it off
-(for example to compare with MKL on an Intel CPU, where the two are closer).
+(for example to compare the two on another CPU: only this project's AMD EPYC was measured, and
+MKL may do better on Intel's). Off x86-64 (ARM) the path is never taken.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,10 @@ __all__ = ["Linear", "linear", "onednn_linear_available", "use_onednn_linear", "
 
 
 def _find_op():
+    """The oneDNN linear op on x86-64 builds that have it (measured there; on ARM PyTorch's own
+    BLAS choice stays), else None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
     try:
         op = torch.ops.mkldnn._linear_pointwise
     except (AttributeError, RuntimeError):
@@ -48,6 +54,7 @@ def _find_op():
 _OP = _find_op()
 _enabled = os.environ.get("INTERP_CPU_LINEAR", "onednn").strip().lower() not in ("aten", "mkl", "0", "off", "false", "no")
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)  # torch < 2.3
 
 
 def onednn_linear_available() -> bool:
@@ -71,7 +78,7 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or _is_compiling():
         return False
     return not (_is_wrapped is not None and (_is_wrapped(x) or _is_wrapped(weight)))
 
