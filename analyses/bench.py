@@ -337,8 +337,9 @@ def check_equivalence(ways: dict[str, Way], tokens: torch.Tensor, atol: float = 
                 raise AssertionError(f"{name} {wl}: {len(b)} tensors, transformers gives {len(a)}")
             worst = 0.0
             for i, (x, y) in enumerate(zip(a, b, strict=True)):
-                diff = float((x.float() - y.float()).abs().max())
-                bound = atol + rtol * float(x.float().abs().max())
+                xf = x.float()
+                diff = float((xf - y.float()).abs().max())
+                bound = atol + rtol * float(xf.abs().max())
                 if diff > bound:
                     raise AssertionError(f"{name} {wl}: tensor {i}: max abs diff {diff:.2e} to transformers exceeds "
                                          f"{bound:.2e} (atol {atol} + rtol {rtol} x its scale)")
@@ -440,14 +441,13 @@ def _status_kb(field_name: str) -> int:
 def measure_peak(fn: Callable[[], Any], device: str = "cpu") -> tuple[float, float]:
     """(seconds, peak extra MiB) of one call: on the CPU VmHWM after minus VmRSS before; on CUDA
     PyTorch's peak allocated device memory minus what was allocated before, timed with events."""
+    gc.collect()
     if device.startswith("cuda"):
-        gc.collect()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_bytes = torch.cuda.memory_allocated()
         dt = _time(fn, device)
         return dt, max(torch.cuda.max_memory_allocated() - base_bytes, 0) / 2**20
-    gc.collect()
     _reset_peak()
     base = _status_kb("VmRSS")
     t0 = time.perf_counter()
