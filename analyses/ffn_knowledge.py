@@ -1,7 +1,7 @@
 """FFN knowledge storage: where does a decoder keep what it knows?
 
 Four methods, each a pure function of a model and data that returns tidy DataFrames (no files,
-no plots; :mod:`analyses.sections.ffn` draws and writes):
+no plots; :mod:`analyses.app.sections.ffn` draws and writes):
 
 - **Key-value memories** (Geva, Schuster, Berant and Levy 2021, "Transformer Feed-Forward
   Layers Are Key-Value Memories", EMNLP): every FFN neuron is a key (its input weights) that

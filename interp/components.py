@@ -21,7 +21,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from interp.config import ModelConfig
-from interp.kernels import Linear
+from interp.perf.kernels import Linear
 from interp.masks import MaskSpec
 from interp.positions import apply_rope
 

@@ -36,9 +36,9 @@ from interp.components import (
 )
 from interp.config import ModelConfig
 from interp.errors import InterpError, unknown_hook_error
-from interp.kernels import Linear, linear
+from interp.perf.kernels import Linear, linear
 from interp.masks import Bidirectional, Causal, MaskSpec
-from interp.memory import note_recorded, recording, reuses_recorded_memory
+from interp.perf.memory import note_recorded, recording, reuses_recorded_memory
 from interp.positions import (
     RelativePositionBias,
     alibi_bias,
@@ -52,7 +52,7 @@ ReturnType = Literal["logits", "loss", "both", "hidden"] | None
 
 def _note_recorded_memory(cache: Any) -> None:
     """Report the CPU bytes a recording kept (unique storages: views share them) to
-    :mod:`interp.memory`, whose default policy keeps up to twice that much freed memory for the
+    :mod:`interp.perf.memory`, whose default policy keeps up to twice that much freed memory for the
     next recording instead of faulting it in afresh."""
     if not reuses_recorded_memory():
         return

@@ -54,8 +54,8 @@ def main() -> None:
             "ig_steps": args.ig_steps, "seed": args.seed, "batch_size": 8, "max_tokens": None}
     t1, c1 = time.perf_counter(), time.process_time()
     if args.out:
-        from analyses.report import Report
-        from analyses.sections.ffn import build
+        from analyses.app.report import Report
+        from analyses.app.sections.ffn import build
 
         res_holder: dict = {}
         orig = fk.analyse

@@ -70,7 +70,7 @@ def test_table_names_a_failed_peer_instead_of_a_ratio():
 def test_cli_rejects_unknown_workload():
     from click.testing import CliRunner
 
-    from analyses.cli import cli
+    from analyses.app.cli import cli
 
     r = CliRunner().invoke(cli, ["bench", "--workloads", "nope"])
     assert r.exit_code == 2
@@ -113,8 +113,8 @@ def test_cli_cpu_linear_switch_is_applied_and_recorded(monkeypatch, tmp_path):
     peak-memory workers (the environment), and the JSON records which kernel interp used."""
     from click.testing import CliRunner
 
-    from analyses.cli import cli
-    from interp import kernels
+    from analyses.app.cli import cli
+    from interp.perf import kernels
 
     monkeypatch.setenv("INTERP_CPU_LINEAR", "onednn")  # restored after the test
     monkeypatch.setattr(kernels, "_enabled", kernels._enabled)

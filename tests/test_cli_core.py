@@ -18,10 +18,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import analyses.cli as cli_mod
-from analyses.cli import cli
-from analyses.report import Section
-from analyses.sections import SECTIONS, SectionSpec, load_topics
+import analyses.app.cli as cli_mod
+from analyses.app.cli import cli
+from analyses.app.report import Section
+from analyses.app.sections import SECTIONS, SectionSpec, load_topics
 
 
 def invoke(*args: str):

@@ -463,7 +463,7 @@ def test_knowledge_model_suppressing_neurons_is_specific(knowledge) -> None:
 def _invoke(*args):
     from click.testing import CliRunner
 
-    from analyses.cli import cli
+    from analyses.app.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args])
 
@@ -476,7 +476,7 @@ def _one_line_error(result, needle: str) -> None:
 
 
 def test_cli_ffn_writes_the_report(tmp_path: Path, word_model, monkeypatch) -> None:
-    import analyses.sections.ffn as section
+    import analyses.app.sections.ffn as section
 
     monkeypatch.setattr(section, "load_model", lambda *a, **k: word_model)
     facts = tmp_path / "facts.jsonl"
@@ -502,7 +502,7 @@ def test_cli_ffn_writes_the_report(tmp_path: Path, word_model, monkeypatch) -> N
 
 
 def test_cli_ffn_bad_input(tmp_path: Path, word_model, monkeypatch) -> None:
-    import analyses.sections.ffn as section
+    import analyses.app.sections.ffn as section
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "the capital of avalon is", "subject": "avalon", "answer": "camelot"}\n{oops\n')

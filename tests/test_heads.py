@@ -26,7 +26,7 @@ from click.testing import CliRunner
 import interp
 from analyses import heads as H
 from analyses import parses
-from analyses.cli import cli
+from analyses.app.cli import cli
 
 sys.path.insert(0, str(Path(__file__).parent))
 import heads_planted  # noqa: E402
@@ -433,7 +433,7 @@ def test_spacy_parses_map_to_ud():
 
 
 def test_compare_stacks_models_and_draws():
-    from analyses.sections.heads import compare_figure
+    from analyses.app.sections.heads import compare_figure
 
     df = H.compare({"dec": heads_planted.decoder(), "enc": heads_planted.encoder()}, n_random=4)
     assert set(df["model"]) == {"dec", "enc"}

@@ -79,7 +79,7 @@ def test_trained_induction_model():
 
 
 def test_positional_variants_side_by_side():
-    from analyses.sections.heads import compare_figure
+    from analyses.app.sections.heads import compare_figure
 
     models = {p: _shipped(f"induction_{p}") for p in ("sinusoidal", "learned", "rope", "alibi")}
     df = H.compare(models, n_random=16)

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyses import plots
-from analyses.report import Report, Section
+from analyses.app import plots
+from analyses.app.report import Report, Section
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"),
                              shutil.which("chromium-browser"), shutil.which("google-chrome"))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import interp
-from interp import kernels
+from interp.perf import kernels
 from interp.config import ModelConfig
 
 pytestmark = pytest.mark.skipif(not kernels.onednn_linear_available(), reason="this PyTorch build has no oneDNN linear op")
@@ -101,7 +101,7 @@ def test_switch_off_and_vmap_fall_back(calls):
 
 def test_environment_variable_turns_it_off():
     env = {**os.environ, "INTERP_CPU_LINEAR": "aten"}
-    code = "from interp import kernels; print(kernels.uses_onednn_linear())"
+    code = "from interp.perf import kernels; print(kernels.uses_onednn_linear())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -1,4 +1,4 @@
-"""Masking effects (analyses/masking.py, analyses/sections/masking.py): strategies, soft-mask
+"""Masking effects (analyses/masking.py, analyses/app/sections/masking.py): strategies, soft-mask
 convergence, head gates, Michel importance, pruning, expert masking, bad input, the CLI."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import interp
 from analyses import masking as M
-from analyses.cli import cli
+from analyses.app.cli import cli
 from interp.errors import InterpError
 
 torch.set_num_threads(1)
@@ -337,7 +337,7 @@ def test_sample_text_and_batches():
 
 
 def run_cli(monkeypatch, model, *args):
-    import analyses.sections.masking as sec
+    import analyses.app.sections.masking as sec
 
     monkeypatch.setattr(sec, "load_model", lambda *a, **k: model)
     return CliRunner().invoke(cli, ["masking", "m", *map(str, args)])

@@ -52,7 +52,7 @@ def test_keep_freed_memory_removes_refaults() -> None:
 _CACHE_PROBE = r"""
 import resource, sys, torch
 import interp
-from interp.memory import retained_limit
+from interp.perf.memory import retained_limit
 torch.manual_seed(0)
 # d_vocab 8192: the 8 x 256 logits (67 MB) are over glibc's largest mmap threshold (32 MiB)
 model = interp.build_model(interp.ModelConfig(n_layers=4, d_model=256, n_heads=4, d_vocab=8192, n_ctx=256,
@@ -93,7 +93,7 @@ def test_run_with_cache_reuses_its_own_memory_by_default() -> None:
 
 
 def test_note_recorded_never_lowers_and_ignores_small_caches(monkeypatch: pytest.MonkeyPatch) -> None:
-    from interp import memory
+    from interp.perf import memory
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(memory, "_libc_mallopt", lambda: lambda opt, val: calls.append((opt, val)) or 1)
@@ -113,7 +113,7 @@ def test_note_recorded_never_lowers_and_ignores_small_caches(monkeypatch: pytest
 
 
 def test_recording_serves_large_blocks_from_the_heap_only_once_a_threshold_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from interp import memory
+    from interp.perf import memory
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(memory, "_libc_mallopt", lambda: lambda opt, val: calls.append((opt, val)) or 1)

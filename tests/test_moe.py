@@ -248,7 +248,7 @@ def _cli_model(monkeypatch, model):
 
 
 def test_cli_moe_report(monkeypatch, tmp_path: Path):
-    from analyses.cli import cli
+    from analyses.app.cli import cli
     from interp.train.tokenizers import WordTokenizer
 
     model, _ = moe.planted_router_model(n_experts=4, d_vocab=32, seed=0)
@@ -281,7 +281,7 @@ def test_cli_moe_report(monkeypatch, tmp_path: Path):
 
 
 def test_cli_dense_model_one_line(monkeypatch, tmp_path: Path):
-    from analyses.cli import cli
+    from analyses.app.cli import cli
 
     dense = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=300, n_ctx=16)).eval()
     _cli_model(monkeypatch, dense)
@@ -329,7 +329,7 @@ def test_margin_baseline_is_chance_for_a_gaussian_router():
 def test_section_without_domains_uses_the_packaged_sample():
     """No --text and no domain task: the packaged sample as bytes, no domain statistics, a
     report section all the same (what `interp report MODEL` does for an MoE checkpoint)."""
-    from analyses.sections import moe as section
+    from analyses.app.sections import moe as section
 
     cfg = interp.ModelConfig(n_layers=2, d_model=32, n_heads=2, d_vocab=300, n_ctx=64, n_experts=4,
                              experts_per_token=2, d_mlp=32)
@@ -370,7 +370,7 @@ def test_section_reads_the_training_task_of_a_trained_model():
     """A model from `interp train` routes samples of its own task: labelled domain streams for
     `domains`, unlabelled samples for any other task (its word vocabulary cannot read English)."""
     itrain = pytest.importorskip("interp.train")
-    from analyses.sections import moe as section
+    from analyses.app.sections import moe as section
 
     opts = {"seed": 0, "n_perm": 10, "max_tokens": 1024, "ablation_tokens": 256, "batch_size": 4}
     dom, _, _ = itrain.train("domains", {"d_model": 32, "d_mlp": 32, "n_experts": 4}, steps=2, quiet=True,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from analyses import plots
+from analyses.app import plots
 
 
 def causal_patterns(*shape: int, seed: int = 0) -> np.ndarray:

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyses import plots
-from analyses.report import Report, ReportError, Section, markdown_to_html
+from analyses.app import plots
+from analyses.app.report import Report, ReportError, Section, markdown_to_html
 
 
 def make_section(key: str = "heads", *, with_figure: bool = True) -> Section:

@@ -293,7 +293,7 @@ def test_text_task_gpt2_tokenizer(tmp_path):
 
 # ---------------------------------------------------------------------------------- CLI
 def _cli(args):
-    from analyses.cli import cli
+    from analyses.app.cli import cli
 
     return CliRunner().invoke(cli, args, catch_exceptions=False)
 

@@ -1,11 +1,11 @@
 """The ``interp`` command line: shared plumbing plus ``info``, ``plot`` and ``report``.
 
 Commands stay thin (parse, call an analysis, hand frames to the report writer). What every
-command shares lives here so the topic modules (``analyses/sections/<topic>.py``) import
+command shares lives here so the topic modules (``analyses/app/sections/<topic>.py``) import
 it instead of re-inventing it:
 
 - :data:`cli`, the click group; topics add commands with ``@cli.command(...)`` or
-  ``cli.add_command(...)`` (see :mod:`analyses.sections` for discovery).
+  ``cli.add_command(...)`` (see :mod:`analyses.app.sections` for discovery).
 - :func:`common_options` (``--out --batch-size --max-tokens --device --dtype --seed
   --quiet --force``) and :func:`model_argument` (optional ``MODEL``).
 - :func:`load_model`, :func:`write_report`, :func:`progress`, :class:`CliError`.
@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import click
 
-from analyses.report import Report, ReportError, Section
+from analyses.app.report import Report, ReportError, Section
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -85,13 +85,13 @@ class InterpGroup(click.Group):
     """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        from analyses.sections import load_topics
+        from analyses.app.sections import load_topics
 
         load_topics()
         return super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        from analyses.sections import load_topics
+        from analyses.app.sections import load_topics
 
         load_topics()
         return super().get_command(ctx, cmd_name)
@@ -157,7 +157,7 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Console-script entry point (``interp = "analyses.cli:main"``)."""
+    """Console-script entry point (``interp = "analyses.app.cli:main"``)."""
     # Figures are written to files; never open a window or need a display.
     os.environ.setdefault("MPLBACKEND", "Agg")
     cli.main(prog_name="interp")
@@ -405,7 +405,7 @@ def info_cmd(model: str, as_json: bool) -> None:
     outside, first = _hook_names(m)
     n_params = _param_count(m)
     if as_json:
-        from analyses.report import _json_safe
+        from analyses.app.report import _json_safe
 
         click.echo(json.dumps(_json_safe({
             "model": model, "parameters": n_params, "config": cfg,
@@ -459,7 +459,7 @@ def plot_cmd(ctx: click.Context, model: str, text: str, layer: int | None, head:
     import numpy as np
     import pandas as pd
 
-    from analyses import plots
+    from analyses.app import plots
 
     if head is not None and layer is None:
         raise click.BadParameter("--head needs --layer", param_hint="'--head'")
@@ -632,7 +632,7 @@ def report_cmd(ctx: click.Context, model: str | None, only: tuple[str, ...],
       interp report smollm2-135m --only heads --only ffn --out reports/smol
       interp report --list
     """
-    from analyses.sections import FAILED, select
+    from analyses.app.sections import FAILED, select
 
     specs = select(only, skip)
     if list_sections:

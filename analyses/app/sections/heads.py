@@ -22,7 +22,7 @@ from matplotlib.patches import Patch
 
 from analyses import heads as H
 from analyses import parses
-from analyses.cli import (
+from analyses.app.cli import (
     CliError,
     cli,
     common_options,
@@ -32,8 +32,8 @@ from analyses.cli import (
     progress_for,
     write_report,
 )
-from analyses.report import Section
-from analyses.sections import register
+from analyses.app.report import Section
+from analyses.app.sections import register
 from interp.errors import InterpError
 
 DEFAULT_MAX_TOKENS = 100_000  # covers UD EWT dev (~30k word pieces) with room to spare
@@ -230,7 +230,7 @@ def compare_figure(df: pd.DataFrame, *, title: str = "Head labels side by side")
     """One layer x head label map per model (column ``model``), with shared colours."""
     import seaborn as sns
 
-    from analyses import plots
+    from analyses.app import plots
 
     models = list(dict.fromkeys(df["model"]))
     labels = sorted(df["label"].astype(str).unique())
@@ -261,7 +261,7 @@ def compare_figure(df: pd.DataFrame, *, title: str = "Head labels side by side")
 
 
 def _syntax_bars(best: pd.DataFrame) -> Figure:
-    from analyses import plots
+    from analyses.app import plots
 
     b = best.dropna(subset=["accuracy"])
     long = pd.concat([
@@ -274,7 +274,7 @@ def _syntax_bars(best: pd.DataFrame) -> Figure:
 
 
 def _layer_lines(layers: pd.DataFrame) -> Figure:
-    from analyses import plots
+    from analyses.app import plots
 
     cols = [c for c in ("sink_first", "bos", "cls", "sep", "punct") if c in layers and (layers[c] > 0).any()]
     if any(np.allclose(layers["sink_first"], layers[c]) for c in ("bos", "cls") if c in cols):
@@ -288,7 +288,7 @@ def _layer_lines(layers: pd.DataFrame) -> Figure:
 
 
 def _heat(h: pd.DataFrame, col: str, title: str) -> Figure:
-    from analyses import plots
+    from analyses.app import plots
 
     m = h.pivot(index="layer", columns="head", values=col).sort_index()
     return plots.heatmap(m, title=title, cmap="magma")
@@ -296,7 +296,7 @@ def _heat(h: pd.DataFrame, col: str, title: str) -> Figure:
 
 def _focus(model: Any, res: H.HeadAnalysis, layer: int, head: int) -> tuple[pd.DataFrame, Figure]:
     """One head's scores (long form) and its pattern on a repeated random sequence."""
-    from analyses import plots
+    from analyses.app import plots
 
     row = res.heads[(res.heads["layer"] == layer) & (res.heads["head"] == head)].iloc[0]
     table = pd.DataFrame({"score": row.index, "value": [str(v) for v in row.values]})
@@ -318,7 +318,7 @@ def _focus(model: Any, res: H.HeadAnalysis, layer: int, head: int) -> tuple[pd.D
 
 def build(model: Any, opts: dict, progress: Any) -> Section:
     """The head-taxonomy section for ``model`` (see :mod:`analyses.heads`)."""
-    from analyses import plots
+    from analyses.app import plots
 
     t0 = time.perf_counter()
     layer, head = opts.get("layer"), opts.get("head")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from analyses.cli import CliError, cli
+from analyses.app.cli import CliError, cli
 
 
 def _split(value: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -69,7 +69,7 @@ def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens:
     if threads:
         torch.set_num_threads(threads)
     import interp
-    from interp import kernels, memory
+    from interp.perf import kernels, memory
 
     if cpu_linear is not None:
         kernels.use_onednn_linear(cpu_linear == "onednn")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analyses import masking
-from analyses.cli import (
+from analyses.app.cli import (
     CliError,
     cli,
     common_options,
@@ -26,8 +26,8 @@ from analyses.cli import (
     progress_for,
     write_report,
 )
-from analyses.report import Section
-from analyses.sections import register
+from analyses.app.report import Section
+from analyses.app.sections import register
 
 DEFAULT_SEQ_LEN = 64
 DEFAULT_MAX_TOKENS = 512  # 8 sequences of 64 tokens: enough for stable means, fast on a CPU
@@ -151,7 +151,7 @@ def _task_batches(model: Any, max_tokens: int, batch_size: int, seed: int) -> li
 
 def build(model: Any, opts: dict, progress: Any) -> Section:
     """The masking-effects section for ``model`` (see :mod:`analyses.masking`)."""
-    from analyses import plots
+    from analyses.app import plots
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}

@@ -16,7 +16,7 @@ import click
 import pandas as pd
 
 from analyses import moe
-from analyses.cli import (
+from analyses.app.cli import (
     CliError,
     cli,
     common_options,
@@ -26,8 +26,8 @@ from analyses.cli import (
     progress_for,
     write_report,
 )
-from analyses.report import Section
-from analyses.sections import register
+from analyses.app.report import Section
+from analyses.app.sections import register
 
 DEFAULT_MAX_TOKENS = 32768  # routing corpus; a 10x larger one costs 10x time, same memory
 DEFAULT_ABLATION_TOKENS = 4096  # re-run once per expert
@@ -314,7 +314,7 @@ def _findings(res: moe.MoEResult, abl: pd.DataFrame | None, abl_sum: pd.DataFram
 
 def build(model: Any, opts: dict, progress: Any) -> Section:
     """The MoE section for ``model`` (see :mod:`analyses.moe`)."""
-    from analyses import plots
+    from analyses.app import plots
 
     moe.moe_layers(model)  # a dense model: one clear line
     t_all = time.perf_counter()

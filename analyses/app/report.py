@@ -409,7 +409,7 @@ class Report:
             os.rename(tmp, out_dir)
 
     def _write_into(self, root: Path, *, svg: bool) -> None:
-        from analyses.plots import save_figure
+        from analyses.app.plots import save_figure
 
         (root / "figures").mkdir()
         (root / "data").mkdir()

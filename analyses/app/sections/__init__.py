@@ -1,11 +1,11 @@
 """Registry of report sections and CLI commands contributed by the analysis modules.
 
-How a topic plugs in (one file, ``analyses/sections/<topic>.py``, nothing else to edit)::
+How a topic plugs in (one file, ``analyses/app/sections/<topic>.py``, nothing else to edit)::
 
     import click
-    from analyses.cli import cli, common_options, model_argument, load_model, write_report
-    from analyses.report import Section
-    from analyses.sections import register
+    from analyses.app.cli import cli, common_options, model_argument, load_model, write_report
+    from analyses.app.report import Section
+    from analyses.app.sections import register
 
     def build(model, opts: dict, progress) -> Section:
         ...                       # call analyses/<topic>.py, return a Section
@@ -29,9 +29,9 @@ file, a missing optional dependency) is skipped with one warning line on stderr,
 in :data:`FAILED`, so one broken topic never takes the whole CLI down. Set
 ``INTERP_DEBUG=1`` to get the traceback instead.
 
-Why imports happen lazily: ``analyses.cli`` defines ``cli`` before any topic imports it,
-so topics can ``from analyses.cli import cli`` without an import cycle, and
-``import analyses.cli`` alone stays cheap.
+Why imports happen lazily: ``analyses.app.cli`` defines ``cli`` before any topic imports it,
+so topics can ``from analyses.app.cli import cli`` without an import cycle, and
+``import analyses.app.cli`` alone stays cheap.
 
 What a builder gets: ``model`` (an ``interp.HookedTransformer``, eval mode, on the chosen
 device), ``opts`` (a dict with keys ``model_source``, ``batch_size``, ``max_tokens``

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from analyses.cli import CliError, cli
+from analyses.app.cli import CliError, cli
 
 # Named --config presets: ModelConfig fields applied over the task's default config.
 PRESETS: dict[str, dict[str, Any]] = {

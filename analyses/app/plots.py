@@ -2,7 +2,7 @@
 
 Why this module never sees a model: plots must be reproducible from the CSVs a report
 writes (``data/*.csv``), so every function here takes plain arrays or tidy DataFrames.
-Analyses compute, this module draws, :mod:`analyses.report` writes files.
+Analyses compute, this module draws, :mod:`analyses.app.report` writes files.
 
 Figures are built as bare :class:`matplotlib.figure.Figure` objects rendered by the Agg
 canvas, never through ``pyplot``'s global figure manager: a report run that draws

@@ -14,7 +14,7 @@ import click
 import pandas as pd
 
 from analyses import ffn_knowledge as fk
-from analyses.cli import (
+from analyses.app.cli import (
     CliError,
     cli,
     common_options,
@@ -24,8 +24,8 @@ from analyses.cli import (
     progress_for,
     write_report,
 )
-from analyses.report import Section
-from analyses.sections import register
+from analyses.app.report import Section
+from analyses.app.sections import register
 
 SOURCE = (
     "Geva, Schuster, Berant and Levy (2021), *Transformer Feed-Forward Layers Are Key-Value "
@@ -78,7 +78,7 @@ def _pct(x: float) -> str:
 # --------------------------------------------------------------------------------------------- figures
 def _trace_figure(avg: pd.DataFrame, corruption: str, title: str) -> Any:
     """One panel per restored kind: average indirect effect, position role x layer."""
-    from analyses.plots import new_figure
+    from analyses.app.plots import new_figure
 
     sub = avg[avg["corruption"] == corruption]
     kinds = [k for k in ("resid", "mlp", "attn", "mlp_single", "attn_single") if k in set(sub["kind"])]
@@ -104,7 +104,7 @@ def _trace_figure(avg: pd.DataFrame, corruption: str, title: str) -> Any:
 
 def _example_figure(trace: pd.DataFrame, fact: str, corruption: str) -> Any:
     """Meng et al. Fig. 1 for one fact: token x layer indirect effect per kind."""
-    from analyses.plots import clean_token, new_figure
+    from analyses.app.plots import clean_token, new_figure
 
     sub = trace[(trace["fact"] == fact) & (trace["corruption"] == corruption)]
     kinds = [k for k in ("resid", "mlp", "attn") if k in set(sub["kind"])]
@@ -128,7 +128,7 @@ def _example_figure(trace: pd.DataFrame, fact: str, corruption: str) -> Any:
 
 
 def _logit_lens_figure(ll: pd.DataFrame) -> Any:
-    from analyses.plots import new_figure
+    from analyses.app.plots import new_figure
 
     mean = ll.groupby("layer")[["answer_prob", "kl_to_final"]].mean()
     rank = ll.groupby("layer")["answer_rank"].median()
@@ -148,7 +148,7 @@ def _logit_lens_figure(ll: pd.DataFrame) -> Any:
 
 
 def _edits_figure(summary: pd.DataFrame) -> Any:
-    from analyses.plots import new_figure
+    from analyses.app.plots import new_figure
 
     fig = new_figure(6.5, 3.6)
     ax = fig.add_subplot()
@@ -169,7 +169,7 @@ def _edits_figure(summary: pd.DataFrame) -> Any:
 
 
 def _agreement_figure(agreement: pd.DataFrame) -> Any:
-    from analyses.plots import new_figure
+    from analyses.app.plots import new_figure
 
     fig = new_figure(6.5, 3.6)
     ax = fig.add_subplot()

@@ -1,0 +1,1 @@
+"""Performance switches: each trick with its switch, measured effect and accuracy cost."""
