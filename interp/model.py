@@ -251,6 +251,11 @@ class _Base(HookedRootModule):
         return AttnContext(q_pos=q_pos, k_len=k_len, mask=mask, padding=padding, penalty=penalty,
                            temperature=temperature, pos_bias=pos_bias, rope=rope)
 
+    @property
+    def effective_mask(self) -> MaskSpec:
+        """The structural mask in effect: an :meth:`override_attention` mask, else ``cfg.mask``."""
+        return self.runtime.mask or self.cfg.mask
+
     # ---------------- run-time overrides used by analyses ----------------
     @contextlib.contextmanager
     def override_attention(self, *, mask: MaskSpec | str | None = None, soft_mask_penalty: float | None | str = "keep",
