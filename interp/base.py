@@ -1,0 +1,354 @@
+"""What every interp model shares: embeddings, input checks, attention contexts, TL glue.
+
+:class:`HookedBase` subclasses TransformerLens' ``HookedRootModule``, so ``run_with_hooks``,
+``hooks()``, ``names_filter`` and backward hooks are TransformerLens' own, and
+``run_with_cache`` returns a real ``transformer_lens.ActivationCache``. Its two subclasses are
+:class:`interp.model.HookedTransformer` (decoder-only and encoder-only) and
+:class:`interp.encoder_decoder.HookedEncoderDecoder`. The run-time state it carries is listed
+in :mod:`interp.state`; the methods that change it come from
+:class:`interp.interventions.Interventions`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from interp.components.context import AttnContext
+from interp.components.embeddings import Embed, PosEmbed
+from interp.components.moe import MoE
+from interp.components.norms import make_norm
+from interp.config import ModelConfig
+from interp.errors import InterpError
+from interp.hooks import (
+    HookDict,
+    as_activation_cache,
+    cache_names_filter,
+    check_hook_names,
+    hp,
+    note_recorded_memory,
+)
+from interp.interventions import Interventions
+from interp.masks import MaskSpec
+from interp.perf.memory import recording
+from interp.positions import RelativePositionBias, alibi_bias, alibi_slopes, rope_cos_sin
+from interp.state import AttentionOverride
+
+ReturnType = Literal["logits", "loss", "both", "hidden"] | None
+RETURN_TYPES = ("logits", "loss", "both", "hidden", None)
+
+
+def check_return_type(return_type: Any) -> None:
+    if return_type not in RETURN_TYPES:
+        raise InterpError(
+            "return_type must be 'logits', 'loss', 'both', 'hidden' or None, "
+            f"got {return_type!r}."
+        )
+
+
+def _shape_or_type(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+class HookedBase(Interventions, HookedRootModule):
+    """Shared plumbing: embeddings, position machinery, input checks, TL glue, tokenizer
+    helpers. Subclasses call :meth:`_build_embeddings` first and :meth:`_finish` last."""
+
+    cfg: ModelConfig
+
+    def _build_embeddings(self, cfg: ModelConfig) -> None:
+        self.attention_override: AttentionOverride | None = None  # see interp.state
+        #: whether to_tokens prepends BOS (decoders); loaders set it from the checkpoint
+        self.prepend_bos: bool = cfg.default_prepend_bos
+        self.tokenizer: Any = None
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        if cfg.positional in ("learned", "sinusoidal"):
+            self.pos_embed = PosEmbed(cfg.n_ctx, cfg.d_model, learned=cfg.positional == "learned")
+            self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        if cfg.n_token_types:
+            self.token_type_embed = Embed(cfg.n_token_types, cfg.d_model)
+            self.hook_token_type_embed = HookPoint()  # [batch, pos, d_model]
+        if cfg.embed_norm:
+            self.ln_embed = make_norm(cfg)
+        if cfg.positional == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+
+    def _finish(self) -> None:
+        self.init_weights()
+        self.setup()
+        self.mod_dict = HookDict(self.mod_dict)
+        self.hook_dict = HookDict(self.hook_dict)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 style init: N(0, init_std) for matrices and embeddings, zeros for biases, ones
+        for norms."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            # built for loading (interp.loading): no data to fill, and normal_ on meta imports
+            # torch._dynamo (~5 s)
+            if p.is_meta:
+                continue
+            last = name.rsplit(".", 1)[-1]
+            if last in ("w",) or (last == "weight" and p.ndim == 1):
+                nn.init.ones_(p)
+            elif last in ("b", "bias", "b_U", "W_rel") or p.ndim == 1:
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)
+
+    # ---------------- input checks ----------------
+    def _check_tokens(
+        self, tokens: Any, name: str = "tokens", vocab: int | None = None
+    ) -> Int[torch.Tensor, "batch pos"]:
+        if isinstance(tokens, str | list) and self.tokenizer is not None:
+            tokens = self.to_tokens(tokens)
+        if not isinstance(tokens, torch.Tensor):
+            raise InterpError(
+                f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}."
+            )
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise InterpError(
+                f"{name} must hold integer token ids, got dtype {tokens.dtype}; use tokens.long()."
+            )
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise InterpError(
+                f"{name} must have shape [batch, pos] (or [pos]), got {tuple(tokens.shape)}."
+            )
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise InterpError(
+                f"{name} is empty (shape {tuple(tokens.shape)}); pass at least one token."
+            )
+        vocab = vocab or self.cfg.d_vocab
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab:
+            raise InterpError(
+                f"{name} contain id {lo if lo < 0 else hi}, outside the vocabulary 0..{vocab - 1}."
+            )
+        return tokens.long()
+
+    def _check_length(self, total: int) -> None:
+        if self.cfg.positional == "learned" and total > self.cfg.n_ctx:
+            raise InterpError(
+                f"Sequence length {total} exceeds n_ctx={self.cfg.n_ctx} of this model's "
+                "learned positions; truncate the input."
+            )
+
+    def _check_attention_mask(
+        self, attention_mask: Any, shape: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """The padding mask as bool [batch, pos], or None when nothing is padded."""
+        if attention_mask is None:
+            return None
+        m = attention_mask
+        if not isinstance(m, torch.Tensor) or m.shape != torch.Size(shape):
+            raise InterpError(
+                f"attention_mask must be a tensor of shape {shape} (1 = token, 0 = padding), "
+                f"got {_shape_or_type(attention_mask)}."
+            )
+        m = attention_mask.bool()
+        return None if bool(m.all()) else m
+
+    @staticmethod
+    def _check_labels(labels: Any, shape: tuple[int, ...], vocab: int, what: str) -> None:
+        """Labels must be integer ids of ``shape`` in 0..vocab-1, or -100 (ignored)."""
+        is_tensor = isinstance(labels, torch.Tensor)
+        if not is_tensor or labels.shape != shape or labels.is_floating_point():
+            raise InterpError(
+                f"labels must be integer ids of {what} {tuple(shape)}, "
+                f"got {_shape_or_type(labels)}."
+            )
+        if bool(((labels < 0) & (labels != -100)).any()) or bool((labels >= vocab).any()):
+            raise InterpError(f"labels must be ids in 0..{vocab - 1} or -100 (ignored).")
+
+    # ---------------- embeddings and contexts ----------------
+    def _embed(
+        self,
+        tokens: Int[torch.Tensor, "batch pos"],
+        positions: Int[torch.Tensor, " pos"],
+        token_type_ids: Int[torch.Tensor, "batch pos"] | None,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        x = hp(self.hook_embed, self.embed(tokens))  # [batch, pos, d_model]
+        if hasattr(self, "pos_embed"):
+            pe = self.pos_embed(positions)[None].expand(tokens.shape[0], -1, -1)
+            x = x + hp(self.hook_pos_embed, pe)  # [batch, pos, d_model] (batch kept for TL)
+        if hasattr(self, "token_type_embed"):
+            tt = torch.zeros_like(tokens) if token_type_ids is None else token_type_ids
+            x = x + hp(self.hook_token_type_embed, self.token_type_embed(tt))
+        if hasattr(self, "ln_embed"):
+            x = self.ln_embed(x)
+        return x
+
+    def _context(
+        self,
+        *,
+        q_pos: torch.Tensor,
+        k_len: int,
+        mask: MaskSpec,
+        padding: torch.Tensor | None,
+        rel: RelativePositionBias | None,
+        dtype: torch.dtype,
+    ) -> AttnContext:
+        """The attention context of one stack's forward (penalty and temperature in effect)."""
+        cfg, settings = self.cfg, self.attention_settings
+        k_pos = torch.arange(k_len, device=q_pos.device)
+        pos_bias = None
+        if cfg.positional == "alibi":
+            pos_bias = alibi_bias(self.alibi_slopes.float(), q_pos, k_pos)
+        elif rel is not None:
+            pos_bias = rel(q_pos, k_pos)
+        rope = None
+        if cfg.positional == "rope":
+            rope = rope_cos_sin(q_pos, cfg.rotary_dim, cfg.rope_base, cfg.rope_interleaved, dtype)
+        return AttnContext(
+            q_pos=q_pos,
+            k_len=k_len,
+            mask=mask,
+            padding=padding,
+            penalty=settings.soft_mask_penalty,
+            temperature=settings.temperature,
+            pos_bias=pos_bias,
+            rope=rope,
+        )
+
+    def moe_losses(self) -> dict[str, torch.Tensor]:
+        """The last forward's MoE losses, weighted by the config: ``aux`` (Switch load
+        balancing, mean over MoE layers, times ``moe_aux_loss_coef``) and ``z`` (router
+        z-loss times its coef)."""
+        moes = [m for m in self.modules() if isinstance(m, MoE) and m.last_losses]
+        if not moes:
+            zero = torch.zeros((), device=self.embed.W_E.device)
+            return {"aux": zero, "z": zero}
+        aux = torch.stack([m.last_losses["aux"] for m in moes]).mean() * self.cfg.moe_aux_loss_coef
+        z = torch.stack([m.last_losses["z"] for m in moes]).mean() * self.cfg.router_z_loss_coef
+        return {"aux": aux, "z": z}
+
+    # ---------------- TransformerLens glue ----------------
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache | dict]:
+        """As TransformerLens, but returns an ``ActivationCache`` (TL 4.3 returns a plain dict).
+        Hook names given as a string or list must exist (TL would silently cache nothing)."""
+        kwargs["names_filter"] = cache_names_filter(
+            self.hook_dict, kwargs.get("names_filter"), self.use_attn_result
+        )
+        with recording():
+            out, cache = super().run_with_cache(
+                *model_args, remove_batch_dim=remove_batch_dim, **kwargs
+            )
+        note_recorded_memory(cache)
+        return out, as_activation_cache(cache, self, return_cache_object, not remove_batch_dim)
+
+    def check_hook_names(self, names: list[str]) -> None:
+        """Raise :class:`interp.errors.HookNameError` for the first unknown name."""
+        check_hook_names(self.hook_dict, names)
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
+        if not hasattr(self, "unembed"):
+            raise InterpError(
+                "This model has no unembedding (a bare encoder); vocabulary projections need "
+                "a language-model head."
+            )
+        return self.unembed.W_U
+
+    @property
+    def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    def tokens_to_residual_directions(self, tokens: Any) -> torch.Tensor:
+        """Unembedding directions [..., d_model] of tokens (TransformerLens' logit_attrs uses
+        it)."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        t = torch.as_tensor(tokens, device=self.W_U.device)
+        return self.W_U[:, t].movedim(0, -1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
+    # ---------------- tokenizer helpers ----------------
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise InterpError(
+                "This model has no tokenizer attached; pass token ids, or load it with "
+                "interp.load_pretrained."
+            )
+        return self.tokenizer
+
+    def to_tokens(
+        self,
+        text: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        truncate: bool = True,
+    ) -> Int[torch.Tensor, "batch pos"]:
+        """Text -> token ids [batch, pos]; decoders get BOS prepended when the tokenizer has one
+        and does not add it itself (``prepend_bos`` defaults to ``model.prepend_bos``), encoders
+        get their special tokens ([CLS] ... [SEP])."""
+        tok = self._need_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or any(not isinstance(t, str) for t in texts):
+            raise InterpError("to_tokens needs a string or a non-empty list of strings.")
+        special = self.cfg.architecture != "decoder"
+        ids = [tok.encode(t, add_special_tokens=special) for t in texts]
+        bos = getattr(tok, "bos_token_id", None)
+        if prepend_bos is None:
+            prepend_bos = self.prepend_bos
+        if self.cfg.architecture == "decoder" and prepend_bos and bos is not None:
+            ids = [i if (i and i[0] == bos) else [bos, *i] for i in ids]
+        if truncate and self.cfg.positional == "learned":
+            ids = [i[: self.cfg.n_ctx] for i in ids]
+        if any(len(i) == 0 for i in ids):
+            raise InterpError("A text produced no tokens; pass non-empty text.")
+        pad = getattr(tok, "pad_token_id", None)
+        pad = 0 if pad is None else pad
+        width = max(len(i) for i in ids)
+        side = padding_side or getattr(tok, "padding_side", "right")
+        rows = [
+            ([pad] * (width - len(i)) + i) if side == "left" else (i + [pad] * (width - len(i)))
+            for i in ids
+        ]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def to_str_tokens(self, text: str | torch.Tensor, prepend_bos: bool | None = None) -> list[str]:
+        """One string per token, as the model sees them."""
+        tok = self._need_tokenizer()
+        if isinstance(text, str):
+            ids = self.to_tokens(text, prepend_bos=prepend_bos)[0]
+        else:
+            ids = torch.as_tensor(text).reshape(-1)
+        return [tok.decode([int(i)]) for i in ids]
+
+    def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
+        tok = self._need_tokenizer()
+        t = torch.as_tensor(tokens)
+        if t.ndim == 2:
+            return [tok.decode(r.tolist()) for r in t]
+        return tok.decode(t.tolist())
+
+    def to_single_token(self, string: str) -> int:
+        tok = self._need_tokenizer()
+        ids = tok.encode(string, add_special_tokens=False)
+        if len(ids) != 1:
+            raise InterpError(f"{string!r} is {len(ids)} tokens, not one.")
+        return ids[0]
+
+    def param_count(self) -> int:
+        """Distinct parameters (tied weights counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,88 @@
+"""Token and position embeddings in, logits out: Embed, PosEmbed, Unembed, and BERT's MLM head.
+
+``W_E`` [d_vocab, d_model], ``W_pos`` [n_ctx, d_model] and ``W_U`` [d_model, d_vocab] carry
+TransformerLens' names; a tied unembedding is a view of ``W_E`` (one storage, counted once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import nn
+
+from interp.components.mlp import ACT_FNS
+from interp.components.norms import LayerNorm
+from interp.config import ModelConfig
+from interp.perf.kernels import Linear, linear
+from interp.positions import sinusoidal_table
+
+
+class Embed(nn.Module):
+    """Token ids -> vectors, ``W_E`` [d_vocab, d_model] (also the token-type embedding)."""
+
+    def __init__(self, d_vocab: int, d_model: int):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(d_vocab, d_model))  # [d_vocab, d_model]
+
+    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d"]:
+        return F.embedding(tokens, self.W_E)
+
+
+class PosEmbed(nn.Module):
+    """Learned (a parameter) or sinusoidal (a fixed buffer) absolute positions, ``W_pos``
+    [n_ctx, d_model]. Sinusoidal positions past ``n_ctx`` are computed on the fly."""
+
+    def __init__(self, n_ctx: int, d_model: int, learned: bool):
+        super().__init__()
+        self.learned = learned
+        if learned:
+            self.W_pos = nn.Parameter(torch.empty(n_ctx, d_model))
+        else:
+            self.register_buffer("W_pos", sinusoidal_table(n_ctx, d_model), persistent=False)
+
+    def forward(self, positions: Int[torch.Tensor, " pos"]) -> Float[torch.Tensor, "pos d_model"]:
+        if not self.learned and int(positions.max()) >= self.W_pos.shape[0]:
+            n, d = int(positions.max()) + 1, self.W_pos.shape[1]
+            return sinusoidal_table(n, d, self.W_pos.device, self.W_pos.dtype)[positions]
+        return self.W_pos[positions]
+
+
+class Unembed(nn.Module):
+    """Residual -> logits. ``W_U`` [d_model, d_vocab] is a view of ``weight`` (or of W_E, tied)."""
+
+    def __init__(self, cfg: ModelConfig, tied_to: Embed | None):
+        super().__init__()
+        # a list, so the tied embedding is not registered a second time as a submodule
+        self._tied = [tied_to] if tied_to is not None else None
+        if tied_to is None:
+            self.weight = nn.Parameter(torch.empty(cfg.d_vocab_out, cfg.d_model))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out)) if cfg.unembed_bias else None
+
+    @property
+    def _weight(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        return self._tied[0].W_E if self._tied else self.weight
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
+        return self._weight.T
+
+    def forward(
+        self, x: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        return linear(x, self._weight, self.b_U)
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction-head transform: dense, activation, LayerNorm (Devlin et al. 2019)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = Linear(cfg.d_model, cfg.d_model)
+        self.act = ACT_FNS[cfg.act if not cfg.is_gated else "gelu"]
+        self.ln = LayerNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(
+        self, x: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        return self.ln(self.act(self.dense(x)))
