@@ -203,7 +203,7 @@ class RelationIndex:
 
 def _is_causal(model: Any) -> bool:
     """Whether no query can see a later key (causal, or causal combined with a window)."""
-    mask = model.runtime.mask or model.cfg.mask
+    mask = model.effective_mask
     if model.cfg.soft_mask_penalty is not None:
         return False
     return bool(mask.is_causal) or not bool(mask.build(8, 8).triu(1).any())
@@ -383,7 +383,7 @@ class TokenStats(_Accumulator):
     def __init__(self, model: Any, vocab: VocabInfo, *, semantic: bool = True):
         self.L, self.H = int(model.cfg.n_layers), int(model.cfg.n_heads)
         self.vocab, self.causal = vocab, _is_causal(model)
-        self.mask = model.runtime.mask or model.cfg.mask
+        self.mask = model.effective_mask
         self.soft = model.cfg.soft_mask_penalty is not None
         self.device = model.W_E.device
         self.W_E = model.W_E.detach() if semantic else None
