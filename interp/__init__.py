@@ -12,8 +12,8 @@ from interp import masks
 from interp.config import ModelConfig
 from interp.errors import HookNameError, InterpError
 from interp.masks import MaskSpec, parse_mask
-from interp.perf.memory import keep_freed_memory
 from interp.model import HookedEncoderDecoder, HookedTransformer, KVCache, build_model
+from interp.perf.memory import keep_freed_memory
 
 __version__ = "0.1.0"
 

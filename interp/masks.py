@@ -33,7 +33,9 @@ class MaskSpec:
     def __invert__(self) -> MaskSpec:
         return Not(self)
 
-    def build(self, q_len: int, k_len: int, q_offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    def build(
+        self, q_len: int, k_len: int, q_offset: int = 0, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """The [q_len, k_len] bool matrix (True = may attend); queries start at ``q_offset``."""
         q = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
         k = torch.arange(k_len, device=device)[None, :]
@@ -82,7 +84,8 @@ class Bidirectional(MaskSpec):
 
 @dataclass(frozen=True)
 class PrefixLM(MaskSpec):
-    """Bidirectional over the first ``prefix`` positions, causal after (Raffel et al. 2020, T5 sec. 3.2.1)."""
+    """Bidirectional over the first ``prefix`` positions, causal after (Raffel et al. 2020, T5
+    sec. 3.2.1)."""
 
     prefix: int
 
@@ -106,7 +109,10 @@ class SlidingWindow(MaskSpec):
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"sliding_window needs a window of at least 1, got {self.window!r}; a window of 0 would hide every key.")
+            raise ValueError(
+                f"sliding_window needs a window of at least 1, got {self.window!r}; "
+                "a window of 0 would hide every key."
+            )
 
     def allowed(self, q, k):
         return (q - k).abs() < self.window
@@ -246,7 +252,9 @@ def parse_mask(text: str) -> MaskSpec:
     try:
         value = int(arg)
     except ValueError:
-        raise ValueError(f"Mask {name!r} needs an integer parameter, e.g. '{name}:4', got {arg!r}.") from None
+        raise ValueError(
+            f"Mask {name!r} needs an integer parameter, e.g. '{name}:4', got {arg!r}."
+        ) from None
     return MASKS[name](value)
 
 
@@ -255,9 +263,11 @@ _LEAVES = {Causal: "causal", Bidirectional: "bidirectional", PrefixLM: "prefix_l
 
 
 def mask_to_dict(mask: MaskSpec) -> dict:
-    """JSON-able structural form of a mask (for checkpoints and run.json); see :func:`mask_from_dict`."""
+    """JSON-able structural form of a mask (for checkpoints and run.json); see
+    :func:`mask_from_dict`."""
     if isinstance(mask, And | Or):
-        return {"op": "and" if isinstance(mask, And) else "or", "a": mask_to_dict(mask.a), "b": mask_to_dict(mask.b)}
+        op = "and" if isinstance(mask, And) else "or"
+        return {"op": op, "a": mask_to_dict(mask.a), "b": mask_to_dict(mask.b)}
     if isinstance(mask, Not):
         return {"op": "not", "a": mask_to_dict(mask.a)}
     name = _LEAVES[type(mask)]
@@ -270,7 +280,10 @@ def mask_from_dict(d: dict) -> MaskSpec:
     try:
         return _mask_from_dict(d)
     except (KeyError, TypeError, AttributeError):
-        raise ValueError(f"Malformed serialised mask {d!r}; expected {{'name': ..., 'args': [...]}} or {{'op': 'and'|'or'|'not', 'a': ..., 'b': ...}}.") from None
+        raise ValueError(
+            f"Malformed serialised mask {d!r}; expected {{'name': ..., 'args': [...]}} "
+            "or {'op': 'and'|'or'|'not', 'a': ..., 'b': ...}."
+        ) from None
 
 
 def _mask_from_dict(d: dict) -> MaskSpec:

@@ -30,13 +30,16 @@ def sinusoidal_table(n_pos: int, d_model: int, device=None, dtype=torch.float32)
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float, interleaved: bool,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [pos, rotary_dim] laid out to match :func:`apply_rope`."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim))
+    dims = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (base ** (dims / rotary_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [pos, rotary_dim/2]
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
     """Rotate the first ``rotary_dim`` dims of x [batch, pos, head, d_head]; the rest pass through.
 
     ``x * cos`` plus the rotated half times ``sin``, written as one multiply and two fused
@@ -86,7 +89,8 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, n_heads: int, n_buckets: int, max_distance: int, bidirectional: bool):
         super().__init__()
-        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.n_buckets, self.max_distance = n_buckets, max_distance
+        self.bidirectional = bidirectional
         self.W_rel = nn.Parameter(torch.zeros(n_buckets, n_heads))  # [bucket, head]
 
     def bucket(self, rel: torch.Tensor) -> torch.Tensor:
@@ -101,8 +105,9 @@ class RelativePositionBias(nn.Module):
             rel = (-rel).clamp(min=0)
         max_exact = n // 2
         is_small = rel < max_exact
+        log_ratio = torch.log(rel.float().clamp(min=1) / max_exact)
         large = max_exact + (
-            torch.log(rel.float().clamp(min=1) / max_exact) / math.log(self.max_distance / max_exact) * (n - max_exact)
+            log_ratio / math.log(self.max_distance / max_exact) * (n - max_exact)
         ).long()
         large = large.clamp(max=n - 1)
         return out + torch.where(is_small, rel, large)
