@@ -56,9 +56,19 @@ def decoder() -> interp.HookedTransformer:
     uniform, L0H3 duplicate-token (same token, self excluded); L1H0 induction (query: current
     token, key: PREV; copies the attended token to OUT, which W_U reads), L1H1-3 uniform.
     """
-    cfg = interp.ModelConfig(n_layers=2, d_model=D_MODEL, n_heads=4, d_head=D_HEAD, d_vocab=V, n_ctx=N,
-                             architecture="decoder", positional="learned", attn_only=True, norm="none",
-                             attn_out_bias=False)
+    cfg = interp.ModelConfig(
+        n_layers=2,
+        d_model=D_MODEL,
+        n_heads=4,
+        d_head=D_HEAD,
+        d_vocab=V,
+        n_ctx=N,
+        architecture="decoder",
+        positional="learned",
+        attn_only=True,
+        norm="none",
+        attn_out_bias=False,
+    )
     model = interp.HookedTransformer(cfg)
     _zero(model)
     _pos_embed(model)
@@ -86,9 +96,20 @@ def decoder() -> interp.HookedTransformer:
 def encoder() -> interp.HookedTransformer:
     """Bidirectional, learned positions, attention only. L0H0 fixed offset +2, L0H1 uniform,
     L0H2 sink (position 0), L0H3 previous-token."""
-    cfg = interp.ModelConfig(n_layers=1, d_model=D_MODEL, n_heads=4, d_head=D_HEAD, d_vocab=V, n_ctx=N,
-                             architecture="encoder", positional="learned", attn_only=True, norm="none",
-                             has_unembed=False, attn_out_bias=False)
+    cfg = interp.ModelConfig(
+        n_layers=1,
+        d_model=D_MODEL,
+        n_heads=4,
+        d_head=D_HEAD,
+        d_vocab=V,
+        n_ctx=N,
+        architecture="encoder",
+        positional="learned",
+        attn_only=True,
+        norm="none",
+        has_unembed=False,
+        attn_out_bias=False,
+    )
     model = interp.HookedTransformer(cfg)
     _zero(model)
     _pos_embed(model)
@@ -100,6 +121,14 @@ def encoder() -> interp.HookedTransformer:
     return model.eval()
 
 
-DECODER_LABELS = {(0, 0): "previous-token", (0, 1): "sink", (0, 2): "uniform", (0, 3): "duplicate-token",
-                  (1, 0): "induction", (1, 1): "uniform", (1, 2): "uniform", (1, 3): "uniform"}
+DECODER_LABELS = {
+    (0, 0): "previous-token",
+    (0, 1): "sink",
+    (0, 2): "uniform",
+    (0, 3): "duplicate-token",
+    (1, 0): "induction",
+    (1, 1): "uniform",
+    (1, 2): "uniform",
+    (1, 3): "uniform",
+}
 ENCODER_LABELS = {(0, 0): "positional", (0, 1): "uniform", (0, 2): "sink", (0, 3): "previous-token"}

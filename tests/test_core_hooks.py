@@ -20,13 +20,36 @@ BASE = dict(n_layers=2, d_model=16, n_heads=4, d_vocab=23, n_ctx=16)
 
 REPRESENTATIVE = {
     "dense_decoder": dict(),
-    "gqa_rope_rmsnorm_swiglu": dict(n_kv_heads=2, positional="rope", rotary_dim=2, norm="rmsnorm", act="swiglu",
-                                    attn_qkv_bias=False, mlp_bias=False),
-    "bert_encoder": dict(architecture="encoder", norm_placement="post", embed_norm=True, n_token_types=2,
-                         final_norm=False, act="gelu"),
-    "moe": dict(n_experts=3, experts_per_token=2, moe_layers=(1,), n_shared_experts=1, shared_expert_gate=True,
-                act="swiglu", norm="rmsnorm", positional="rope"),
-    "encoder_decoder": dict(architecture="encoder_decoder", n_decoder_layers=1, positional="relative", norm="rmsnorm"),
+    "gqa_rope_rmsnorm_swiglu": dict(
+        n_kv_heads=2,
+        positional="rope",
+        rotary_dim=2,
+        norm="rmsnorm",
+        act="swiglu",
+        attn_qkv_bias=False,
+        mlp_bias=False,
+    ),
+    "bert_encoder": dict(
+        architecture="encoder",
+        norm_placement="post",
+        embed_norm=True,
+        n_token_types=2,
+        final_norm=False,
+        act="gelu",
+    ),
+    "moe": dict(
+        n_experts=3,
+        experts_per_token=2,
+        moe_layers=(1,),
+        n_shared_experts=1,
+        shared_expert_gate=True,
+        act="swiglu",
+        norm="rmsnorm",
+        positional="rope",
+    ),
+    "encoder_decoder": dict(
+        architecture="encoder_decoder", n_decoder_layers=1, positional="relative", norm="rmsnorm"
+    ),
     "linear_attention": dict(attn_kernel="linear", positional="rope"),
 }
 
@@ -37,7 +60,9 @@ def make(kw: dict, seed: int = 0):
 
 
 def tokens(batch: int = 2, pos: int = 7) -> torch.Tensor:
-    return torch.randint(0, BASE["d_vocab"], (batch, pos), generator=torch.Generator().manual_seed(3))
+    return torch.randint(
+        0, BASE["d_vocab"], (batch, pos), generator=torch.Generator().manual_seed(3)
+    )
 
 
 def run_cache(model, t: torch.Tensor, **kw):
@@ -56,7 +81,9 @@ def test_cache_holds_exactly_the_golden_hook_names(name: str, update_golden: boo
         path.parent.mkdir(exist_ok=True)
         path.write_text("\n".join(names) + "\n")
     expected = path.read_text().split()
-    assert names == expected, f"hook names changed; rerun with --update-golden and review the diff of {path}"
+    assert names == expected, (
+        f"hook names changed; rerun with --update-golden and review the diff of {path}"
+    )
     # every declared hook point fires except the opt-in per-head results
     declared = set(model.hook_dict)
     assert declared - set(names) == {n for n in declared if n.endswith("attn.hook_result")}
@@ -67,7 +94,11 @@ def test_cache_holds_exactly_the_golden_hook_names(name: str, update_golden: boo
 # maps, shared experts)
 _L = r"(blocks|encoder|decoder)\.\d+"
 DESIGN_PATTERNS = [
-    r"hook_embed", r"hook_pos_embed", r"hook_token_type_embed", r"hook_decoder_embed", r"hook_decoder_pos_embed",
+    r"hook_embed",
+    r"hook_pos_embed",
+    r"hook_token_type_embed",
+    r"hook_decoder_embed",
+    r"hook_decoder_pos_embed",
     r"(ln_embed|ln_final|encoder_final_ln)\.hook_(scale|normalized)",
     rf"{_L}\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out|cross_attn_out|resid_mid_cross)",
     rf"{_L}\.(ln1|ln2|ln_cross)\.hook_(scale|normalized)",
@@ -84,17 +115,27 @@ def test_golden_names_follow_design(name: str) -> None:
     bad = [n for n in names if not any(re.fullmatch(p, n) for p in DESIGN_PATTERNS)]
     assert not bad, bad
     cfg = ModelConfig(**{**BASE, **REPRESENTATIVE[name]})
-    # the per-layer TransformerLens order: resid_pre, (ln1), q k v, (rot), scores, pattern, z, attn_out, ...
+    # the per-layer TransformerLens order: resid_pre, (ln1), q k v, (rot), scores, pattern, z,
+    # attn_out, ...
     stack = "decoder" if cfg.architecture == "encoder_decoder" else "blocks"
     layer = [n.split(".", 2)[2] for n in names if n.startswith(f"{stack}.0.")]
     assert layer[0] == "hook_resid_pre" and layer[-1] == "hook_resid_post"
-    order = ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
-             "hook_attn_out"]
+    order = [
+        "attn.hook_q",
+        "attn.hook_k",
+        "attn.hook_v",
+        "attn.hook_attn_scores",
+        "attn.hook_pattern",
+        "attn.hook_z",
+        "hook_attn_out",
+    ]
     assert [n for n in layer if n in order] == order
     if cfg.positional == "rope":
         assert layer.index("attn.hook_rot_q") == layer.index("attn.hook_v") + 1
     if cfg.architecture == "encoder_decoder":
-        assert "decoder.0.cross_attn.hook_pattern" in names and "encoder.1.attn.hook_pattern" in names
+        assert (
+            "decoder.0.cross_attn.hook_pattern" in names and "encoder.1.attn.hook_pattern" in names
+        )
         assert not any(n.startswith("blocks.") for n in names)
 
 
@@ -108,26 +149,49 @@ def test_hook_result_is_opt_in() -> None:
     model.set_use_attn_result(False)
     result = cache["blocks.1.attn.hook_result"]
     assert result.shape == (2, 7, 4, BASE["d_model"])
-    assert torch.allclose(result.sum(2) + model.blocks[1].attn.b_O, cache["blocks.1.hook_attn_out"], atol=1e-6)
+    assert torch.allclose(
+        result.sum(2) + model.blocks[1].attn.b_O, cache["blocks.1.hook_attn_out"], atol=1e-6
+    )
     assert torch.allclose(logits, model(t), atol=1e-5)
 
 
 def test_hook_shapes_follow_transformer_lens() -> None:
-    cfg = dict(n_kv_heads=2, positional="rope", n_experts=3, experts_per_token=2, moe_layers=(1,), act="swiglu")
+    cfg = dict(
+        n_kv_heads=2,
+        positional="rope",
+        n_experts=3,
+        experts_per_token=2,
+        moe_layers=(1,),
+        act="swiglu",
+    )
     model = make(cfg)
     _, c = model.run_with_cache(tokens())
     B, P, D, H, KV, Dh, M = 2, 7, 16, 4, 2, 4, 64
     shapes = {
-        "hook_embed": (B, P, D), "hook_pos_embed": (B, P, D) if "hook_pos_embed" in c.keys() else None,
-        "blocks.0.hook_resid_pre": (B, P, D), "blocks.0.ln1.hook_scale": (B, P, 1), "blocks.0.ln1.hook_normalized": (B, P, D),
-        "blocks.0.attn.hook_q": (B, P, H, Dh), "blocks.0.attn.hook_k": (B, P, KV, Dh), "blocks.0.attn.hook_v": (B, P, KV, Dh),
-        "blocks.0.attn.hook_rot_q": (B, P, H, Dh), "blocks.0.attn.hook_rot_k": (B, P, KV, Dh),
-        "blocks.0.attn.hook_attn_scores": (B, H, P, P), "blocks.0.attn.hook_pattern": (B, H, P, P),
-        "blocks.0.attn.hook_z": (B, P, H, Dh), "blocks.0.hook_attn_out": (B, P, D), "blocks.0.hook_resid_mid": (B, P, D),
-        "blocks.0.mlp.hook_pre": (B, P, M), "blocks.0.mlp.hook_pre_linear": (B, P, M), "blocks.0.mlp.hook_post": (B, P, M),
-        "blocks.0.hook_mlp_out": (B, P, D), "blocks.0.hook_resid_post": (B, P, D),
-        "blocks.1.mlp.hook_router_logits": (B, P, 3), "blocks.1.mlp.hook_expert_weights": (B, P, 2),
-        "blocks.1.mlp.hook_expert_indices": (B, P, 2), "ln_final.hook_normalized": (B, P, D),
+        "hook_embed": (B, P, D),
+        "hook_pos_embed": (B, P, D) if "hook_pos_embed" in c.keys() else None,
+        "blocks.0.hook_resid_pre": (B, P, D),
+        "blocks.0.ln1.hook_scale": (B, P, 1),
+        "blocks.0.ln1.hook_normalized": (B, P, D),
+        "blocks.0.attn.hook_q": (B, P, H, Dh),
+        "blocks.0.attn.hook_k": (B, P, KV, Dh),
+        "blocks.0.attn.hook_v": (B, P, KV, Dh),
+        "blocks.0.attn.hook_rot_q": (B, P, H, Dh),
+        "blocks.0.attn.hook_rot_k": (B, P, KV, Dh),
+        "blocks.0.attn.hook_attn_scores": (B, H, P, P),
+        "blocks.0.attn.hook_pattern": (B, H, P, P),
+        "blocks.0.attn.hook_z": (B, P, H, Dh),
+        "blocks.0.hook_attn_out": (B, P, D),
+        "blocks.0.hook_resid_mid": (B, P, D),
+        "blocks.0.mlp.hook_pre": (B, P, M),
+        "blocks.0.mlp.hook_pre_linear": (B, P, M),
+        "blocks.0.mlp.hook_post": (B, P, M),
+        "blocks.0.hook_mlp_out": (B, P, D),
+        "blocks.0.hook_resid_post": (B, P, D),
+        "blocks.1.mlp.hook_router_logits": (B, P, 3),
+        "blocks.1.mlp.hook_expert_weights": (B, P, 2),
+        "blocks.1.mlp.hook_expert_indices": (B, P, 2),
+        "ln_final.hook_normalized": (B, P, D),
     }
     for name, shape in shapes.items():
         if shape is not None:
@@ -156,7 +220,9 @@ def test_unknown_hook_names_raise_with_closest_names() -> None:
     with pytest.raises(HookNameError):
         model.add_hook("nonsense", lambda x, hook: x)
     err = HookNameError("x")
-    assert isinstance(err, InterpError) and isinstance(err, ValueError) and isinstance(err, KeyError)
+    assert (
+        isinstance(err, InterpError) and isinstance(err, ValueError) and isinstance(err, KeyError)
+    )
     # a failed call leaves no hook behind
     assert not any(h._forward_hooks for h in model.hook_dict.values())
     with pytest.raises(HookNameError):
@@ -167,8 +233,13 @@ def test_backward_hooks_fire() -> None:
     model = make(dict(n_kv_heads=2, positional="rope"))
     t = tokens()
     loss, cache = model.run_with_cache(t, return_type="loss", incl_bwd=True)
-    assert "blocks.1.hook_resid_post_grad" in cache.keys() and "blocks.0.attn.hook_pattern_grad" in cache.keys()
-    assert cache["blocks.0.attn.hook_pattern_grad"].shape == cache["blocks.0.attn.hook_pattern"].shape
+    assert (
+        "blocks.1.hook_resid_post_grad" in cache.keys()
+        and "blocks.0.attn.hook_pattern_grad" in cache.keys()
+    )
+    assert (
+        cache["blocks.0.attn.hook_pattern_grad"].shape == cache["blocks.0.attn.hook_pattern"].shape
+    )
     model.zero_grad()
     # add_hook(dir="bwd"): the gradient equals autograd's gradient w.r.t. the hooked activation
     seen = {}
@@ -224,7 +295,9 @@ HELPER_CONFIGS = {
 @pytest.mark.parametrize("name", list(HELPER_CONFIGS))
 def test_activation_cache_helpers(name: str) -> None:
     model = make(HELPER_CONFIGS[name])
-    with torch.no_grad():  # random non-trivial weights, but an identity ln_final so logits = resid @ W_U
+    with (
+        torch.no_grad()
+    ):  # random non-trivial weights, but an identity ln_final so logits = resid @ W_U
         for n, p in model.named_parameters():
             if not n.startswith("ln_final"):
                 p.add_(0.2 * torch.randn_like(p))
@@ -246,9 +319,15 @@ def test_activation_cache_helpers(name: str) -> None:
         assert torch.allclose(acc[-1], cache["ln_final.hook_normalized"], atol=1e-5)
     # stack_head_results: per-head outputs plus the output bias give hook_attn_out
     heads, head_labels = cache.stack_head_results(return_labels=True)
-    assert heads.shape == (L * cfg.n_heads, 2, 7, cfg.d_model) and head_labels[-1] == f"L{L - 1}H{cfg.n_heads - 1}"
+    assert (
+        heads.shape == (L * cfg.n_heads, 2, 7, cfg.d_model)
+        and head_labels[-1] == f"L{L - 1}H{cfg.n_heads - 1}"
+    )
     for layer in range(L):
-        per_layer = heads[layer * cfg.n_heads:(layer + 1) * cfg.n_heads].sum(0) + model.blocks[layer].attn.b_O
+        per_layer = (
+            heads[layer * cfg.n_heads : (layer + 1) * cfg.n_heads].sum(0)
+            + model.blocks[layer].attn.b_O
+        )
         assert torch.allclose(per_layer, cache[f"blocks.{layer}.hook_attn_out"], atol=1e-5)
     # logit_attrs: direct logit attribution of every component sums to the logit
     target = t[:, -1]
@@ -265,10 +344,16 @@ def test_stop_and_start_at_layer() -> None:
     t = tokens()
     _, cache = model.run_with_cache(t)
     for stop, layer in ((1, 1), (-1, 1), (0, 0), (-2, 0)):
-        assert torch.allclose(model(t, stop_at_layer=stop), cache[f"blocks.{layer}.hook_resid_pre"], atol=1e-5)
+        assert torch.allclose(
+            model(t, stop_at_layer=stop), cache[f"blocks.{layer}.hook_resid_pre"], atol=1e-5
+        )
     assert torch.allclose(model(t, stop_at_layer=2), cache["blocks.1.hook_resid_post"], atol=1e-5)
     for start in (1, -1):
-        assert torch.allclose(model(t, start_at_layer=start, residual=cache["blocks.1.hook_resid_pre"]), model(t), atol=1e-5)
+        assert torch.allclose(
+            model(t, start_at_layer=start, residual=cache["blocks.1.hook_resid_pre"]),
+            model(t),
+            atol=1e-5,
+        )
     with pytest.raises(InterpError, match="stop_at_layer must be an integer in -2..2"):
         model(t, stop_at_layer=3)
 
@@ -278,7 +363,11 @@ def test_encoder_decoder_absolute_positions_are_hooked(positional: str) -> None:
     model = make(dict(architecture="encoder_decoder", positional=positional))
     t = tokens()
     _, cache = model.run_with_cache(t, t[:, :4])
-    assert cache["hook_pos_embed"].shape == (2, 7, 16) and cache["hook_decoder_pos_embed"].shape == (2, 4, 16)
+    assert cache["hook_pos_embed"].shape == (2, 7, 16) and cache[
+        "hook_decoder_pos_embed"
+    ].shape == (2, 4, 16)
     assert torch.allclose(cache["hook_decoder_pos_embed"][0], model.pos_embed.W_pos[:4])
-    zeroed = model.run_with_hooks(t, t[:, :4], fwd_hooks=[("hook_decoder_pos_embed", lambda x, hook: x * 0)])
+    zeroed = model.run_with_hooks(
+        t, t[:, :4], fwd_hooks=[("hook_decoder_pos_embed", lambda x, hook: x * 0)]
+    )
     assert not torch.allclose(zeroed, model(t, t[:, :4]), atol=1e-4)

@@ -60,7 +60,11 @@ def test_too_long_for_learned_positions() -> None:
         model.generate(torch.zeros(1, 6, dtype=torch.long), max_new_tokens=5)
     # positions without a table have no hard limit
     for positional in ("rope", "alibi", "sinusoidal", "none", "relative"):
-        assert make(positional=positional)(torch.zeros(1, 12, dtype=torch.long)).shape == (1, 12, 20)
+        assert make(positional=positional)(torch.zeros(1, 12, dtype=torch.long)).shape == (
+            1,
+            12,
+            20,
+        )
 
 
 def test_bad_attention_mask() -> None:
@@ -115,8 +119,12 @@ def test_bad_call_arguments() -> None:
     with pytest.raises(ValueError, match="Unknown mask"):
         with model.override_attention(mask="diagonal"):
             pass
-    for bad in (dict(temperature=float("nan")), dict(temperature=True), dict(soft_mask_penalty=float("nan")),
-                dict(mask=3)):
+    for bad in (
+        dict(temperature=float("nan")),
+        dict(temperature=True),
+        dict(soft_mask_penalty=float("nan")),
+        dict(mask=3),
+    ):
         with raises(next(iter(bad)) if "mask" not in bad else "mask must be"):
             with model.override_attention(**bad):
                 pass

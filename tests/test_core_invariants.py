@@ -22,7 +22,8 @@ POSITIONALS = ("none", "sinusoidal", "learned", "rope", "alibi", "relative")
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
-    """Every parameter drawn at random: matrices N(0, std), norm gains 1 + N(0, 0.1), biases N(0, 0.1)."""
+    """Every parameter drawn at random: matrices N(0, std), norm gains 1 + N(0, 0.1), biases
+    N(0, 0.1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -40,7 +41,9 @@ def make(seed: int = 0, **kw) -> HookedTransformer:
     return randomize(build_model(ModelConfig(**{**BASE, **kw})), seed)
 
 
-def toks(batch: int = 2, pos: int = 12, seed: int = 1, vocab: int = BASE["d_vocab"]) -> torch.Tensor:
+def toks(
+    batch: int = 2, pos: int = 12, seed: int = 1, vocab: int = BASE["d_vocab"]
+) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, pos), generator=torch.Generator().manual_seed(seed))
 
 
@@ -53,11 +56,17 @@ def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
 # ------------------------------------------------------------------------------------------
 IDENTITY_CONFIGS = {
     "dense": {},
-    "gqa_rope_rms_swiglu": dict(n_kv_heads=2, positional="rope", rotary_dim=2, norm="rmsnorm", act="swiglu"),
-    "post_norm_encoder": dict(architecture="encoder", norm_placement="post", embed_norm=True, n_token_types=2),
+    "gqa_rope_rms_swiglu": dict(
+        n_kv_heads=2, positional="rope", rotary_dim=2, norm="rmsnorm", act="swiglu"
+    ),
+    "post_norm_encoder": dict(
+        architecture="encoder", norm_placement="post", embed_norm=True, n_token_types=2
+    ),
     "moe": dict(n_experts=3, n_shared_experts=1, shared_expert_gate=True, act="geglu"),
     "linear": dict(attn_kernel="linear", positional="rope"),
-    "alibi_parallel": dict(positional="alibi", parallel_attn_mlp=True, mask="causal&sliding_window:4"),
+    "alibi_parallel": dict(
+        positional="alibi", parallel_attn_mlp=True, mask="causal&sliding_window:4"
+    ),
     "encoder_decoder": dict(architecture="encoder_decoder", positional="relative"),
 }
 
@@ -115,14 +124,18 @@ def test_head_gates_ones_change_nothing_and_zero_equals_ablating_z() -> None:
 
 
 def test_encoder_decoder_head_gates_per_stack() -> None:
-    """Gates address encoder, decoder self-attention and decoder cross-attention heads separately."""
+    """Gates address encoder, decoder self-attention and decoder cross-attention heads
+    separately."""
     model = make(architecture="encoder_decoder", positional="relative")
     src, dec = toks(pos=7), toks(pos=5, seed=4)
     ref = model(src, dec)
     gates = torch.ones(2, 4)
     gates[0, 1] = 0.0
-    for stack, hook in (("encoder", "encoder.0.attn.hook_z"), ("decoder", "decoder.0.attn.hook_z"),
-                        ("decoder.cross", "decoder.0.cross_attn.hook_z")):
+    for stack, hook in (
+        ("encoder", "encoder.0.attn.hook_z"),
+        ("decoder", "decoder.0.attn.hook_z"),
+        ("decoder.cross", "decoder.0.cross_attn.hook_z"),
+    ):
         model.set_head_gates(gates, stack=stack)
         gated = model(src, dec)
         model.set_head_gates(None, stack=stack)
@@ -140,8 +153,13 @@ def test_encoder_decoder_head_gates_per_stack() -> None:
 # ------------------------------------------------------------------------------------------
 # causality and windows
 # ------------------------------------------------------------------------------------------
-CAUSAL_MASKS = ("causal", "causal&sliding_window:3", "causal&block_sparse:4", "causal&strided:3|causal&sliding_window:2",
-                "prefix_lm:0")
+CAUSAL_MASKS = (
+    "causal",
+    "causal&sliding_window:3",
+    "causal&block_sparse:4",
+    "causal&strided:3|causal&sliding_window:2",
+    "prefix_lm:0",
+)
 
 
 @pytest.mark.parametrize("positional", POSITIONALS)
@@ -156,10 +174,10 @@ def test_future_tokens_never_change_past_outputs(positional: str, kernel: str) -
         ref = model(t)
         for t_cut in (0, 5, 10):
             t2 = t.clone()
-            t2[:, t_cut + 1:] = (t2[:, t_cut + 1:] + 7) % BASE["d_vocab"]
+            t2[:, t_cut + 1 :] = (t2[:, t_cut + 1 :] + 7) % BASE["d_vocab"]
             out = model(t2)
             assert close(out[:, : t_cut + 1], ref[:, : t_cut + 1]), (mask, t_cut)
-            assert not close(out[:, t_cut + 1:], ref[:, t_cut + 1:], atol=1e-3)
+            assert not close(out[:, t_cut + 1 :], ref[:, t_cut + 1 :], atol=1e-3)
 
 
 def test_future_tokens_never_change_past_outputs_moe_and_padding() -> None:
@@ -181,7 +199,9 @@ def test_future_tokens_never_change_past_outputs_moe_and_padding() -> None:
 @pytest.mark.parametrize("kernel", ["auto", "eager", "sdpa"])
 def test_sliding_window_hides_t_minus_w(positional: str, kernel: str) -> None:
     w, t_q = 3, 8
-    model = make(n_layers=1, positional=positional, attn_kernel=kernel, mask=f"causal&sliding_window:{w}")
+    model = make(
+        n_layers=1, positional=positional, attn_kernel=kernel, mask=f"causal&sliding_window:{w}"
+    )
     t = toks(pos=10)
     ref = model(t)[:, t_q]
     hidden = t.clone()
@@ -207,13 +227,19 @@ def test_sliding_window_hides_t_minus_w(positional: str, kernel: str) -> None:
 def test_gqa_equals_mha_with_repeated_kv_weights(kernel: str, positional: str) -> None:
     nh, nkv, dh = 4, 2, BASE["d_model"] // 4
     gqa = make(n_kv_heads=nkv, attn_kernel=kernel, positional=positional)
-    mha = build_model(ModelConfig(**BASE, n_kv_heads=nh, attn_kernel=kernel, positional=positional)).eval()
+    mha = build_model(
+        ModelConfig(**BASE, n_kv_heads=nh, attn_kernel=kernel, positional=positional)
+    ).eval()
     sd = gqa.state_dict()
     new = {}
     for k, v in sd.items():
         if k.endswith("attn.qkv.weight") or k.endswith("attn.qkv.bias"):
             q, kk, vv = v.split([nh * dh, nkv * dh, nkv * dh], dim=0)
-            rep = lambda x: x.reshape(nkv, dh, *x.shape[1:]).repeat_interleave(nh // nkv, 0).reshape(nh * dh, *x.shape[1:])  # noqa: E731
+            rep = lambda x: (  # noqa: E731
+                x.reshape(nkv, dh, *x.shape[1:])
+                .repeat_interleave(nh // nkv, 0)
+                .reshape(nh * dh, *x.shape[1:])
+            )
             v = torch.cat([q, rep(kk), rep(vv)], 0)
         new[k] = v
     mha.load_state_dict(new)
@@ -239,8 +265,16 @@ def test_gqa_with_n_kv_heads_equal_n_heads_is_mha() -> None:
 @pytest.mark.parametrize("renorm", [True, False])
 def test_moe_with_one_expert_top1_equals_dense(router: str, act: str, renorm: bool) -> None:
     dense = make(act=act)
-    moe = build_model(ModelConfig(**BASE, act=act, n_experts=1, experts_per_token=1, router=router,
-                                  router_renormalize=renorm)).eval()
+    moe = build_model(
+        ModelConfig(
+            **BASE,
+            act=act,
+            n_experts=1,
+            experts_per_token=1,
+            router=router,
+            router_renormalize=renorm,
+        )
+    ).eval()
     sd = {}
     for k, v in dense.state_dict().items():
         sd[k.replace(".mlp.", ".mlp.experts.0.")] = v
@@ -251,8 +285,10 @@ def test_moe_with_one_expert_top1_equals_dense(router: str, act: str, renorm: bo
     assert close(moe(t), dense(t))
     _, cache = moe.run_with_cache(t)
     assert cache["blocks.0.mlp.experts.0.hook_post"].shape == (t.numel(), moe.cfg.d_mlp)
-    assert close(cache["blocks.0.mlp.experts.0.hook_post"].reshape(*t.shape, -1),
-                 dense.run_with_cache(t)[1]["blocks.0.mlp.hook_post"])
+    assert close(
+        cache["blocks.0.mlp.experts.0.hook_post"].reshape(*t.shape, -1),
+        dense.run_with_cache(t)[1]["blocks.0.mlp.hook_post"],
+    )
 
 
 def test_set_expert_mask_removes_the_experts_tokens() -> None:
@@ -271,8 +307,11 @@ def test_set_expert_mask_removes_the_experts_tokens() -> None:
     assert torch.allclose(c2["blocks.1.mlp.hook_expert_weights"].sum(-1), torch.ones(3, 12))
     model.set_expert_mask(1, None)
     assert close(model(t), model.run_with_cache(t)[0])
-    assert close(model.run_with_cache(t)[1]["blocks.1.mlp.hook_expert_indices"].float(),
-                 c["blocks.1.mlp.hook_expert_indices"].float(), atol=0)
+    assert close(
+        model.run_with_cache(t)[1]["blocks.1.mlp.hook_expert_indices"].float(),
+        c["blocks.1.mlp.hook_expert_indices"].float(),
+        atol=0,
+    )
 
 
 def test_moe_losses_follow_switch_formula() -> None:
@@ -311,13 +350,23 @@ KERNEL_MASKS = {
 @pytest.mark.parametrize("positional", POSITIONALS)
 def test_eager_equals_sdpa_equals_auto(mask: str, positional: str) -> None:
     t = toks(pos=11)
-    pads = {"none": None, "left": torch.tensor([[0] * 3 + [1] * 8, [1] * 11]), "right": torch.tensor([[1] * 11, [1] * 7 + [0] * 4])}
+    pads = {
+        "none": None,
+        "left": torch.tensor([[0] * 3 + [1] * 8, [1] * 11]),
+        "right": torch.tensor([[1] * 11, [1] * 7 + [0] * 4]),
+    }
     extras = [dict(), dict(soft_mask_penalty=2.0, attn_temperature=0.7)]
     for pad_name, extra in itertools.product(pads, extras):
         am = pads[pad_name]
         outs = {}
         for kernel in ("eager", "sdpa", "auto"):
-            model = make(positional=positional, mask=KERNEL_MASKS[mask], attn_kernel=kernel, n_kv_heads=2, **extra)
+            model = make(
+                positional=positional,
+                mask=KERNEL_MASKS[mask],
+                attn_kernel=kernel,
+                n_kv_heads=2,
+                **extra,
+            )
             outs[kernel] = model(t, attention_mask=am)
         keep = torch.ones(t.shape, dtype=torch.bool) if am is None else am.bool()
         for kernel in ("sdpa", "auto"):
@@ -342,7 +391,10 @@ def test_auto_runs_only_the_hooked_layer_eager(monkeypatch: pytest.MonkeyPatch) 
     _, cache = model.run_with_cache(t, names_filter="blocks.1.attn.hook_pattern")
     assert eager_layers == [1] and list(cache.keys()) == ["blocks.1.attn.hook_pattern"]
     eager_layers.clear()
-    model.run_with_cache(t, names_filter=lambda n: n in ("blocks.2.attn.hook_attn_scores", "blocks.0.hook_resid_post"))
+    model.run_with_cache(
+        t,
+        names_filter=lambda n: n in ("blocks.2.attn.hook_attn_scores", "blocks.0.hook_resid_post"),
+    )
     assert eager_layers == [2]
     eager_layers.clear()
     model.run_with_cache(t, names_filter=["blocks.0.attn.hook_z", "blocks.2.hook_attn_out"])
@@ -354,7 +406,9 @@ def test_auto_runs_only_the_hooked_layer_eager(monkeypatch: pytest.MonkeyPatch) 
 # ------------------------------------------------------------------------------------------
 CACHE_CONFIGS = {
     **{p: dict(positional=p) for p in POSITIONALS},
-    "rope_partial_interleaved_gqa": dict(positional="rope", rotary_dim=2, rope_interleaved=True, n_kv_heads=2),
+    "rope_partial_interleaved_gqa": dict(
+        positional="rope", rotary_dim=2, rope_interleaved=True, n_kv_heads=2
+    ),
     "mqa_alibi": dict(positional="alibi", n_kv_heads=1),
     "sliding_window": dict(positional="rope", mask="causal&sliding_window:3"),
     "linear": dict(attn_kernel="linear", positional="rope"),
@@ -364,17 +418,33 @@ CACHE_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("kw", [dict(soft_mask_penalty=1.5), dict(mask="prefix_lm:8"), dict(mask="bidirectional"),
-                                dict(mask="block_sparse:4")], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(soft_mask_penalty=1.5),
+        dict(mask="prefix_lm:8"),
+        dict(mask="bidirectional"),
+        dict(mask="block_sparse:4"),
+    ],
+    ids=str,
+)
 def test_generation_under_non_causal_masks_equals_full_recompute(kw: dict) -> None:
     """A soft penalty or a mask that sees later tokens makes a KV cache stale; generate must
     notice and give what recomputing every step gives."""
     model = make(**kw)
     prompt = toks(batch=4, pos=5)
-    assert torch.equal(model.generate(prompt, max_new_tokens=12), model.generate(prompt, max_new_tokens=12, use_cache=False))
+    assert torch.equal(
+        model.generate(prompt, max_new_tokens=12),
+        model.generate(prompt, max_new_tokens=12, use_cache=False),
+    )
     plain = make()
-    with plain.override_attention(**({"soft_mask_penalty": 1.5} if "soft_mask_penalty" in kw else {"mask": kw["mask"]})):
-        assert torch.equal(plain.generate(prompt, max_new_tokens=12), plain.generate(prompt, max_new_tokens=12, use_cache=False))
+    with plain.override_attention(
+        **({"soft_mask_penalty": 1.5} if "soft_mask_penalty" in kw else {"mask": kw["mask"]})
+    ):
+        assert torch.equal(
+            plain.generate(prompt, max_new_tokens=12),
+            plain.generate(prompt, max_new_tokens=12, use_cache=False),
+        )
 
 
 @pytest.mark.parametrize("name", list(CACHE_CONFIGS))
@@ -389,7 +459,7 @@ def test_generation_with_kv_cache_equals_full_recompute(name: str) -> None:
     cache = KVCache(model.cfg.n_layers)
     steps = [model(with_cache[:, :5], past_kv=cache)]
     for i in range(5, with_cache.shape[1]):
-        steps.append(model(with_cache[:, i:i + 1], past_kv=cache))
+        steps.append(model(with_cache[:, i : i + 1], past_kv=cache))
     assert close(torch.cat(steps, 1), full, atol=1e-4)
 
 
@@ -442,7 +512,10 @@ def test_rope_scores_depend_only_on_relative_offset(rotary_dim: int, interleaved
     def score(i: int, j: int) -> torch.Tensor:
         cq, sq = rope_cos_sin(torch.tensor([i]), rotary_dim, 10000.0, interleaved, torch.float64)
         ck, sk = rope_cos_sin(torch.tensor([j]), rotary_dim, 10000.0, interleaved, torch.float64)
-        return (apply_rope(q.double(), cq, sq, interleaved) * apply_rope(k.double(), ck, sk, interleaved)).sum()
+        return (
+            apply_rope(q.double(), cq, sq, interleaved)
+            * apply_rope(k.double(), ck, sk, interleaved)
+        ).sum()
 
     for i, j, s in [(3, 1, 5), (7, 7, 100), (2, 9, 1000), (0, 4, 12345)]:
         # angles are computed in float32, as in HF: absolute error grows with the position
@@ -457,8 +530,11 @@ def test_rope_scores_depend_only_on_relative_offset(rotary_dim: int, interleaved
 
 @pytest.mark.parametrize("rotary_dim", [None, 2])
 def test_rope_model_scores_are_shift_invariant(rotary_dim: int | None) -> None:
-    """Layer 0's scores among the same tokens at positions 0.. and s.. are equal (KV-cache offset)."""
-    model = make(n_layers=1, positional="rope", rotary_dim=rotary_dim, attn_kernel="eager", n_kv_heads=2)
+    """Layer 0's scores among the same tokens at positions 0.. and s.. are equal (KV-cache
+    offset)."""
+    model = make(
+        n_layers=1, positional="rope", rotary_dim=rotary_dim, attn_kernel="eager", n_kv_heads=2
+    )
     t = toks(batch=1, pos=6)
     _, c = model.run_with_cache(t, names_filter="blocks.0.attn.hook_attn_scores")
     ref = c["blocks.0.attn.hook_attn_scores"]
@@ -515,7 +591,9 @@ def test_temperature_one_is_default_and_temperature_scales_scores() -> None:
     m1.load_state_dict(model.state_dict())
     assert close(m1(t), ref, atol=0)
     # temperature T equals an attention scale divided by T
-    scaled = build_model(ModelConfig(**BASE, n_kv_heads=2, positional="rope", attn_scale=0.25 ** 0.5 / 2.5)).eval()
+    scaled = build_model(
+        ModelConfig(**BASE, n_kv_heads=2, positional="rope", attn_scale=0.25**0.5 / 2.5)
+    ).eval()
     scaled.load_state_dict(model.state_dict())
     for kernel_model in (model,):
         with kernel_model.override_attention(temperature=2.5):

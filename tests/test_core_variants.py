@@ -24,7 +24,9 @@ VARIANTS: dict[str, dict] = {
     "rope_full": dict(positional="rope"),
     "rope_partial": dict(positional="rope", rotary_dim=2),
     "rope_interleaved": dict(positional="rope", rope_interleaved=True),
-    "rope_partial_interleaved": dict(positional="rope", rotary_dim=2, rope_interleaved=True, rope_base=500.0),
+    "rope_partial_interleaved": dict(
+        positional="rope", rotary_dim=2, rope_interleaved=True, rope_base=500.0
+    ),
     "alibi": dict(positional="alibi"),
     "alibi_3_heads": dict(positional="alibi", n_heads=3, d_model=12),
     "relative": dict(positional="relative", relative_buckets=8, relative_max_distance=16),
@@ -42,7 +44,10 @@ VARIANTS: dict[str, dict] = {
     "qk_norm_full": dict(qk_norm="full", n_kv_heads=2),
     "qk_norm_head": dict(qk_norm="head", n_kv_heads=2),
     # FFN activations
-    **{f"act_{a}": dict(act=a) for a in ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "reglu")},
+    **{
+        f"act_{a}": dict(act=a)
+        for a in ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "reglu")
+    },
     "d_mlp_free": dict(d_mlp=24, act="swiglu"),
     "no_biases": dict(attn_qkv_bias=False, attn_out_bias=False, mlp_bias=False, norm="rmsnorm"),
     # heads
@@ -51,18 +56,36 @@ VARIANTS: dict[str, dict] = {
     "mqa": dict(n_kv_heads=1),
     "d_head_free": dict(d_head=6),
     "parallel": dict(parallel_attn_mlp=True),
-    "parallel_gqa_rope": dict(parallel_attn_mlp=True, n_kv_heads=2, positional="rope", rotary_dim=2),
+    "parallel_gqa_rope": dict(
+        parallel_attn_mlp=True, n_kv_heads=2, positional="rope", rotary_dim=2
+    ),
     "attn_only": dict(attn_only=True),
     # architectures
     "decoder": dict(architecture="decoder"),
     "encoder": dict(architecture="encoder"),
-    "encoder_bert": dict(architecture="encoder", norm_placement="post", embed_norm=True, n_token_types=2,
-                         mlm_head=True, final_norm=False, tie_embeddings=True),
+    "encoder_bert": dict(
+        architecture="encoder",
+        norm_placement="post",
+        embed_norm=True,
+        n_token_types=2,
+        mlm_head=True,
+        final_norm=False,
+        tie_embeddings=True,
+    ),
     "bare_encoder": dict(architecture="encoder", has_unembed=False),
     "encoder_decoder": dict(architecture="encoder_decoder", n_decoder_layers=1),
-    "encoder_decoder_t5": dict(architecture="encoder_decoder", positional="relative", norm="rmsnorm",
-                               act="geglu", attn_scale=1.0, tie_embeddings=True, logit_scale=0.25),
-    "encoder_decoder_gqa_rope": dict(architecture="encoder_decoder", positional="rope", n_kv_heads=2),
+    "encoder_decoder_t5": dict(
+        architecture="encoder_decoder",
+        positional="relative",
+        norm="rmsnorm",
+        act="geglu",
+        attn_scale=1.0,
+        tie_embeddings=True,
+        logit_scale=0.25,
+    ),
+    "encoder_decoder_gqa_rope": dict(
+        architecture="encoder_decoder", positional="rope", n_kv_heads=2
+    ),
     # kernels
     **{f"kernel_{k}": dict(attn_kernel=k) for k in ("auto", "eager", "sdpa", "linear")},
     "kernel_linear_relu_map": dict(attn_kernel="linear", linear_feature_map="relu"),
@@ -76,10 +99,14 @@ VARIANTS: dict[str, dict] = {
     "mask_sliding_window_bidir": dict(mask="sliding_window:2", architecture="encoder"),
     "mask_block_sparse": dict(mask="causal&block_sparse:4"),
     "mask_strided": dict(mask="causal&strided:3"),
-    "mask_composed": dict(mask=(masks.causal() & masks.block_sparse(4)) | (masks.causal() & masks.strided(4))),
+    "mask_composed": dict(
+        mask=(masks.causal() & masks.block_sparse(4)) | (masks.causal() & masks.strided(4))
+    ),
     "mask_negated": dict(mask=masks.causal() & ~masks.strided(5)),
     "soft_penalty": dict(soft_mask_penalty=3.0),
-    "soft_penalty_sdpa": dict(soft_mask_penalty=3.0, attn_kernel="sdpa", mask="causal&sliding_window:2"),
+    "soft_penalty_sdpa": dict(
+        soft_mask_penalty=3.0, attn_kernel="sdpa", mask="causal&sliding_window:2"
+    ),
     "temperature": dict(attn_temperature=0.5),
     "attn_scale": dict(attn_scale=0.3),
     # MoE
@@ -151,8 +178,20 @@ def test_variant_forward_backward(name: str) -> None:
             assert model(tokens, return_type="loss") < loss
 
 
-@pytest.mark.parametrize("name", ["decoder", "gqa", "rope_partial", "alibi", "relative", "kernel_linear",
-                                  "mask_sliding_window", "moe_shared_gate", "parallel"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "decoder",
+        "gqa",
+        "rope_partial",
+        "alibi",
+        "relative",
+        "kernel_linear",
+        "mask_sliding_window",
+        "moe_shared_gate",
+        "parallel",
+    ],
+)
 def test_kv_cache_variant_runs(name: str) -> None:
     """Generation runs for every decoder family (the exact equality is an invariant test)."""
     model = make(VARIANTS[name])
@@ -168,9 +207,11 @@ def test_encoder_decoder_generate_runs() -> None:
 
 REPRESENTATIVE = {
     "dense_decoder": {},
-    "gqa_rope_rmsnorm_swiglu": VARIANTS["qk_norm_head"] | dict(positional="rope", norm="rmsnorm", act="swiglu", rotary_dim=2),
+    "gqa_rope_rmsnorm_swiglu": VARIANTS["qk_norm_head"]
+    | dict(positional="rope", norm="rmsnorm", act="swiglu", rotary_dim=2),
     "bert_encoder": VARIANTS["encoder_bert"],
-    "moe": VARIANTS["moe_layers_subset"] | dict(router="topk_softmax", n_shared_experts=1, shared_expert_gate=True),
+    "moe": VARIANTS["moe_layers_subset"]
+    | dict(router="topk_softmax", n_shared_experts=1, shared_expert_gate=True),
     "encoder_decoder": VARIANTS["encoder_decoder_t5"],
     "linear": VARIANTS["kernel_linear_rope_gqa"],
     "composed_mask": VARIANTS["mask_composed"],
@@ -189,7 +230,9 @@ def test_config_round_trip(name: str) -> None:
     assert back.to_dict() == cfg.to_dict()
     # the rebuilt config builds the same model: same state-dict keys and shapes
     a, b = build_model(cfg), build_model(back)
-    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert {k: v.shape for k, v in a.state_dict().items()} == {
+        k: v.shape for k, v in b.state_dict().items()
+    }
 
 
 def test_config_defaults_and_replace() -> None:
