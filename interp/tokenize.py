@@ -146,7 +146,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], *, pad_id: int = 0,
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, s in enumerate(seqs):
         sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        tokens[i, sl] = torch.as_tensor(list(s), dtype=torch.long)
+        tokens[i, sl] = torch.as_tensor(s, dtype=torch.long)
         mask[i, sl] = True
     return TokenBatch(tokens, mask, torch.tensor([len(s) for s in seqs], dtype=torch.long))
 
