@@ -2,19 +2,48 @@
 
 Field names follow TransformerLens (``n_layers, d_model, n_heads, d_head, d_mlp, d_vocab,
 n_ctx``) so its ``ActivationCache`` helpers read our config unchanged. Every other field is one
-documented variant choice. Derived defaults (``d_head = d_model // n_heads``, ``d_mlp = 4 *
-d_model``, ``n_kv_heads = n_heads``, the mask from the architecture) are filled in
-``__post_init__``; impossible combinations raise ``ValueError`` with a sentence saying what to
-change. Make variants with :func:`dataclasses.replace`.
+documented variant choice; impossible combinations raise ``ValueError`` with a sentence saying
+what to change (the checks, one function per concern, are in :mod:`interp.config_checks`).
+
+Derived fields follow their sources. A derived field left unset (``None``) is filled in
+``__post_init__`` from its source, and stays derived through :func:`dataclasses.replace`::
+
+    d_head = d_model // n_heads     d_mlp = 4 * d_model        n_kv_heads = n_heads
+    d_vocab_out = d_vocab           rotary_dim = d_head (RoPE)  n_decoder_layers = n_layers
+    d_expert = d_mlp (MoE)          d_shared_expert = d_expert  moe_layers = all layers (MoE)
+    mask = causal, or bidirectional for architecture="encoder"
+
+so ``replace(cfg, d_model=128, n_heads=4).d_head == 32``, while a field the user set keeps its
+value. ``dataclasses.replace`` hands ``__init__`` every old value, so the config records (in
+the private field ``_derived``) which fields it derived and to what; an incoming value equal
+to the recorded one means "still derived". The one ambiguous case: passing to
+``dataclasses.replace`` the very value a field had derived to (``replace(cfg, d_model=128,
+d_head=16)`` where 16 was derived) re-derives it. :meth:`ModelConfig.replace` knows exactly
+which fields were passed and is the exact form: ``cfg.replace(d_model=128, d_head=16).d_head
+== 16``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from interp.config_checks import (
+    REQUIRED_SIZES,
+    check_architecture,
+    check_attention_kernel,
+    check_choices,
+    check_flags,
+    check_moe,
+    check_norms,
+    check_numbers,
+    check_positions,
+    check_required_sizes,
+    check_unembedding,
+    check_widths,
+)
 from interp.masks import Bidirectional, Causal, MaskSpec, mask_from_dict, mask_to_dict, parse_mask
 
 Architecture = Literal["decoder", "encoder", "encoder_decoder"]
@@ -29,18 +58,132 @@ FeatureMap = Literal["elu", "relu"]
 
 GATED_ACTS = ("swiglu", "geglu", "geglu_tanh", "reglu")
 
+#: every Literal field and its valid values, in the order they are checked
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(tp) for name, tp in (
+        ("architecture", Architecture), ("positional", Positional), ("norm", Norm),
+        ("norm_placement", NormPlacement), ("act", Act), ("attn_kernel", AttnKernel),
+        ("router", Router), ("qk_norm", QKNorm), ("linear_feature_map", FeatureMap),
+    )
+}
 
-def _choices(tp: Any) -> tuple[str, ...]:
-    return get_args(tp)
+
+class ReadOnlyDict(dict):
+    """``cfg.extra`` after construction: a dict that refuses every change.
+
+    A dict subclass (not ``types.MappingProxyType``) so that ``copy.deepcopy``, pickling,
+    ``json.dumps`` and ``isinstance(x, dict)`` keep working. Only the top level is frozen;
+    keep the values plain JSON data. To add a key, build a new config:
+    ``cfg.replace(extra={**cfg.extra, "key": value})``.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "ModelConfig.extra is read-only after construction; pass extra={...} when building "
+            "the config, or cfg.replace(extra={**cfg.extra, key: value})."
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ReadOnlyDict, (dict(self),))
+
+
+# --- derivations: field -> its value from the fields it follows (None: does not apply) ---
+
+
+def _d_head(c: ModelConfig) -> int:
+    if c.d_model % c.n_heads:
+        raise ValueError(
+            f"d_model={c.d_model} is not divisible by n_heads={c.n_heads}; "
+            "choose a divisible pair or set d_head explicitly."
+        )
+    return c.d_model // c.n_heads
+
+
+def _has_experts(c: ModelConfig) -> bool:
+    return isinstance(c.n_experts, int) and c.n_experts > 0
+
+
+def _moe_layers(c: ModelConfig) -> tuple[int, ...] | None:
+    n_stack = c.n_decoder_layers if c.architecture == "encoder_decoder" else c.n_layers
+    if not _has_experts(c) or isinstance(n_stack, bool) or not isinstance(n_stack, int):
+        return None  # a bad n_decoder_layers is reported by check_architecture
+    return tuple(range(n_stack))
+
+
+#: in dependency order: a derivation reads only required sizes and fields listed above it
+DERIVATIONS: tuple[tuple[str, Callable[[ModelConfig], Any]], ...] = (
+    ("d_head", _d_head),
+    ("d_mlp", lambda c: 4 * c.d_model),
+    ("n_kv_heads", lambda c: c.n_heads),
+    ("d_vocab_out", lambda c: c.d_vocab),
+    ("n_decoder_layers", lambda c: c.n_layers if c.architecture == "encoder_decoder" else None),
+    ("mask", lambda c: Bidirectional() if c.architecture == "encoder" else Causal()),
+    ("rotary_dim", lambda c: c.d_head if c.positional == "rope" else None),
+    ("d_expert", lambda c: c.d_mlp if _has_experts(c) else None),
+    ("d_shared_expert", lambda c: c.d_expert if _has_experts(c) else None),
+    ("moe_layers", _moe_layers),
+)
+DERIVED_FIELDS = tuple(name for name, _ in DERIVATIONS)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same type (``True`` is not the derived ``1``); odd ``==`` is False."""
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # e.g. an array's elementwise ==
+        return False
+
+
+def _check_record(record: Any) -> None:
+    """``_derived`` is what an earlier config derived: ((field, value), ...) pairs."""
+    ok = isinstance(record, tuple) and all(
+        isinstance(p, tuple) and len(p) == 2 and p[0] in DERIVED_FIELDS for p in record
+    )
+    if not ok:
+        raise ValueError(
+            "_derived is ModelConfig's private record of its derived fields (kept by "
+            f"dataclasses.replace); do not pass it, got {record!r}."
+        )
+
+
+def _as_mask(mask: Any) -> MaskSpec:
+    """A mask field as given (a MaskSpec, a string such as 'causal', or a serialised dict)."""
+    if isinstance(mask, MaskSpec):
+        return mask
+    if isinstance(mask, str):
+        return parse_mask(mask)
+    if isinstance(mask, dict):
+        return mask_from_dict(mask)
+    raise ValueError(
+        f"mask must be a MaskSpec or a string such as 'causal', got {type(mask).__name__}."
+    )
+
+
+def _as_extra(extra: Any) -> ReadOnlyDict:
+    if not isinstance(extra, Mapping):
+        raise ValueError(
+            f"extra must be a dict (free-form provenance), got {type(extra).__name__}."
+        )
+    return extra if isinstance(extra, ReadOnlyDict) else ReadOnlyDict(extra)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Every architectural choice of a :class:`interp.HookedTransformer`.
 
+    Derived fields (``None`` = derive; see the module docstring) follow their sources through
+    :func:`dataclasses.replace`; :meth:`replace` is the exact form.
+
     >>> cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, d_vocab=100, n_ctx=32)
     >>> (cfg.d_head, cfg.d_mlp, cfg.n_kv_heads, str(cfg.mask))
     (16, 256, 4, 'causal')
+    >>> dataclasses.replace(cfg, d_model=128).d_head
+    32
     """
 
     # --- sizes (TransformerLens names) ---
@@ -51,7 +194,8 @@ class ModelConfig:
     n_ctx: int  # longest sequence; a hard limit only for learned positions
     d_head: int | None = None  # per-head width; default d_model // n_heads
     d_mlp: int | None = None  # FFN hidden width; default 4 * d_model
-    n_kv_heads: int | None = None  # key/value heads: = n_heads MHA, 1 MQA, between GQA (Ainslie et al. 2023)
+    # key/value heads: = n_heads MHA, 1 MQA, between GQA (Ainslie et al. 2023)
+    n_kv_heads: int | None = None
     d_vocab_out: int | None = None  # unembedding width if it differs from d_vocab
 
     # --- architecture ---
@@ -63,11 +207,13 @@ class ModelConfig:
     has_unembed: bool = True  # False for bare encoders such as sentence-transformers' MiniLM
     mlm_head: bool = False  # BERT's dense + act + LayerNorm transform before the unembedding
     n_token_types: int = 0  # BERT segment embeddings (0 = none)
-    logit_scale: float = 1.0  # multiply the final residual before unembedding (T5 tied: d_model**-0.5)
+    # multiply the final residual before unembedding (T5 tied: d_model**-0.5)
+    logit_scale: float = 1.0
 
     # --- positions ---
     positional: Positional = "learned"
-    rotary_dim: int | None = None  # RoPE: leading dims of each head rotated; default d_head (partial: NeoX)
+    # RoPE: leading dims of each head rotated; default d_head (partial: NeoX)
+    rotary_dim: int | None = None
     rope_base: float = 10000.0
     rope_interleaved: bool = False  # GPT-J pairs (0,1),(2,3) instead of NeoX/Llama halves
     relative_buckets: int = 32  # T5 relative attention bias buckets
@@ -80,7 +226,8 @@ class ModelConfig:
     embed_norm: bool = False  # LayerNorm on the embeddings (BERT)
     final_norm: bool = True  # ln_final before the unembedding (pre-norm models)
     norm_bias: bool = True  # LayerNorm has a bias (T5 and RMSNorm never do)
-    qk_norm: QKNorm = "none"  # RMSNorm on q and k: over the whole projection (OLMoE) or per head (Qwen3)
+    # RMSNorm on q and k: over the whole projection (OLMoE) or per head (Qwen3)
+    qk_norm: QKNorm = "none"
 
     # --- FFN ---
     act: Act = "gelu"
@@ -88,7 +235,8 @@ class ModelConfig:
     # --- attention ---
     mask: MaskSpec | str | None = None  # default: causal for decoders, bidirectional for encoders
     attn_kernel: AttnKernel = "auto"
-    linear_feature_map: FeatureMap = "elu"  # linear attention phi (Katharopoulos et al. 2020: elu + 1)
+    # linear attention phi (Katharopoulos et al. 2020: elu + 1)
+    linear_feature_map: FeatureMap = "elu"
     attn_scale: float | None = None  # default 1 / sqrt(d_head); T5 uses 1.0
     soft_mask_penalty: float | None = None  # finite additive penalty instead of -inf on masked keys
     attn_temperature: float = 1.0  # softmax(scores / T)
@@ -105,176 +253,73 @@ class ModelConfig:
     d_shared_expert: int | None = None  # shared expert hidden width; default d_expert
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
     moe_layers: tuple[int, ...] | None = None  # which layers are MoE; default all
-    router: Router = "softmax_topk"  # Mixtral/OLMoE: softmax then top-k; Switch-style: top-k then softmax
+    # Mixtral/OLMoE: softmax then top-k; Switch-style: top-k then softmax
+    router: Router = "softmax_topk"
     router_renormalize: bool = True  # renormalise the top-k weights to sum to 1
-    moe_aux_loss_coef: float = 0.01  # Switch load balancing alpha * N * sum f_i P_i (Fedus et al. 2021)
+    # Switch load balancing alpha * N * sum f_i P_i (Fedus et al. 2021)
+    moe_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss (Zoph et al. 2022)
 
     # --- misc ---
     init_std: float = 0.02
-    extra: dict = field(default_factory=dict, compare=False, hash=False)  # free-form provenance
+    # free-form provenance (loader, source, task); read-only after construction
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # private: which fields were derived, and to what (see the module docstring)
+    _derived: tuple[tuple[str, Any], ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        for name in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx"):
-            _positive_int(name, getattr(self, name))
-        if self.d_head is None:
-            if self.d_model % self.n_heads:
-                raise ValueError(
-                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                    "choose a divisible pair or set d_head explicitly."
-                )
-            set_("d_head", self.d_model // self.n_heads)
-        _positive_int("d_head", self.d_head)
-        if self.d_mlp is None:
-            set_("d_mlp", 4 * self.d_model)
-        _positive_int("d_mlp", self.d_mlp)
-        if self.n_kv_heads is None:
-            set_("n_kv_heads", self.n_heads)
-        _positive_int("n_kv_heads", self.n_kv_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
-                "(each key/value head serves a whole group of query heads)."
-            )
-        if self.d_vocab_out is None:
-            set_("d_vocab_out", self.d_vocab)
-        _positive_int("d_vocab_out", self.d_vocab_out)
-        for name, tp in (
-            ("architecture", Architecture), ("positional", Positional), ("norm", Norm),
-            ("norm_placement", NormPlacement), ("act", Act), ("attn_kernel", AttnKernel),
-            ("router", Router), ("qk_norm", QKNorm), ("linear_feature_map", FeatureMap),
-        ):
-            value = getattr(self, name)
-            if value not in _choices(tp):
-                raise ValueError(f"Unknown {name} {value!r}; valid values: {', '.join(_choices(tp))}.")
-        for name in ("attn_only", "parallel_attn_mlp", "tie_embeddings", "has_unembed", "mlm_head",
-                     "rope_interleaved", "embed_norm", "final_norm", "norm_bias", "attn_qkv_bias",
-                     "attn_out_bias", "mlp_bias", "unembed_bias", "router_renormalize", "shared_expert_gate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        for name in ("rope_base", "norm_eps", "attn_temperature", "logit_scale", "init_std"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}.")
-        for name in ("moe_aux_loss_coef", "router_z_loss_coef"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}.")
-        if self.attn_scale is not None and (isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, int | float) or not math.isfinite(self.attn_scale) or self.attn_scale <= 0):
-            raise ValueError(f"attn_scale must be a positive number (or None for 1/sqrt(d_head)), got {self.attn_scale!r}.")
-        if self.soft_mask_penalty is not None:
-            p = self.soft_mask_penalty
-            if isinstance(p, bool) or not isinstance(p, int | float) or math.isnan(p) or p < 0:
-                raise ValueError(f"soft_mask_penalty must be >= 0 (a finite penalty on masked keys), got {p!r}; use None for a hard mask.")
-        if not isinstance(self.n_token_types, int) or isinstance(self.n_token_types, bool) or self.n_token_types < 0:
-            raise ValueError(f"n_token_types must be an integer >= 0, got {self.n_token_types!r}.")
-        # fields that matter only for some variants are still type-checked, so a typo never hides
-        for name in ("relative_buckets", "relative_max_distance", "experts_per_token"):
-            _positive_int(name, getattr(self, name))
-        if not isinstance(self.extra, dict):
-            raise ValueError(f"extra must be a dict (free-form provenance), got {type(self.extra).__name__}.")
+        """Derive what was left unset, normalise, then validate one concern at a time."""
+        _check_record(self._derived)
+        self._forget_derivations()
+        check_required_sizes(self)
+        self._derive()
+        check_widths(self)
+        check_choices(self, CHOICES)
+        check_flags(self)
+        check_numbers(self)
+        self._set("extra", _as_extra(self.extra))
+        self._set("mask", _as_mask(self.mask))
+        for check in (check_architecture, check_positions, check_norms, check_attention_kernel,
+                      check_moe, check_unembedding):
+            check(self)
+        if self.moe_layers is not None:
+            self._set("moe_layers", tuple(sorted(set(self.moe_layers))))
 
-        # architecture
-        if self.architecture == "encoder_decoder":
-            if self.n_decoder_layers is None:
-                set_("n_decoder_layers", self.n_layers)
-            _positive_int("n_decoder_layers", self.n_decoder_layers)
-        elif self.n_decoder_layers is not None:
-            raise ValueError("n_decoder_layers applies only to architecture='encoder_decoder'; remove it.")
-        if self.mask is None:
-            set_("mask", Bidirectional() if self.architecture == "encoder" else Causal())
-        elif isinstance(self.mask, str):
-            set_("mask", parse_mask(self.mask))
-        elif isinstance(self.mask, dict):
-            set_("mask", mask_from_dict(self.mask))
-        elif not isinstance(self.mask, MaskSpec):
-            raise ValueError(f"mask must be a MaskSpec or a string such as 'causal', got {type(self.mask).__name__}.")
-        if self.architecture == "encoder_decoder" and not self.mask.is_causal:
-            raise ValueError("An encoder-decoder's decoder must use the causal mask (its encoder is always bidirectional); remove the mask setting.")
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # the dataclass is frozen for everyone else
 
-        # positions
-        if self.positional == "rope":
-            if self.rotary_dim is None:
-                set_("rotary_dim", self.d_head)
-            _positive_int("rotary_dim", self.rotary_dim)
-            if self.rotary_dim % 2 or self.rotary_dim > self.d_head:
-                raise ValueError(f"rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}.")
-        elif self.rotary_dim is not None:
-            raise ValueError(f"rotary_dim applies only to positional='rope' (got positional={self.positional!r}); remove it.")
-        if self.positional == "relative":
-            _positive_int("relative_buckets", self.relative_buckets)
-            _positive_int("relative_max_distance", self.relative_max_distance)
-            if self.relative_buckets < 4:
-                raise ValueError("relative_buckets must be at least 4 (half exact, half logarithmic, per direction).")
+    def _forget_derivations(self) -> None:
+        """A field still holding the value an earlier config derived for it is unset again
+        (``dataclasses.replace`` copied it; it did not come from the user)."""
+        for name, value in self._derived:
+            if _same(getattr(self, name), value):
+                self._set(name, None)
 
-        # norms
-        if self.embed_norm and self.architecture == "encoder_decoder":
-            raise ValueError("embed_norm is implemented for decoder-only and encoder-only stacks (the encoder-decoder's decoder has no embedding norm); remove it.")
-        if self.norm == "none" and (self.embed_norm or self.qk_norm != "none"):
-            raise ValueError("norm='none' cannot be combined with embed_norm or qk_norm; pick a norm type.")
-        if self.parallel_attn_mlp and self.norm_placement == "post":
-            raise ValueError("parallel_attn_mlp needs pre-norm: with post-norm there is no single residual sum to normalise; set norm_placement='pre'.")
-        if self.parallel_attn_mlp and self.attn_only:
-            raise ValueError("parallel_attn_mlp needs an MLP; it cannot be combined with attn_only=True.")
+    def _derive(self) -> None:
+        """Fill every unset derived field from its sources, and record what was derived."""
+        record = []
+        for name, derive in DERIVATIONS:
+            if getattr(self, name) is None and (value := derive(self)) is not None:
+                self._set(name, value)
+                record.append((name, value))
+        self._set("_derived", tuple(record))
 
-        # attention kernel
-        if self.attn_kernel == "linear":
-            if self.positional in ("alibi", "relative"):
-                raise ValueError(f"Linear attention cannot add a {self.positional} score bias (it never forms scores); use positional 'rope', 'learned', 'sinusoidal' or 'none'.")
-            if not (self.mask.is_causal or self.mask.is_full):
-                raise ValueError(f"Linear attention supports only causal or bidirectional masks, got {self.mask}; use attn_kernel='auto' for other masks.")
-            if self.soft_mask_penalty is not None or self.attn_temperature != 1.0:
-                raise ValueError("Linear attention has no softmax, so soft_mask_penalty and attn_temperature do not apply; remove them or use attn_kernel='auto'.")
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes``; the exact form of :func:`dataclasses.replace`.
 
-        # FFN / MoE
-        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
-            raise ValueError(f"n_experts must be an integer >= 0 (0 = dense), got {self.n_experts!r}.")
-        if not isinstance(self.n_shared_experts, int) or isinstance(self.n_shared_experts, bool) or self.n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}.")
-        if self.n_experts:
-            if self.attn_only:
-                raise ValueError("An attention-only model has no FFN to turn into experts; set n_experts=0 or attn_only=False.")
-            _positive_int("experts_per_token", self.experts_per_token)
-            if self.experts_per_token > self.n_experts:
-                raise ValueError(f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}; route to at most n_experts.")
-            if self.d_expert is None:
-                set_("d_expert", self.d_mlp)
-            _positive_int("d_expert", self.d_expert)
-            if self.d_shared_expert is None:
-                set_("d_shared_expert", self.d_expert)
-            _positive_int("d_shared_expert", self.d_shared_expert)
-            n_stack = self.n_decoder_layers if self.architecture == "encoder_decoder" else self.n_layers
-            if self.moe_layers is None:
-                set_("moe_layers", tuple(range(n_stack)))
-            else:
-                if isinstance(self.moe_layers, str | bytes | dict) or not hasattr(self.moe_layers, "__iter__") or any(
-                        isinstance(x, bool) or not isinstance(x, int) for x in self.moe_layers):
-                    raise ValueError(f"moe_layers must be a list of integer layer indices, got {self.moe_layers!r}.")
-                layers = tuple(sorted(set(self.moe_layers)))
-                if not layers or layers[0] < 0 or layers[-1] >= n_stack:
-                    raise ValueError(f"moe_layers {list(layers)} must be non-empty indices in 0..{n_stack - 1}.")
-                set_("moe_layers", layers)
-            if self.architecture == "encoder_decoder":
-                raise ValueError("MoE is implemented for decoder-only and encoder-only stacks; set n_experts=0 for encoder_decoder.")
-            if self.shared_expert_gate and not self.n_shared_experts:
-                raise ValueError("shared_expert_gate gates the shared experts; set n_shared_experts > 0 or remove it.")
-        else:
-            for name in ("n_shared_experts",):
-                if getattr(self, name):
-                    raise ValueError(f"{name} needs n_experts > 0; set n_experts or remove {name}.")
-            if self.moe_layers is not None:
-                raise ValueError("moe_layers needs n_experts > 0; set n_experts or remove moe_layers.")
-            if self.d_expert is not None or self.d_shared_expert is not None:
-                raise ValueError("d_expert / d_shared_expert need n_experts > 0; remove them or set n_experts.")
+        Fields named in ``changes`` are explicit, whatever their value; derived fields not
+        named are derived afresh; fields the user set stay.
 
-        # unembedding
-        if self.tie_embeddings and self.d_vocab_out != self.d_vocab:
-            raise ValueError("tie_embeddings needs d_vocab_out == d_vocab; untie or make them equal.")
-        if self.mlm_head and not self.has_unembed:
-            raise ValueError("mlm_head needs has_unembed=True.")
-        if not self.has_unembed and self.tie_embeddings:
-            raise ValueError("tie_embeddings needs has_unembed=True.")
+        >>> cfg = ModelConfig(n_layers=1, d_model=64, n_heads=4, d_vocab=10, n_ctx=8)
+        >>> cfg.replace(d_model=128, d_head=16).d_head, cfg.replace(d_model=128).d_head
+        (16, 32)
+        """
+        if "_derived" in changes:
+            raise TypeError("_derived is private to ModelConfig; it cannot be replaced.")
+        derived = {name for name, _ in self._derived} | set(changes) | {"_derived"}
+        kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in derived}
+        return type(self)(**kept, **changes)
 
     # --- TransformerLens compatibility ---
     @property
@@ -301,32 +346,60 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.n_experts) and layer in (self.moe_layers or ())
 
+    # --- serialisation ---
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict; :meth:`from_dict` inverts it."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """JSON-able dict of every public field (derived ones too); :meth:`from_dict` inverts
+        it."""
+        d = {name: getattr(self, name) for name in _public_fields()}
         d["mask"] = mask_to_dict(self.mask)
+        d["extra"] = dict(self.extra)
         if d["moe_layers"] is not None:
             d["moe_layers"] = list(d["moe_layers"])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a dict (a JSON config file or a checkpoint); unknown keys are an error."""
+        """Build from a dict (a JSON config file or a checkpoint); unknown keys are an error.
+
+        A dict holds values, not intent: a derived field whose value equals what it derives to
+        from the dict's other fields counts as derived (as if it were left unset), so a config
+        read back from :meth:`to_dict` still follows its sources under ``replace``.
+        """
         if not isinstance(d, dict):
             raise ValueError(f"A model config must be a JSON object, got {type(d).__name__}.")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        names = _public_fields()
+        unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ValueError(f"Unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}.")
-        missing = [n for n in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx") if n not in d]
+            raise ValueError(
+                f"Unknown config field(s) {', '.join(unknown)}; "
+                f"valid fields: {', '.join(sorted(names))}."
+            )
+        missing = [n for n in REQUIRED_SIZES if n not in d]
         if missing:
             raise ValueError(f"Config is missing required field(s): {', '.join(missing)}.")
         d = dict(d)
         if isinstance(d.get("moe_layers"), list):
             d["moe_layers"] = tuple(d["moe_layers"])
-        return cls(**d)
+        if isinstance(d.get("mask"), str | dict):
+            d["mask"] = _as_mask(d["mask"])
+        cfg = cls(**d)
+        return cls(**d, _derived=cfg._derived + _given_as_derived(cfg, d))
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+def _public_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if not f.name.startswith("_"))
+
+
+def _given_as_derived(cfg: ModelConfig, given: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The derived fields ``given`` set to exactly what they derive to in ``cfg``."""
+    out = []
+    for name, derive in DERIVATIONS:
+        if given.get(name) is None:
+            continue
+        try:
+            value = derive(cfg)
+        except ValueError:  # d_head given because d_model is not divisible by n_heads
+            continue
+        if _same(value, given[name]):
+            out.append((name, value))
+    return tuple(out)

@@ -138,6 +138,7 @@ def _run(model, batch: int, pos: int) -> None:
 def test_random_valid_configs_build_and_run(kw: dict, batch: int, pos: int) -> None:
     cfg = ModelConfig(**kw)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert dataclasses.replace(cfg) == cfg == cfg.replace()  # a no-op replace changes nothing
     model = build_model(cfg)
     _run(model, batch, pos)
 
@@ -264,6 +265,8 @@ BAD = [
     dict(rope_interleaved="yes"),
     dict(linear_feature_map="softplus"),
     dict(qk_norm=True),
+    dict(_derived=[("d_head", 4)]),  # the private record of derived fields is checked too
+    dict(_derived=(("n_layers", 1),)),
 ]
 
 
