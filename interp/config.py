@@ -348,8 +348,7 @@ class ModelConfig:
 
     # --- serialisation ---
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every public field (derived ones too); :meth:`from_dict` inverts
-        it."""
+        """JSON-able dict of every public field, derived ones too (:meth:`from_dict` inverts)."""
         d = {name: getattr(self, name) for name in _public_fields()}
         d["mask"] = mask_to_dict(self.mask)
         d["extra"] = dict(self.extra)
