@@ -153,7 +153,7 @@ def _builtin(name: str, fields: dict[str, Any], *, device: Any, dtype: torch.dty
 
         return load_gguf(path, fields, device=device, dtype=dtype)
     model = from_hf_folder(path, fields, device=device, dtype=dtype)
-    model.cfg.extra.setdefault("builtin", name)
+    _note_extra(model, builtin=name)
     return model
 
 
@@ -202,7 +202,7 @@ def from_hf_folder(folder: Path, fields: dict[str, Any], *, device: Any = None, 
     weights = read_weights(folder)
     tok = folder_tokenizer(folder, raw["model_type"])
     model = convert_hf(hf_config, weights, fields, tokenizer=tok, device=device, dtype=dtype, source=f"folder {folder.name!r}")
-    model.cfg.extra.setdefault("source", str(folder))
+    _note_extra(model, source=str(folder))
     _note_dropped(model, weights)
     return model
 
@@ -215,9 +215,24 @@ def from_hf_model(hf_model: Any, fields: dict[str, Any], *, device: Any = None, 
     hf_config = copy.copy(hf_model.config)  # record the class: BertModel has no LM head, BertForMaskedLM does
     hf_config.architectures = [type(hf_model).__name__]
     model = convert_hf(hf_config, state, fields, device=device, dtype=dtype, source=type(hf_model).__name__, copy=True)
-    model.cfg.extra.setdefault("source", type(hf_model).__name__)
+    _note_extra(model, source=type(hf_model).__name__)
     _note_dropped(model, state)
     return model
+
+
+def _note_extra(model: Any, **items: Any) -> None:
+    """Record provenance in ``model.cfg.extra`` (keys already there are kept).
+
+    The config is frozen and its ``extra`` read-only, so the model and every module that
+    shares its config object get one replaced config."""
+    old = model.cfg
+    new_items = {k: v for k, v in items.items() if k not in old.extra}
+    if not new_items:
+        return
+    new = old.replace(extra={**old.extra, **new_items})
+    for module in model.modules():
+        if getattr(module, "cfg", None) is old:
+            module.cfg = new
 
 
 def _note_dropped(model: Any, weights: Any) -> None:
@@ -226,4 +241,4 @@ def _note_dropped(model: Any, weights: Any) -> None:
         from interp.loading.families.bert import dropped
 
         if names := dropped(weights):
-            model.cfg.extra["dropped"] = names
+            _note_extra(model, dropped=names)
