@@ -76,8 +76,15 @@ class HookedBase(Interventions, HookedRootModule):
             self.hook_token_type_embed = HookPoint()  # [batch, pos, d_model]
         if cfg.embed_norm:
             self.ln_embed = make_norm(cfg)
-        if cfg.positional == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        for name, table in self.computed_buffers().items():
+            self.register_buffer(name, table, persistent=False)
+
+    def computed_buffers(self) -> dict[str, torch.Tensor]:
+        """The model-level buffers that are a function of the config, not weights (ALiBi's
+        slopes); loading builds on the meta device and fills these from here afterwards."""
+        if self.cfg.positional == "alibi":
+            return {"alibi_slopes": alibi_slopes(self.cfg.n_heads)}
+        return {}
 
     def _finish(self) -> None:
         self.init_weights()

@@ -35,11 +35,18 @@ class PosEmbed(nn.Module):
 
     def __init__(self, n_ctx: int, d_model: int, learned: bool):
         super().__init__()
-        self.learned = learned
+        self.learned, self.n_ctx, self.d_model = learned, n_ctx, d_model
         if learned:
             self.W_pos = nn.Parameter(torch.empty(n_ctx, d_model))
-        else:
-            self.register_buffer("W_pos", sinusoidal_table(n_ctx, d_model), persistent=False)
+        for name, table in self.computed_buffers().items():
+            self.register_buffer(name, table, persistent=False)
+
+    def computed_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers that are a function of the constructor's arguments, not weights.
+
+        Loading builds the model on the meta device and fills these from here afterwards
+        (:func:`interp.loading._common.assemble`), so they are defined once."""
+        return {} if self.learned else {"W_pos": sinusoidal_table(self.n_ctx, self.d_model)}
 
     def forward(self, positions: Int[torch.Tensor, " pos"]) -> Float[torch.Tensor, "pos d_model"]:
         if not self.learned and int(positions.max()) >= self.W_pos.shape[0]:

@@ -9,8 +9,7 @@ assigned into them, so loading never holds a randomly initialised copy beside th
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -162,25 +161,29 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([q, k, v], dim=0)
 
 
-@contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost); buffers stay real.
+def _build_on_meta(cfg: ModelConfig) -> nn.Module:
+    """The model of ``cfg`` with every tensor on the meta device: no memory, no init cost.
 
     Loading then assigns the checkpoint's tensors, so peak memory is one copy of the weights
-    rather than a random model plus the weights (the trick of accelerate's init_empty_weights)."""
-    orig = nn.Module.register_parameter
+    rather than a random model plus the weights. PyTorch's own ``torch.device("meta")`` context
+    does this per thread (a torch-function mode), with no process-wide patching; the buffers
+    that are functions of the config, not weights, are filled by :func:`_fill_computed_buffers`.
+    """
+    from interp.model import build_model
 
-    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        orig(self, name, param)
-        if param is not None and param.device.type != "meta":
-            p = self._parameters[name]
-            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+    with torch.device("meta"):
+        return build_model(cfg)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = orig  # type: ignore[method-assign]
+
+def _fill_computed_buffers(model: nn.Module) -> None:
+    """Give each module's config-derived buffers (``computed_buffers()``) their real values."""
+    for module in model.modules():
+        computed = getattr(module, "computed_buffers", None)
+        if computed is None:
+            continue
+        for name, value in computed().items():
+            if getattr(module, name).device.type == "meta":
+                module.register_buffer(name, value, persistent=False)
 
 
 def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer: Any = None,
@@ -190,10 +193,7 @@ def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer
 
     ``copy=True`` when the tensors belong to someone else (an in-memory transformers model), so
     the two models never share storage."""
-    from interp.model import build_model
-
-    with _params_on_meta():
-        model = build_model(cfg)
+    model = _build_on_meta(cfg)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -209,9 +209,10 @@ def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer
     del state_dict
     model.load_state_dict(fixed, assign=True, strict=True)
     del fixed
-    for name, p in model.named_parameters():
-        if p.device.type == "meta":  # pragma: no cover - guarded by the key check above
-            raise InterpError(f"Weight {name!r} was never loaded.")
+    _fill_computed_buffers(model)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":  # pragma: no cover - guarded by the key check above
+            raise InterpError(f"Tensor {name!r} was never loaded.")
     if device is not None or dtype != torch.float32:
         model = model.to(device=device, dtype=dtype) if device is not None else model.to(dtype)
     model.tokenizer = tokenizer
