@@ -29,18 +29,27 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # from being trimmed, so whether a pass refaults its memory varies from run to run. These pin
 # glibc's initial thresholds (128 KiB) so that the baseline maps and unmaps every large block
 # each time and the comparison cannot flake.
-_TRIMMING = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072:glibc.malloc.mmap_threshold=131072"}
+_TRIMMING = {
+    "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072:glibc.malloc.mmap_threshold=131072"
+}
 
 
 def _faults(mode: str) -> int:
     import os
 
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
-                         env={**os.environ, **_TRIMMING})
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **_TRIMMING},
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
 def test_keep_freed_memory_removes_refaults() -> None:
     default, kept = _faults("default"), _faults("keep")
     # 200 MB re-allocated: the default allocator trims and faults ~50k pages back in
@@ -72,15 +81,22 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, nbytes, retai
 def _cache_faults(env: dict[str, str]) -> tuple[int, int, int | None]:
     import os
 
-    out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, check=True,
-                         env={**os.environ, **_TRIMMING, **env})
+    out = subprocess.run(
+        [sys.executable, "-c", _CACHE_PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **_TRIMMING, **env},
+    )
     faults, nbytes, limit = out.stdout.strip().splitlines()[-1].split()
     return int(faults), int(nbytes), None if limit == "None" else int(limit)
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_run_with_cache_reuses_its_own_memory_by_default() -> None:
-    """A recorded cache's memory is kept for the next recording, bounded by that cache's size;
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_run_with_cache_reuses_its_own_memory_when_opted_in() -> None:
+    """Opted in, a recorded cache's memory is kept for the next recording, bounded by its size;
     INTERP_REUSE_CACHE_MEMORY=0 restores glibc's trimming."""
     default_faults, nbytes, limit = _cache_faults({"INTERP_REUSE_CACHE_MEMORY": "1"})
     off_faults, _, off_limit = _cache_faults({"INTERP_REUSE_CACHE_MEMORY": "0"})
@@ -92,11 +108,15 @@ def test_run_with_cache_reuses_its_own_memory_by_default() -> None:
     assert default_faults < 8_000
 
 
-def test_note_recorded_never_lowers_and_ignores_small_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_note_recorded_never_lowers_and_ignores_small_caches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from interp.perf import memory
 
     calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(memory, "_libc_mallopt", lambda: lambda opt, val: calls.append((opt, val)) or 1)
+    monkeypatch.setattr(
+        memory, "_libc_mallopt", lambda: lambda opt, val: calls.append((opt, val)) or 1
+    )
     monkeypatch.setattr(memory, "_trim_set", None)
     monkeypatch.setattr(memory, "_auto", True)
     assert not memory.note_recorded(1024)  # small: glibc's dynamic threshold already keeps it
@@ -112,11 +132,15 @@ def test_note_recorded_never_lowers_and_ignores_small_caches(monkeypatch: pytest
     assert calls[0] == (memory._M_TRIM_THRESHOLD, 200 << 20)
 
 
-def test_recording_serves_large_blocks_from_the_heap_only_once_a_threshold_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recording_serves_large_blocks_from_the_heap_only_once_a_threshold_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from interp.perf import memory
 
     calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(memory, "_libc_mallopt", lambda: lambda opt, val: calls.append((opt, val)) or 1)
+    monkeypatch.setattr(
+        memory, "_libc_mallopt", lambda: lambda opt, val: calls.append((opt, val)) or 1
+    )
     monkeypatch.setattr(memory, "_auto", True)
     monkeypatch.setattr(memory, "_trim_set", None)
     with memory.recording():

@@ -52,9 +52,11 @@ def _find_op():
 
 
 _OP = _find_op()
-_enabled = os.environ.get("INTERP_CPU_LINEAR", "onednn").strip().lower() not in ("aten", "mkl", "0", "off", "false", "no")
+_OFF = ("aten", "mkl", "0", "off", "false", "no")
+_enabled = os.environ.get("INTERP_CPU_LINEAR", "onednn").strip().lower() not in _OFF
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)  # torch < 2.3
+# torch < 2.3 has no torch.compiler.is_compiling
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
 def onednn_linear_available() -> bool:
@@ -74,9 +76,12 @@ def uses_onednn_linear() -> bool:
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" or weight.device.type != "cpu":
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    needs_grad = any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if torch.is_grad_enabled() and needs_grad:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or _is_compiling():
         return False

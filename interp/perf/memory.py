@@ -9,16 +9,19 @@ took ~420,000 faults and 2.0x the time of transformers' unhooked forward, agains
 the freed memory is reused (2-core VM, BENCHMARKS.md change 6). On GPUs PyTorch's caching
 allocator already keeps freed blocks.
 
-So interp keeps, by default, freed memory up to twice the largest cache it has recorded:
-:func:`note_recorded` (called by ``run_with_cache``) raises glibc's trim threshold to that
+glibc's malloc parameters belong to the whole process, and changing them changes what the
+process does outside interp (its resident memory stays at the peak it reached), so this is
+opt-in: ``INTERP_REUSE_CACHE_MEMORY=1`` or ``reuse_recorded_memory(True)`` (``interp bench``
+turns it on for its own process). Once on, interp keeps freed memory up to twice the largest
+cache it has recorded: :func:`note_recorded` (called by ``run_with_cache``) raises glibc's
+trim threshold to that
 bound (the pass's transients sit on the heap next to the cache, so the freed top of the heap
 is larger than the cache itself; with the cache's size alone glibc still trimmed in 2 of 8
 runs), and while a later recording runs (:func:`recording`) blocks over 32 MiB, such as the
 logits, come from that heap too instead of fresh mmaps. The process then stays resident at a
-peak it already reached, but no higher. ``reuse_recorded_memory(False)`` or
-``INTERP_REUSE_CACHE_MEMORY=0`` turns it off, and :func:`keep_freed_memory` sets a fixed,
-larger threshold for the whole process. Where the C library is not glibc (macOS, musl,
-Windows) nothing changes.
+peak it already reached, but no higher. :func:`keep_freed_memory` sets a fixed, larger
+threshold instead. Off (the default), interp never calls ``mallopt``. Where the C library
+is not glibc (macOS, musl, Windows) nothing changes.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 
-__all__ = ["keep_freed_memory", "note_recorded", "recording", "retained_limit", "reuse_recorded_memory", "reuses_recorded_memory"]
+__all__ = [
+    "keep_freed_memory",
+    "note_recorded",
+    "recording",
+    "retained_limit",
+    "reuse_recorded_memory",
+    "reuses_recorded_memory",
+]
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -40,9 +50,10 @@ _MMAP_MAX = 32 * 1024 * 1024  # glibc's largest allowed mmap threshold on 64-bit
 _TRIM_MAX = 2**31 - 1  # mallopt takes an int
 _MIN_AUTO = 16 * 1024 * 1024  # below this the default dynamic threshold already keeps it
 
-_trim_set: int | None = None  # the trim threshold interp last set, None while glibc's default rules
+_trim_set: int | None = None  # the trim threshold interp last set; None: glibc's defaults rule
 _depth = 0  # nesting of recording() blocks
-_auto = os.environ.get("INTERP_REUSE_CACHE_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
+_auto = os.environ.get("INTERP_REUSE_CACHE_MEMORY", "0").strip().lower() in _ON
 
 
 @functools.cache
@@ -89,9 +100,10 @@ def keep_freed_memory(limit: int = _TRIM_MAX) -> bool:
 
 
 def reuse_recorded_memory(enabled: bool) -> None:
-    """Turn the automatic reuse of recorded caches' memory on or off (on by default; the
-    environment variable ``INTERP_REUSE_CACHE_MEMORY=0`` starts it off). Turning it off does
-    not undo a threshold already set; ``keep_freed_memory(0)`` trims everything again."""
+    """Turn the automatic reuse of recorded caches' memory on or off (off by default: it sets
+    process-wide malloc parameters; ``INTERP_REUSE_CACHE_MEMORY=1`` starts it on). Turning it
+    off does not undo a threshold already set; ``keep_freed_memory(0)`` trims everything again.
+    """
     global _auto
     _auto = bool(enabled)
 
