@@ -64,8 +64,9 @@ import interp
 from interp.perf.memory import retained_limit
 torch.manual_seed(0)
 # d_vocab 8192: the 8 x 256 logits (67 MB) are over glibc's largest mmap threshold (32 MiB)
-model = interp.build_model(interp.ModelConfig(n_layers=4, d_model=256, n_heads=4, d_vocab=8192, n_ctx=256,
-                                              positional="rope", act="swiglu", norm="rmsnorm")).eval()
+cfg = interp.ModelConfig(n_layers=4, d_model=256, n_heads=4, d_vocab=8192, n_ctx=256,
+                         positional="rope", act="swiglu", norm="rmsnorm")
+model = interp.build_model(cfg).eval()
 tokens = torch.randint(0, 8192, (8, 256))
 def round_():
     with torch.no_grad():
