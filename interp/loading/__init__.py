@@ -27,16 +27,17 @@ from typing import Any
 
 import torch
 
+from interp.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from interp.config import ModelConfig
 from interp.errors import InterpError
-from interp.loading._common import assemble
-from interp.loading.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from interp.loading._common import apply_overrides, assemble
 from interp.loading.families import FAMILIES, Family, get_family, supported_model_types
 
 __all__ = [
     "BUILTINS",
     "FAMILIES",
     "Family",
+    "apply_overrides",
     "builtin_path",
     "get_family",
     "load_checkpoint",
@@ -88,16 +89,6 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     if unknown:
         raise InterpError(f"Unknown override(s) {', '.join(unknown)}; use device, dtype, tokenizer, seed or ModelConfig fields.")
     return special, fields
-
-
-def apply_overrides(cfg: ModelConfig, fields: dict[str, Any]) -> ModelConfig:
-    """``dataclasses.replace`` with a bad value turned into one InterpError line."""
-    if not fields:
-        return cfg
-    try:
-        return dataclasses.replace(cfg, **fields)
-    except (ValueError, TypeError) as e:
-        raise InterpError(f"Invalid override: {e}") from None
 
 
 def load_pretrained(source: Any, **overrides: Any) -> Any:

@@ -9,6 +9,7 @@ assigned into them, so loading never holds a randomly initialised copy beside th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -217,3 +218,13 @@ def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer
         model = model.to(device=device, dtype=dtype) if device is not None else model.to(dtype)
     model.tokenizer = tokenizer
     return model.eval()
+
+
+def apply_overrides(cfg: ModelConfig, fields: dict[str, Any]) -> ModelConfig:
+    """``dataclasses.replace`` with a bad value turned into one InterpError line."""
+    if not fields:
+        return cfg
+    try:
+        return dataclasses.replace(cfg, **fields)
+    except (ValueError, TypeError) as e:
+        raise InterpError(f"Invalid override: {e}") from None

@@ -342,8 +342,7 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None, dtype: 
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from interp.loading import apply_overrides
-    from interp.loading._common import assemble
+    from interp.loading._common import apply_overrides, assemble
     from interp.loading.families import get_family
 
     path = Path(path)

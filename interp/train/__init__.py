@@ -26,6 +26,8 @@ Python API:
 - :func:`load_checkpoint` ``(path) -> model`` reads a training checkpoint (the same files
   :func:`interp.load_pretrained` loads).
 - :func:`shipped` ``(name) -> Path`` of a checkpoint packaged in ``interp/data``.
+- :func:`read_checkpoint`, :func:`model_from_checkpoint` (from :mod:`interp.checkpoint`, the
+  one checkpoint module): a checkpoint's dict, and a trainable model built from it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from typing import Any
 
 import torch
 
+from interp.checkpoint import load_checkpoint as _load_checkpoint
+from interp.checkpoint import model_from_checkpoint, read_checkpoint
 from interp.errors import InterpError
-from interp.train.checkpoint import model_from_checkpoint, read_checkpoint
 from interp.train.tasks import (
     TASKS,
     Batch,
@@ -67,6 +70,8 @@ __all__ = [
     "knowledge_facts",
     "load_checkpoint",
     "make_task",
+    "model_from_checkpoint",
+    "read_checkpoint",
     "shipped",
     "task_from",
     "train",
@@ -79,13 +84,15 @@ SHIPPED = ("induction", "knowledge", "domains_moe", "induction_sinusoidal", "ind
 
 
 def shipped(name: str) -> Path:
-    """Path of a packaged checkpoint, e.g. ``shipped("induction")`` -> ``.../interp/data/induction.pt``."""
+    """Path of a packaged checkpoint, e.g. ``shipped("induction")`` ->
+    ``.../interp/data/induction.pt``."""
     stem = name[:-3] if name.endswith(".pt") else name
     if stem not in SHIPPED:
         raise InterpError(f"Unknown packaged checkpoint {name!r}; valid: {', '.join(SHIPPED)}.")
     path = DATA_DIR / f"{stem}.pt"
     if not path.is_file():
-        raise InterpError(f"Packaged checkpoint {path} is missing; regenerate it with scripts/train_shipped.sh.")
+        raise InterpError(f"Packaged checkpoint {path} is missing; regenerate it with "
+                          "scripts/train_shipped.sh.")
     return path
 
 
@@ -93,11 +100,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Any:
     """A trained model (weights, config, tokenizer) from a ``.pt`` written by :func:`train`,
     in eval mode; the same as ``interp.load_pretrained(path)`` (training metadata lands in
     ``model.checkpoint_metadata``)."""
-    try:
-        from interp.loading.checkpoint import load_checkpoint as _load
-    except ImportError:  # interp.loading absent: build it here
-        return model_from_checkpoint(read_checkpoint(path), device).eval()
-    return _load(path, device=device).eval()
+    return _load_checkpoint(path, device=device).eval()
 
 
 def task_from(source: Any) -> Task:
@@ -116,7 +119,8 @@ def task_from(source: Any) -> Task:
         cfg = getattr(source, "cfg", source)
         desc = getattr(cfg, "extra", {}).get("task") if hasattr(cfg, "extra") else None
     if not isinstance(desc, dict) or "name" not in desc:
-        raise InterpError("This model carries no training-task record (cfg.extra['task']); train it with interp.train.")
+        raise InterpError("This model carries no training-task record (cfg.extra['task']); "
+                          "train it with interp.train.")
     return make_task(desc["name"], **desc.get("params", {}))
 
 
@@ -134,7 +138,8 @@ def knowledge_facts(source: Any) -> list[Fact]:
     """
     task = task_from(source)
     if not isinstance(task, Knowledge):
-        raise InterpError(f"knowledge_facts needs a model trained on 'knowledge', not {task.name!r}.")
+        raise InterpError("knowledge_facts needs a model trained on 'knowledge', "
+                          f"not {task.name!r}.")
     return task.facts()
 
 

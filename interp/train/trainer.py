@@ -20,11 +20,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from interp.checkpoint import model_from_checkpoint, read_checkpoint, write_checkpoint
 from interp.config import ModelConfig
 from interp.errors import InterpError
-from interp.train.checkpoint import model_from_checkpoint, read_checkpoint, write_checkpoint
+from interp.tokenizers import tokenizer_to_dict
 from interp.train.tasks import Task, make_task
-from interp.train.tokenizers import tokenizer_to_dict
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -200,7 +200,7 @@ def train(
 
     state: dict[str, Any] | None = None
     if resume is not None:
-        state = read_checkpoint(resume)
+        state = read_checkpoint(resume, mmap=False)
         stored = state.get("task") or {}
         name = task.name if isinstance(task, Task) else task
         if stored.get("name") != name:
