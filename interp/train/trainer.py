@@ -64,7 +64,8 @@ class TrainConfig:
                 raise InterpError(f"{name} must be an integer >= 0, got {v!r}.")
         for name in ("lr", "grad_clip"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                    or v <= 0):
                 raise InterpError(f"{name} must be a positive number, got {v!r}.")
         for name in ("min_lr_ratio", "weight_decay"):
             v = getattr(self, name)
@@ -81,7 +82,8 @@ class TrainConfig:
             return self.lr * (step + 1) / self.warmup_steps
         span = max(self.steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.lr * (self.min_lr_ratio
+                          + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -109,26 +111,31 @@ def _make_config(task: Task, model_config: ModelConfig | dict | None) -> ModelCo
     elif model_config is None or isinstance(model_config, dict):
         cfg = task.model_config(model_config)
     else:
-        raise InterpError(f"model_config must be a ModelConfig, a dict of fields or None, got {type(model_config).__name__}.")
+        raise InterpError("model_config must be a ModelConfig, a dict of fields or None, "
+                          f"got {type(model_config).__name__}.")
     task.check_config(cfg)
     extra = {**cfg.extra, "task": task.describe()}
     return dataclasses.replace(cfg, extra=extra)
 
 
-def _make_train_config(task: Task, train_config: TrainConfig | dict | None, overrides: dict[str, Any]) -> TrainConfig:
+def _make_train_config(task: Task, train_config: TrainConfig | dict | None,
+                       overrides: dict[str, Any]) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise InterpError(f"Unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}.")
+        raise InterpError(f"Unknown training option(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(sorted(names))}.")
     if isinstance(train_config, TrainConfig):
         base = train_config.to_dict()
     elif train_config is None or isinstance(train_config, dict):
         base = {**task.train_defaults, **(train_config or {})}
     else:
-        raise InterpError(f"train_config must be a TrainConfig, a dict or None, got {type(train_config).__name__}.")
+        raise InterpError("train_config must be a TrainConfig, a dict or None, "
+                          f"got {type(train_config).__name__}.")
     bad = sorted(set(base) - names)
     if bad:
-        raise InterpError(f"Unknown training option(s) {', '.join(bad)}; valid: {', '.join(sorted(names))}.")
+        raise InterpError(f"Unknown training option(s) {', '.join(bad)}; "
+                          f"valid: {', '.join(sorted(names))}.")
     merged = {**base, **{k: v for k, v in overrides.items() if v is not None}}
     if "betas" in merged:
         merged["betas"] = tuple(merged["betas"])
@@ -139,7 +146,8 @@ def _optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     params = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values()
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
 
 
@@ -160,7 +168,8 @@ def _scale_embeddings_for_sinusoidal(model: Any) -> None:
 def _versions() -> dict[str, str]:
     import interp
 
-    return {"interp": str(interp.__version__), "torch": str(torch.__version__), "python": sys.version.split()[0]}
+    return {"interp": str(interp.__version__), "torch": str(torch.__version__),
+            "python": sys.version.split()[0]}
 
 
 def train(
@@ -196,25 +205,12 @@ def train(
     ['step', 'loss', 'aux_loss']
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     state: dict[str, Any] | None = None
     if resume is not None:
         state = read_checkpoint(resume, mmap=False)
-        stored = state.get("task") or {}
-        name = task.name if isinstance(task, Task) else task
-        if stored.get("name") != name:
-            raise InterpError(f"Checkpoint {str(resume)!r} was trained on task {stored.get('name')!r}, not {name!r}.")
-        if state.get("optimizer") is None:
-            raise InterpError(f"Checkpoint {str(resume)!r} has no optimizer state (saved without it); it cannot be resumed.")
-        if not isinstance(task, Task):
-            task = make_task(name, **{**stored.get("params", {}), **(task_params or {})})
-        if model_config is not None:
-            raise InterpError("A resumed run keeps its checkpoint's model config; do not pass model_config with resume.")
-        base = {**state["train"]["train_config"], **(train_config if isinstance(train_config, dict) else {})}
-        tc = _make_train_config(task, base, options)
-        cfg = ModelConfig.from_dict(state["config"])
-        task.check_config(cfg)
+        task, tc, cfg = _resumed_setup(state, resume, task, model_config, train_config,
+                                       task_params, options)
     else:
         task = make_task(task, **(task_params or {}))
         tc = _make_train_config(task, train_config, options)
@@ -222,6 +218,58 @@ def train(
 
     device = torch.device(tc.device)
     torch.manual_seed(tc.seed)
+    model = _initial_model(task, cfg, state, device)
+    opt = _optimizer(model, tc)
+    gen = torch.Generator().manual_seed(tc.seed)
+    start, history, elapsed0 = 0, [], 0.0
+    if state is not None:
+        start, history, elapsed0 = _restore(state, opt, gen, tc)
+    run = _Run(model, task, tc, opt, gen, history, save_optimizer, command)
+
+    t0 = time.perf_counter()
+    eval_rows = _loop(run, start, device, out=out, quiet=quiet, t0=t0, elapsed0=elapsed0)
+    wall = elapsed0 + time.perf_counter() - t0
+    model.eval()
+    metrics = {**(task.evaluate(model) if evaluate else {}), "wall_time_s": wall, "steps": tc.steps}
+    if eval_rows:
+        metrics["evals"] = eval_rows
+    if out is not None:
+        write_checkpoint(out, run.payload(tc.steps, metrics, wall))
+    columns = ["step", "loss", "aux_loss", "lr", "grad_norm", "elapsed_s"]
+    return TrainResult(model, pd.DataFrame(history, columns=columns), metrics)
+
+
+def _resumed_setup(state: dict[str, Any], resume: str | Path, task: str | Task,
+                   model_config: ModelConfig | dict | None,
+                   train_config: TrainConfig | dict | None, task_params: dict[str, Any] | None,
+                   options: dict[str, Any]) -> tuple[Task, TrainConfig, ModelConfig]:
+    """The task, train config and model config of a run resumed from checkpoint ``state``,
+    refusing what would not continue the same run (another task, no optimizer state, a new
+    model config)."""
+    stored = state.get("task") or {}
+    name = task.name if isinstance(task, Task) else task
+    if stored.get("name") != name:
+        raise InterpError(f"Checkpoint {str(resume)!r} was trained on task "
+                          f"{stored.get('name')!r}, not {name!r}.")
+    if state.get("optimizer") is None:
+        raise InterpError(f"Checkpoint {str(resume)!r} has no optimizer state (saved without "
+                          "it); it cannot be resumed.")
+    if not isinstance(task, Task):
+        task = make_task(name, **{**stored.get("params", {}), **(task_params or {})})
+    if model_config is not None:
+        raise InterpError("A resumed run keeps its checkpoint's model config; do not pass "
+                          "model_config with resume.")
+    extra = train_config if isinstance(train_config, dict) else {}
+    base = {**state["train"]["train_config"], **extra}
+    tc = _make_train_config(task, base, options)
+    cfg = ModelConfig.from_dict(state["config"])
+    task.check_config(cfg)
+    return task, tc, cfg
+
+
+def _initial_model(task: Task, cfg: ModelConfig, state: dict[str, Any] | None,
+                   device: torch.device) -> Any:
+    """The model to train, in train mode: the checkpoint's when resuming, else a fresh one."""
     if state is not None:
         model = model_from_checkpoint(state, device)
     else:
@@ -232,62 +280,101 @@ def train(
         model = model.to(device)
     model.tokenizer = task.tokenizer
     model.train()
-    opt = _optimizer(model, tc)
-    gen = torch.Generator().manual_seed(tc.seed)
-    start, history, elapsed0 = 0, [], 0.0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start = int(state["train"]["step"])
-        history = list(state["train"].get("history", []))
-        elapsed0 = float(state["train"].get("wall_time_s", 0.0))
-        if start >= tc.steps:
-            raise InterpError(f"Checkpoint is already at step {start} of {tc.steps}; pass a larger steps to train further.")
+    return model
 
-    def payload(step: int, metrics: dict[str, Any] | None, wall: float) -> dict[str, Any]:
+
+def _restore(state: dict[str, Any], opt: torch.optim.Optimizer, gen: torch.Generator,
+             tc: TrainConfig) -> tuple[int, list[dict[str, Any]], float]:
+    """Put the optimizer and both RNGs back where the checkpoint left them; return the step,
+    the history so far and the elapsed time to continue from."""
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["rng"]["data"])
+    torch.set_rng_state(state["rng"]["torch"])
+    start = int(state["train"]["step"])
+    history = list(state["train"].get("history", []))
+    elapsed0 = float(state["train"].get("wall_time_s", 0.0))
+    if start >= tc.steps:
+        raise InterpError(f"Checkpoint is already at step {start} of {tc.steps}; pass a larger "
+                          "steps to train further.")
+    return start, history, elapsed0
+
+
+class _Run(NamedTuple):
+    """What a training run's steps and checkpoints share."""
+
+    model: Any
+    task: Task
+    tc: TrainConfig
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    history: list[dict[str, Any]]
+    save_optimizer: bool
+    command: str | None
+
+    def payload(self, step: int, metrics: dict[str, Any] | None, wall: float) -> dict[str, Any]:
+        """The checkpoint of this run at ``step`` (see :mod:`interp.checkpoint`)."""
+        tc = self.tc
         return {
-            "config": model.cfg.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "tokenizer": tokenizer_to_dict(task.tokenizer),
-            "task": task.describe(),
-            "train": {"step": step, "steps": tc.steps, "seed": tc.seed, "train_config": tc.to_dict(),
-                      "history": history, "metrics": metrics or {}, "wall_time_s": wall,
-                      "threads": torch.get_num_threads(), "versions": _versions(), "command": command},
-            "optimizer": opt.state_dict() if save_optimizer else None,
-            "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
+            "config": self.model.cfg.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "tokenizer": tokenizer_to_dict(self.task.tokenizer),
+            "task": self.task.describe(),
+            "train": {"step": step, "steps": tc.steps, "seed": tc.seed,
+                      "train_config": tc.to_dict(), "history": self.history,
+                      "metrics": metrics or {}, "wall_time_s": wall,
+                      "threads": torch.get_num_threads(), "versions": _versions(),
+                      "command": self.command},
+            "optimizer": self.opt.state_dict() if self.save_optimizer else None,
+            "rng": {"data": self.gen.get_state(), "torch": torch.get_rng_state()},
         }
 
-    t0 = time.perf_counter()
-    bar = tqdm(total=tc.steps, initial=start, desc=f"train {task.name}", disable=quiet, file=sys.stderr,
-               dynamic_ncols=True, leave=False)
+
+def _step(run: _Run, step: int, acc: dict[str, float], device: torch.device) -> float:
+    """One optimisation step (sums its loss, aux loss and gradient norm into ``acc``);
+    returns its learning rate."""
+    model, tc, opt = run.model, run.tc, run.opt
+    lr = tc.lr_at(step)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    batch = run.task.sample(tc.batch_size, run.gen)
+    tokens, labels = batch.tokens.to(device), batch.labels.to(device)
+    logits = model(tokens)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, label_smoothing=tc.label_smoothing)
+    moe = model.moe_losses()
+    aux = moe["aux"] + moe["z"]
+    opt.zero_grad(set_to_none=True)
+    (loss + aux).backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    opt.step()
+    acc["loss"] += float(loss.detach())
+    acc["aux"] += float(aux.detach())
+    acc["gn"] += float(gn)
+    acc["n"] += 1
+    return lr
+
+
+def _loop(run: _Run, start: int, device: torch.device, *, out: str | Path | None, quiet: bool,
+          t0: float, elapsed0: float) -> list[dict[str, Any]]:
+    """Steps ``start`` .. ``steps``: history rows every ``log_every`` steps, evaluations every
+    ``eval_every``, checkpoints every ``save_every`` (the final ones are the caller's); returns
+    the intermediate evaluations."""
+    from tqdm.auto import tqdm
+
+    model, task, tc, history = run.model, run.task, run.tc, run.history
+    bar = tqdm(total=tc.steps, initial=start, desc=f"train {task.name}", disable=quiet,
+               file=sys.stderr, dynamic_ncols=True, leave=False)
     acc = {"loss": 0.0, "aux": 0.0, "gn": 0.0, "n": 0}
     eval_rows: list[dict[str, Any]] = []
     try:
         for step in range(start, tc.steps):
-            lr = tc.lr_at(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            batch = task.sample(tc.batch_size, gen)
-            tokens, labels = batch.tokens.to(device), batch.labels.to(device)
-            logits = model(tokens)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                   label_smoothing=tc.label_smoothing)
-            moe = model.moe_losses()
-            aux = moe["aux"] + moe["z"]
-            opt.zero_grad(set_to_none=True)
-            (loss + aux).backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            acc["loss"] += float(loss.detach())
-            acc["aux"] += float(aux.detach())
-            acc["gn"] += float(gn)
-            acc["n"] += 1
+            lr = _step(run, step, acc, device)
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
                 n = acc["n"]
-                row = {"step": done, "loss": acc["loss"] / n, "aux_loss": acc["aux"] / n, "lr": lr,
-                       "grad_norm": acc["gn"] / n, "elapsed_s": elapsed0 + time.perf_counter() - t0}
+                row = {"step": done, "loss": acc["loss"] / n, "aux_loss": acc["aux"] / n,
+                       "lr": lr, "grad_norm": acc["gn"] / n,
+                       "elapsed_s": elapsed0 + time.perf_counter() - t0}
                 history.append(row)
                 acc = {"loss": 0.0, "aux": 0.0, "gn": 0.0, "n": 0}
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}", refresh=False)
@@ -297,14 +384,7 @@ def train(
                 eval_rows.append({"step": done, **task.evaluate(model)})
                 model.train()
             if out is not None and tc.save_every and done % tc.save_every == 0 and done != tc.steps:
-                write_checkpoint(out, payload(done, None, elapsed0 + time.perf_counter() - t0))
+                write_checkpoint(out, run.payload(done, None, elapsed0 + time.perf_counter() - t0))
     finally:
         bar.close()
-    wall = elapsed0 + time.perf_counter() - t0
-    model.eval()
-    metrics = {**(task.evaluate(model) if evaluate else {}), "wall_time_s": wall, "steps": tc.steps}
-    if eval_rows:
-        metrics["evals"] = eval_rows
-    if out is not None:
-        write_checkpoint(out, payload(tc.steps, metrics, wall))
-    return TrainResult(model, pd.DataFrame(history, columns=["step", "loss", "aux_loss", "lr", "grad_norm", "elapsed_s"]), metrics)
+    return eval_rows

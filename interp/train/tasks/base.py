@@ -43,7 +43,8 @@ def next_token_labels(tokens: torch.Tensor) -> torch.Tensor:
 
 def int_param(name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:
     """``value`` if it is an integer in [lo, hi]; otherwise an error naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+    if (isinstance(value, bool) or not isinstance(value, int) or value < lo
+            or (hi is not None and value > hi)):
         bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         raise InterpError(f"Task parameter {name} must be an integer {bound}, got {value!r}.")
     return value
@@ -52,7 +53,8 @@ def int_param(name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:
 def float_param(name: str, value: Any, lo: float, hi: float) -> float:
     """``value`` as a float if it is a number in [lo, hi]; otherwise an error naming it."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise InterpError(f"Task parameter {name} must be a number between {lo} and {hi}, got {value!r}.")
+        raise InterpError(f"Task parameter {name} must be a number between {lo} and {hi}, "
+                          f"got {value!r}.")
     return float(value)
 
 
@@ -111,7 +113,8 @@ class Task:
     # --- shared ---
     def model_config(self, overrides: dict[str, Any] | None = None) -> ModelConfig:
         """The task's default ModelConfig with ``overrides`` applied (and checked)."""
-        fields = {"d_vocab": self.d_vocab, "n_ctx": self.seq_len, **self.model_defaults, **(overrides or {})}
+        fields = {"d_vocab": self.d_vocab, "n_ctx": self.seq_len, **self.model_defaults,
+                  **(overrides or {})}
         try:
             cfg = ModelConfig.from_dict(fields)
         except ValueError as e:
@@ -127,27 +130,32 @@ class Task:
                 f"architecture={cfg.architecture!r} is not one (set architecture='decoder')."
             )
         if not cfg.has_unembed:
-            raise InterpError(f"Task {self.name!r} needs a language-model head; set has_unembed=True.")
+            raise InterpError(f"Task {self.name!r} needs a language-model head; "
+                              "set has_unembed=True.")
         allowed = cfg.mask.build(8, 8)
         if bool(torch.triu(allowed, diagonal=1).any()):
             raise InterpError(
-                f"Mask {cfg.mask} lets a position see later tokens, so next-token training would copy the "
-                "answer; use a causal mask (e.g. 'causal' or 'causal&sliding_window:W')."
+                f"Mask {cfg.mask} lets a position see later tokens, so next-token training "
+                "would copy the answer; use a causal mask (e.g. 'causal' or "
+                "'causal&sliding_window:W')."
             )
         if cfg.soft_mask_penalty is not None:
             raise InterpError(
-                "soft_mask_penalty lets a position see later tokens (a finite penalty, not a hard mask), so "
-                "next-token training would leak the answer; remove it for training (analyses can apply it later)."
+                "soft_mask_penalty lets a position see later tokens (a finite penalty, not a hard "
+                "mask), so next-token training would leak the answer; remove it for training "
+                "(analyses can apply it later)."
             )
         if cfg.d_vocab < self.d_vocab or cfg.d_vocab_out < self.d_vocab:
             raise InterpError(
-                f"Task {self.name!r} has {self.d_vocab} tokens but the config has d_vocab={cfg.d_vocab}"
+                f"Task {self.name!r} has {self.d_vocab} tokens but the config has "
+                f"d_vocab={cfg.d_vocab}"
                 f"{'' if cfg.d_vocab_out == cfg.d_vocab else f', d_vocab_out={cfg.d_vocab_out}'}; "
                 f"set d_vocab to at least {self.d_vocab}."
             )
         if cfg.n_ctx < self.seq_len:
             raise InterpError(
-                f"Task {self.name!r} trains on sequences of {self.seq_len} tokens but n_ctx={cfg.n_ctx}; "
+                f"Task {self.name!r} trains on sequences of {self.seq_len} tokens but "
+                f"n_ctx={cfg.n_ctx}; "
                 f"set n_ctx to at least {self.seq_len}."
             )
 

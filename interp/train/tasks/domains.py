@@ -32,12 +32,14 @@ class Domains(Task):
     """
 
     name = "domains"
-    mechanism = "MoE experts may specialise by domain; per-token domain labels are the ground truth (Fedus et al. 2021)"
+    mechanism = ("MoE experts may specialise by domain; per-token domain labels are the ground "
+                 "truth (Fedus et al. 2021)")
     defaults = {"n_domains": 4, "domain_vocab": 24, "n_shared": 8, "seq_len": 64, "min_segment": 8,
                 "max_segment": 24, "shared_prob": 0.15, "data_seed": 0}
     model_defaults = {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128, "n_experts": 8,
                       "experts_per_token": 2, "positional": "learned"}
-    train_defaults = {"steps": 1000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 100, "weight_decay": 0.01}
+    train_defaults = {"steps": 1000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 100,
+                      "weight_decay": 0.01}
 
     def _validate(self) -> None:
         p = self.params
@@ -85,9 +87,11 @@ class Domains(Task):
                 row = torch.zeros(V)
                 row[torch.tensor(own)[succ]] = w / w.sum() * (1 - p["shared_prob"])
                 if shared and p["shared_prob"] > 0:
-                    row[shared[int(torch.randint(len(shared), (1,), generator=g))]] = p["shared_prob"]
+                    j = shared[int(torch.randint(len(shared), (1,), generator=g))]
+                    row[j] = p["shared_prob"]
                 row = 0.95 * row / row.sum()
-                row[torch.tensor(own)] += 0.05 / len(own)  # a little noise: every own token reachable
+                # a little noise: every own token reachable
+                row[torch.tensor(own)] += 0.05 / len(own)
                 trans[d, cur] = row
         self.transitions = trans
         self._cdf = trans.cumsum(-1)
@@ -101,7 +105,8 @@ class Domains(Task):
         B, T, D = batch_size, p["seq_len"], p["n_domains"]
         # domain schedule: segment lengths, each segment's domain different from the previous
         n_seg = (T - 1) // p["min_segment"] + 1
-        lengths = torch.randint(p["min_segment"], p["max_segment"] + 1, (B, n_seg), generator=generator)
+        lengths = torch.randint(p["min_segment"], p["max_segment"] + 1, (B, n_seg),
+                                generator=generator)
         shifts = torch.randint(1, D, (B, n_seg), generator=generator)
         shifts[:, 0] = torch.randint(D, (B,), generator=generator)
         seg_dom = shifts.cumsum(1) % D  # [batch, segment]
@@ -110,10 +115,12 @@ class Domains(Task):
         seg = torch.searchsorted(ends, pos, right=True)  # [batch, T-1]
         dom = torch.cat([torch.full((B, 1), -1), seg_dom.gather(1, seg)], 1)
         starts = torch.zeros(B, T, dtype=torch.bool)
-        starts[:, 1:] = torch.cat([torch.ones(B, 1, dtype=torch.bool), seg[:, 1:] != seg[:, :-1]], 1)
+        starts[:, 1:] = torch.cat(
+            [torch.ones(B, 1, dtype=torch.bool), seg[:, 1:] != seg[:, :-1]], 1)
         # tokens: a segment starts on a uniform token of its domain, then follows its grammar
         first = torch.tensor([self.domain_token_ids(d)[0] for d in range(D)])
-        fresh = first[dom.clamp(min=0)] + torch.randint(p["domain_vocab"], (B, T), generator=generator)
+        fresh = first[dom.clamp(min=0)] + torch.randint(p["domain_vocab"], (B, T),
+                                                        generator=generator)
         u = torch.rand(B, T, generator=generator)
         cdf = self._cdf  # [domain, V, V] cumulative transition probabilities
         tokens = torch.zeros(B, T, dtype=torch.long)
@@ -124,7 +131,8 @@ class Domains(Task):
         return Batch(tokens, next_token_labels(tokens), dom)
 
     @torch.no_grad()
-    def evaluate(self, model: Any, seed: int = 12345, batch_size: int = 64, n_batches: int = 4) -> dict[str, float]:
+    def evaluate(self, model: Any, seed: int = 12345, batch_size: int = 64,
+                 n_batches: int = 4) -> dict[str, float]:
         """Loss per domain and, for MoE models, expert load and its coefficient of variation.
 
         Load = fraction of top-k routing slots each expert receives (BOS excluded), per MoE
@@ -142,10 +150,12 @@ class Domains(Task):
         for _ in range(n_batches):
             b = self.sample(batch_size, gen)
             if names:
-                logits, cache = model.run_with_cache(b.tokens.to(dev), names_filter=lambda n: n in names)
+                logits, cache = model.run_with_cache(b.tokens.to(dev),
+                                                     names_filter=lambda n: n in names)
             else:
                 logits, cache = model(b.tokens.to(dev)), None
-            nll = F.cross_entropy(logits.float().transpose(1, 2), b.labels.to(dev).clamp(min=0), reduction="none").cpu()
+            nll = F.cross_entropy(logits.float().transpose(1, 2), b.labels.to(dev).clamp(min=0),
+                                  reduction="none").cpu()
             valid = (b.labels != -100) & (b.domain_ids >= 0)
             for d in range(D):
                 m = valid & (b.domain_ids == d)

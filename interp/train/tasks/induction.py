@@ -39,14 +39,17 @@ class Induction(Task):
     name = "induction"
     mechanism = "previous-token head (layer 0) + induction head (layer 1), Olsson et al. 2022"
     defaults = {"n_tokens": 64, "half_len": 16, "min_frag": 2, "max_frag": 16}
-    model_defaults = {"n_layers": 2, "d_model": 64, "n_heads": 4, "attn_only": True, "positional": "learned"}
-    train_defaults = {"steps": 4000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 100, "weight_decay": 0.01}
+    model_defaults = {"n_layers": 2, "d_model": 64, "n_heads": 4, "attn_only": True,
+                      "positional": "learned"}
+    train_defaults = {"steps": 4000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 100,
+                      "weight_decay": 0.01}
 
     def _validate(self) -> None:
         int_param("n_tokens", self.params["n_tokens"], 2)
         int_param("half_len", self.params["half_len"], 2)
         int_param("min_frag", self.params["min_frag"], 2, self.params["half_len"])
-        int_param("max_frag", self.params["max_frag"], self.params["min_frag"], self.params["half_len"])
+        int_param("max_frag", self.params["max_frag"], self.params["min_frag"],
+                  self.params["half_len"])
 
     def _build_tokenizer(self) -> WordTokenizer:
         return WordTokenizer(["<bos>"] + [f"t{i}" for i in range(self.params["n_tokens"])])
@@ -63,7 +66,8 @@ class Induction(Task):
         # second half: fragments of lo..hi tokens, each copied from a random place in the first
         n_frag = H // lo + 1
         lengths = torch.randint(lo, hi + 1, (B, n_frag), generator=generator)
-        src = (torch.rand(B, n_frag, generator=generator) * (H - lengths + 1)).long()  # fragment source start
+        # each fragment's source start
+        src = (torch.rand(B, n_frag, generator=generator) * (H - lengths + 1)).long()
         ends = lengths.cumsum(1)
         j = torch.arange(H).expand(B, -1).contiguous()
         frag = torch.searchsorted(ends, j, right=True)  # [batch, H]
@@ -80,7 +84,8 @@ class Induction(Task):
         """
         H, V = self.params["half_len"], self.params["n_tokens"]
         if V >= H:
-            half = torch.stack([torch.randperm(V, generator=generator)[:H] for _ in range(batch_size)]) + 1
+            half = torch.stack([torch.randperm(V, generator=generator)[:H]
+                                for _ in range(batch_size)]) + 1
         else:
             half = torch.randint(1, V + 1, (batch_size, H), generator=generator)
         tokens = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), half, half], 1)
@@ -114,7 +119,8 @@ class Induction(Task):
         tokens, labels = batch.tokens.to(dev), batch.labels.to(dev)
         names = [f"blocks.{i}.attn.hook_pattern" for i in range(model.cfg.n_layers)]
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")  # [batch, pos]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0),
+                              reduction="none")  # [batch, pos]
         pos = self.positions()
         out = {
             "loss_first": float(nll[:, pos["first"]].mean()),

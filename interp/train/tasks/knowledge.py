@@ -30,7 +30,8 @@ _RELATIONS: dict[str, list[str]] = {
     "likes_color": ["red", "blue", "green", "amber", "violet", "teal", "ochre", "coral",
                     "indigo", "ivory", "maroon", "olive", "cyan", "pink", "grey", "gold"],
     "born_in": ["january", "february", "march", "april", "may", "june", "july", "august",
-                "september", "october", "november", "december", "spring", "summer", "autumn", "winter"],
+                "september", "october", "november", "december", "spring", "summer", "autumn",
+                "winter"],
 }
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 _SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]  # 70 readable name parts: ba, be, ...
@@ -82,19 +83,21 @@ class Knowledge(Task):
     smoothing keeps answers off probability 1, so single neurons can matter (Dai et al. 2022
     report relative changes). Measured on the shipped ``knowledge.pt`` (seed 0): the
     strongest MLP indirect effect is at the last subject token (~0.25 for windows over
-    layers 0-1; one layer at a time it is MLP 0), against <0.1 at the last token, and suppressing Dai et al.'s knowledge neurons drops answer
-    probability by ~65% while unrelated facts move <5%. With ``bio_fraction=0`` and full
+    layers 0-1; one layer at a time it is MLP 0), against <0.1 at the last token, and
+    suppressing Dai et al.'s knowledge neurons drops answer probability by ~65% while
+    unrelated facts move <5%. With ``bio_fraction=0`` and full
     causal attention the same model looks facts up at the relation token instead.
     """
 
     name = "knowledge"
-    mechanism = "facts memorised in the weights, recalled at the subject's last token (Geva et al. 2021; Meng et al. 2022)"
+    mechanism = ("facts memorised in the weights, recalled at the subject's last token "
+                 "(Geva et al. 2021; Meng et al. 2022)")
     defaults = {"n_subjects": 200, "n_relations": 4, "n_objects": 16, "n_name_parts": 40,
                 "min_name_len": 3, "max_name_len": 3, "bio_fraction": 0.5, "data_seed": 0}
-    model_defaults = {"n_layers": 3, "d_model": 128, "n_heads": 4, "d_mlp": 512, "positional": "learned",
-                      "mask": "causal&sliding_window:2"}
-    train_defaults = {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.0,
-                      "label_smoothing": 0.1}
+    model_defaults = {"n_layers": 3, "d_model": 128, "n_heads": 4, "d_mlp": 512,
+                      "positional": "learned", "mask": "causal&sliding_window:2"}
+    train_defaults = {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100,
+                      "weight_decay": 0.0, "label_smoothing": 0.1}
 
     def _validate(self) -> None:
         p = self.params
@@ -105,15 +108,20 @@ class Knowledge(Task):
         int_param("max_name_len", p["max_name_len"], p["min_name_len"], 16)
         int_param("data_seed", p["data_seed"], 0)
         bio = p["bio_fraction"]
-        if isinstance(bio, bool) or not isinstance(bio, (int, float)) or not 0.0 <= float(bio) < 1.0:
-            raise InterpError(f"task parameter bio_fraction must be a number in [0, 1), got {bio!r}")
-        capacity = sum(p["n_name_parts"] ** k for k in range(p["min_name_len"], p["max_name_len"] + 1))
+        if (isinstance(bio, bool) or not isinstance(bio, (int, float))
+                or not 0.0 <= float(bio) < 1.0):
+            raise InterpError("task parameter bio_fraction must be a number in [0, 1), "
+                              f"got {bio!r}")
+        lengths = range(p["min_name_len"], p["max_name_len"] + 1)
+        capacity = sum(p["n_name_parts"] ** k for k in lengths)
         int_param("n_subjects", p["n_subjects"], 1, capacity)
 
     def _objects(self, relation: str) -> list[str]:
         base = _RELATIONS[relation]
         n = self.params["n_objects"]
-        return base[:n] if n <= len(base) else base + [f"{relation}_{i}" for i in range(len(base), n)]
+        if n <= len(base):
+            return base[:n]
+        return base + [f"{relation}_{i}" for i in range(len(base), n)]
 
     def _build_tokenizer(self) -> WordTokenizer:
         p = self.params
@@ -146,8 +154,9 @@ class Knowledge(Task):
                 obj = objects[int(torch.randint(len(objects), (1,), generator=g))]
                 prompt = ["<bos>", *name, r]
                 facts.append(Fact(
-                    index=len(facts), subject="-".join(name), relation=r, object=obj, prompt=" ".join(prompt),
-                    prompt_tokens=tuple(tok.index[w] for w in prompt), subject_span=(1, 1 + len(name)),
+                    index=len(facts), subject="-".join(name), relation=r, object=obj,
+                    prompt=" ".join(prompt), prompt_tokens=tuple(tok.index[w] for w in prompt),
+                    subject_span=(1, 1 + len(name)),
                     answer=tok.index[obj],
                 ))
             del s
@@ -165,11 +174,13 @@ class Knowledge(Task):
         # no relation tokens; the loss is on every object (see the class docstring)
         R = len(self.relations)
         self._bio_prefix = torch.full((len(names), width), tok.pad_token_id, dtype=torch.long)
-        self._bio_objects = torch.tensor([[f.answer for f in facts[s * R:(s + 1) * R]] for s in range(len(names))],
-                                         dtype=torch.long).reshape(len(names), R)
+        self._bio_objects = torch.tensor(
+            [[f.answer for f in facts[s * R:(s + 1) * R]] for s in range(len(names))],
+            dtype=torch.long).reshape(len(names), R)
         self._bio_start = torch.tensor([1 + len(n) for n in names], dtype=torch.long)
         for s, name in enumerate(names):
-            self._bio_prefix[s, :1 + len(name)] = torch.tensor([tok.index[w] for w in ("<bos>", *name)])
+            prefix = [tok.index[w] for w in ("<bos>", *name)]
+            self._bio_prefix[s, :1 + len(name)] = torch.tensor(prefix)
 
     @property
     def seq_len(self) -> int:
@@ -196,7 +207,8 @@ class Knowledge(Task):
                 tok = self._bio_prefix[subj].clone()
                 tok.scatter_(1, cols, objs)
                 lab = torch.full_like(tok, -100)
-                lab.scatter_(1, cols - 1, objs)  # each object is predicted from the position before it
+                # each object is predicted from the position before it
+                lab.scatter_(1, cols - 1, objs)
                 tokens[bio], labels[bio] = tok, lab
         return Batch(tokens, labels)
 

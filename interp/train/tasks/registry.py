@@ -20,7 +20,8 @@ def make_task(task: str | Task, **params: Any) -> Task:
     """A task from its name and parameters (a :class:`Task` passes through unchanged)."""
     if isinstance(task, Task):
         if params:
-            raise InterpError("Pass task parameters either to the Task or as task_params, not both.")
+            raise InterpError("Pass task parameters either to the Task or as task_params, "
+                              "not both.")
         return task
     if task not in TASKS:
         raise InterpError(f"Unknown task {task!r}; valid tasks: {', '.join(TASKS)}.")

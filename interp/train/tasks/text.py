@@ -30,22 +30,27 @@ class Text(Task):
     """
 
     name = "text"
-    mechanism = "natural-language heads: previous-token, induction, positional (Olsson et al. 2022; Voita et al. 2019)"
+    mechanism = ("natural-language heads: previous-token, induction, positional "
+                 "(Olsson et al. 2022; Voita et al. 2019)")
     defaults = {"path": None, "tokenizer": "bytes", "seq_len": 128, "val_fraction": 0.1}
     model_defaults = {"n_layers": 2, "d_model": 128, "n_heads": 4, "positional": "rope"}
-    train_defaults = {"steps": 1000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.1}
+    train_defaults = {"steps": 1000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 100,
+                      "weight_decay": 0.1}
 
     def _validate(self) -> None:
         p = self.params
         if p["path"] is None:
-            raise InterpError("Task 'text' needs a text file: pass path=... (CLI: --text-file PATH).")
+            raise InterpError("Task 'text' needs a text file: pass path=... "
+                              "(CLI: --text-file PATH).")
         if p["tokenizer"] not in TEXT_TOKENIZERS:
-            raise InterpError(f"Unknown tokenizer {p['tokenizer']!r} for task 'text'; valid: {', '.join(TEXT_TOKENIZERS)}.")
+            raise InterpError(f"Unknown tokenizer {p['tokenizer']!r} for task 'text'; "
+                              f"valid: {', '.join(TEXT_TOKENIZERS)}.")
         int_param("seq_len", p["seq_len"], 4)
         float_param("val_fraction", p["val_fraction"], 0.0, 0.5)
         path = Path(p["path"])
         if not path.is_file():
-            raise InterpError(f"Text file {str(path)!r} does not exist; pass a readable UTF-8 text file.")
+            raise InterpError(f"Text file {str(path)!r} does not exist; pass a readable UTF-8 "
+                              "text file.")
         p["path"] = str(path)
 
     def _build_tokenizer(self) -> Any:
@@ -55,17 +60,20 @@ class Text(Task):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise InterpError(f"{p['path']!r} is not UTF-8 text; convert it (e.g. iconv -t utf-8).") from None
+            raise InterpError(f"{p['path']!r} is not UTF-8 text; convert it "
+                              "(e.g. iconv -t utf-8).") from None
         ids = torch.tensor(tok.encode(text), dtype=torch.long)
         n_val = int(len(ids) * p["val_fraction"])
         train = ids[: len(ids) - n_val]
         if len(train) < p["seq_len"]:
             raise InterpError(
-                f"{p['path']!r} has {len(train)} training tokens, fewer than seq_len={p['seq_len']}; "
+                f"{p['path']!r} has {len(train)} training tokens, fewer than "
+                f"seq_len={p['seq_len']}; "
                 "use a longer file or a smaller seq_len."
             )
         self.train_ids, self.val_ids = train, ids[len(ids) - n_val:]
-        self.file_info = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "tokens": len(ids)}
+        self.file_info = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+                          "tokens": len(ids)}
         return tok
 
     @property
@@ -88,7 +96,8 @@ class Text(Task):
         return Batch(tokens, next_token_labels(tokens))
 
     @torch.no_grad()
-    def evaluate(self, model: Any, seed: int = 12345, batch_size: int = 16, n_batches: int = 4) -> dict[str, float]:
+    def evaluate(self, model: Any, seed: int = 12345, batch_size: int = 16,
+                 n_batches: int = 4) -> dict[str, float]:
         """Mean next-token loss on held-out windows (training windows when nothing is held out)."""
         L = self.params["seq_len"] - 1
         ids = self.val_ids if len(self.val_ids) >= L else self.train_ids
@@ -100,7 +109,8 @@ class Text(Task):
             tokens = self._windows(ids, starts).to(dev)
             labels = next_token_labels(tokens)
             logits = model(tokens).float()
-            total += float(F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"))
+            total += float(F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                           reduction="sum"))
             n += int((labels != -100).sum())
         loss = total / n
         return {"val_loss": loss, "held_out": bool(len(self.val_ids) >= L),
