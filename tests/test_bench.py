@@ -1,4 +1,6 @@
-"""The bench harness compares like with like: the four ways compute the same outputs (no timing asserts)."""
+"""The bench harness compares like with like: the four ways compute the same outputs (no timing
+asserts). It lives in the checkout's bench/, outside the installed package; interp bench and
+python -m bench both run it."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import os
 import pytest
 import torch
 
-from analyses import bench
+import bench
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,9 @@ def small_ways():
 def test_four_ways_compute_identical_outputs(small_ways):
     hf, ways, notes = small_ways
     assert {"transformers", "interp", "transformer_lens"} <= set(ways)
-    tokens = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)
+    )
     diffs = bench.check_equivalence(ways, tokens, atol=1e-4)
     for tool, by_workload in diffs.items():
         assert set(by_workload) >= {"no_hooks", "attn_mlp", "patterns"}, tool
@@ -38,7 +42,9 @@ def test_equivalence_check_catches_a_different_model(small_ways):
         model.blocks[0].attn.o.weight.mul_(1.5)
     try:
         with pytest.raises(AssertionError, match="interp"):
-            bench.check_equivalence({"transformers": ways["transformers"], "interp": ways["interp"]}, tokens)
+            bench.check_equivalence(
+                {"transformers": ways["transformers"], "interp": ways["interp"]}, tokens
+            )
     finally:
         with torch.no_grad():
             model.blocks[0].attn.o.weight.div_(1.5)
@@ -60,8 +66,17 @@ def test_time_workload_reports_medians_and_ratios(small_ways):
 
 def test_table_names_a_failed_peer_instead_of_a_ratio():
     med = {"no_patterns": {"seconds": 1.0, "peak_mib": 700.0}}
-    result = {"workloads": {"long_context": {"smollm2-135m": {
-        "transformers": med, "transformer_lens": {"error": "killed by SIGKILL (out of memory?)"}, "interp": med}}}}
+    result = {
+        "workloads": {
+            "long_context": {
+                "smollm2-135m": {
+                    "transformers": med,
+                    "transformer_lens": {"error": "killed by SIGKILL (out of memory?)"},
+                    "interp": med,
+                }
+            }
+        }
+    }
     table = bench.format_table(result)
     assert "killed by SIGKILL (out of memory?)" in table and "TL failed; interp ran" in table
     assert "nan" not in table
@@ -78,15 +93,26 @@ def test_cli_rejects_unknown_workload():
 
 
 def test_isolated_worker_killed_by_a_signal_is_reported(monkeypatch):
-    """A peak-memory worker the kernel kills (out of memory) is named as such, not as its last log line."""
+    """A peak-memory worker the kernel kills (out of memory) is named as such, not as its last
+    log line."""
     import subprocess
 
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9, "", "Writing model shards: 100%"))
-    assert bench.run_isolated({"model": "gpt2-small", "tool": "interp", "workload": "long_context"}) == {
-        "error": "killed by SIGKILL (out of memory?)"}
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom\nValueError: bad"))
-    assert bench.run_isolated({"model": "gpt2-small", "tool": "interp", "workload": "long_context"}) == {
-        "error": "ValueError: bad"}
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(a, -9, "", "Writing model shards: 100%"),
+    )
+    assert bench.run_isolated(
+        {"model": "gpt2-small", "tool": "interp", "workload": "long_context"}
+    ) == {"error": "killed by SIGKILL (out of memory?)"}
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom\nValueError: bad"),
+    )
+    assert bench.run_isolated(
+        {"model": "gpt2-small", "tool": "interp", "workload": "long_context"}
+    ) == {"error": "ValueError: bad"}
 
 
 def test_equivalence_tolerance_scales_with_the_tensor():
@@ -158,11 +184,60 @@ def test_cuda_timing_and_peak_use_events_and_device_memory(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: allocated.__setitem__("peak", 0))
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda *a: allocated.__setitem__("peak", 0)
+    )
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: allocated["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: allocated["peak"])
-    monkeypatch.setattr(bench, "_status_kb", lambda *a: pytest.fail("the CUDA path must not read the process RSS"))
+    monkeypatch.setattr(
+        bench.memory,
+        "_status_kb",
+        lambda *a: pytest.fail("the CUDA path must not read the process RSS"),
+    )
     seconds, peak_mib = bench.measure_peak(fake_fn, "cuda")
     assert seconds == pytest.approx(1.5)
     assert peak_mib == pytest.approx(512.0)
     assert calls.index("fn") > calls.index("record") and calls[-1] == "sync"
+
+
+def test_help_is_the_same_from_interp_and_python_m_bench():
+    """`python -m bench --help` (from the repository root) and `interp bench --help` both work
+    and show the same options: they are one click command, defined in bench/cli.py."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from analyses.app.cli import cli
+
+    root = Path(bench.__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=root, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Usage: python -m bench [OPTIONS]")
+    via_interp = CliRunner().invoke(cli, ["bench", "--help"])
+    assert via_interp.exit_code == 0, via_interp.output
+    assert via_interp.output.startswith("Usage: interp bench [OPTIONS]")
+    # the same text after the usage line (wrapped to each one's terminal width)
+    texts = (via_interp.output, r.stdout)
+    body = ["".join(text.split("[OPTIONS]", 1)[1].split()) for text in texts]
+    assert body[0] == body[1]
+    for option in ("--models", "--workloads", "--cpu-linear", "--no-reuse-recorded-memory"):
+        assert option in r.stdout
+
+
+def test_interp_bench_without_a_checkout_says_where_to_get_it(tmp_path):
+    """A wheel install has no bench/ beside analyses/: interp bench fails with one clear line."""
+    from click.testing import CliRunner
+
+    from analyses.app.cli import CliError
+    from analyses.app.sections import bench as section
+
+    with pytest.raises(CliError, match="ships with the source checkout"):
+        section.bench_package(tmp_path)
+    assert section.bench_package() is bench  # the checkout's package, imported once
+    r = CliRunner().invoke(section.missing_command(), ["--rounds", "3"])
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "clone the repository" in lines[0]

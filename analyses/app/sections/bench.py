@@ -1,103 +1,82 @@
-"""``interp bench``: interp against plain transformers, TransformerLens and nnsight (see :mod:`analyses.bench`)."""
+"""``interp bench``: the benchmark harness of the source checkout (``bench/``), attached here.
+
+The harness is not part of the installed package (issue 17): it lives in ``bench/`` at the top
+of the repository, beside ``analyses/``. The project is installed editable from a checkout, so
+the checkout is the folder above the ``analyses`` package; when ``bench/`` is there, its command
+(:mod:`bench.cli`, which holds the options) becomes ``interp bench``. In a wheel install there is
+no checkout, and ``interp bench`` is a stub that says in one line where to get the benchmark.
+
+``bench`` is imported from its file, not from ``sys.path`` (an editable install maps only
+``interp`` and ``analyses``), and only when the command group loads its topics; nothing else in
+``analyses`` imports it, and ``interp`` never does.
+"""
 
 from __future__ import annotations
 
-import json
-import os
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import click
 
+import analyses
 from analyses.app.cli import CliError, cli
 
+CHECKOUT = Path(analyses.__file__).resolve().parent.parent
+MISSING = (
+    "interp bench: the benchmark harness ships with the source checkout, not with the installed "
+    "package; clone the repository, pip install -e '.[dev,peers]' in it, then run interp bench "
+    "(or python -m bench) there"
+)
 
-def _split(value: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
-    items = tuple(v.strip() for v in value.split(",") if v.strip())
-    bad = [v for v in items if v not in valid]
-    if bad or not items:
-        raise CliError(f"unknown {what} {', '.join(bad) or repr(value)}; valid: {', '.join(valid)}")
-    return items
+
+def bench_package(root: Path = CHECKOUT) -> ModuleType:
+    """The checkout's ``bench`` package, imported from ``root/bench``; CliError when absent."""
+    init = root / "bench" / "__init__.py"
+    if not init.is_file():
+        raise CliError(MISSING)
+    loaded = sys.modules.get("bench")
+    if loaded is not None:  # e.g. python -m bench, or a test that put the checkout on sys.path
+        if Path(getattr(loaded, "__file__", "") or "").resolve() == init.resolve():
+            return loaded
+        raise CliError(f"interp bench: another module named bench is imported ({loaded!r})")
+    spec = importlib.util.spec_from_file_location(
+        "bench", init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["bench"]
+        raise
+    return module
 
 
-@cli.command("bench")
-@click.option("--models", default="gpt2-small,smollm2-135m", show_default=True, help="Comma-separated: gpt2-small, smollm2-135m.")
-@click.option("--workloads", default="no_hooks,attn_mlp,patterns,cache_all,long_context,streaming", show_default=True,
-              help="Comma-separated workloads.")
-@click.option("--tools", default="transformers,transformer_lens,nnsight,interp", show_default=True,
-              help="Comma-separated tools; missing optional peers are skipped with a note.")
-@click.option("--rounds", default=7, show_default=True, type=click.IntRange(1, 1000), help="Interleaved timing rounds.")
-@click.option("--long-tokens", default=4096, show_default=True, type=click.IntRange(16, 1 << 16), help="Long-context length.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (CUDA events time GPU runs).")
-@click.option("--threads", default=0, type=click.IntRange(0, 1024), help="torch threads (0 = torch's default).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--keep-freed-memory", is_flag=True,
-              help="Call interp.keep_freed_memory() first (glibc keeps freed memory for reuse; all tools benefit). "
-                   "Timed workloads only: peak-memory workers always run with the default allocator.")
-@click.option("--no-reuse-recorded-memory", is_flag=True,
-              help="Turn off interp's default of keeping a recorded cache's freed memory for the next recording "
-                   "(glibc trims freed memory again, as before change 6 in BENCHMARKS.md).")
-@click.option("--cpu-linear", type=click.Choice(["onednn", "aten"]), default=None,
-              help="interp's float32 CPU linear kernel without autograd: oneDNN (interp's default) or F.linear "
-                   "(MKL, what the peers run; change 9 in BENCHMARKS.md). Default: INTERP_CPU_LINEAR, else oneDNN.")
-@click.option("--quiet", is_flag=True, help="Print only the table.")
-def bench_cmd(models: str, workloads: str, tools: str, rounds: int, long_tokens: int, device: str, threads: int,
-              json_path: Path | None, seed: int, keep_freed_memory: bool, no_reuse_recorded_memory: bool,
-              cpu_linear: str | None, quiet: bool) -> None:
-    """Time interp against plain transformers, TransformerLens and nnsight on the same weights.
+def missing_command(message: str = MISSING) -> click.Command:
+    """``interp bench`` without a checkout: any arguments, one error line, exit code 2."""
 
-    Interleaved rounds after warm-up; medians and per-round ratios to plain transformers
-    without hooks; peak memory of long-context and streaming workloads in their own processes.
+    @click.command(
+        "bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+    )
+    def bench_cmd() -> None:
+        """Time interp against its peers (needs the source checkout; see BENCHMARKS.md)."""
+        raise CliError(message)
 
-    \b
-    Example:
-      interp bench --models gpt2-small --rounds 5 --json bench.json
-    """
-    import torch
+    return bench_cmd
 
-    from analyses import bench
 
-    ms = _split(models, bench.MODELS, "model")
-    ws = _split(workloads, bench.WORKLOADS, "workload")
-    ts = _split(tools, bench.TOOLS, "tool")
-    if "transformers" not in ts or "interp" not in ts:
-        raise CliError("--tools must include transformers (the reference) and interp")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    if json_path is not None and not json_path.parent.exists():
-        raise CliError(f"--json folder {json_path.parent} does not exist; create it first")
-    if threads:
-        torch.set_num_threads(threads)
-    import interp
-    from interp.perf import kernels, memory
+def _attach() -> None:
+    """``interp bench``: the checkout's command, or the stub that says where to get it."""
+    try:
+        bench_package()
+    except CliError as e:
+        cli.add_command(missing_command(e.format_message()))
+        return
+    cli.add_command(importlib.import_module("bench.cli").bench_cmd)
 
-    if cpu_linear is not None:
-        kernels.use_onednn_linear(cpu_linear == "onednn")
-        os.environ["INTERP_CPU_LINEAR"] = cpu_linear  # the peak-memory worker processes too
 
-    if keep_freed_memory and no_reuse_recorded_memory:
-        raise CliError("--keep-freed-memory and --no-reuse-recorded-memory contradict each other; pass one")
-    if no_reuse_recorded_memory:
-        memory.reuse_recorded_memory(False)
-        os.environ["INTERP_REUSE_CACHE_MEMORY"] = "0"  # and in the peak-memory worker processes
-        allocator = "glibc default (interp's reuse of recorded memory off)"
-    elif memory.reuses_recorded_memory():
-        allocator = "glibc, freed memory up to 2x interp's largest recorded cache kept (interp's default)"
-    else:
-        allocator = "default"
-    if keep_freed_memory:
-        if not interp.keep_freed_memory():
-            raise CliError("--keep-freed-memory needs glibc (Linux); run without it on this platform")
-        allocator = "glibc, freed memory kept (interp.keep_freed_memory)"
-    say = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    result = bench.run_bench(models=ms, workloads=ws, tools=ts, rounds=rounds, device=device, long_tokens=long_tokens,
-                             progress=say, seed=seed)
-    result["machine"]["allocator"] = allocator
-    result["machine"]["interp_cpu_linear"] = "oneDNN" if kernels.uses_onednn_linear() else "F.linear (MKL)"
-    click.echo(bench.format_table(result))
-    for note in result["notes"]:
-        click.echo(f"note: {note}")
-    if json_path is not None:
-        tmp = json_path.with_suffix(json_path.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(json_path)
+_attach()
