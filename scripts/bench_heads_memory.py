@@ -11,7 +11,8 @@ frames that would grow with the corpus, not torch's buffers), wall time and toke
 Usage::
 
     python scripts/bench_heads_memory.py                       # MiniLM, tests/data sentences x 25
-    python scripts/bench_heads_memory.py --conllu ../shared/data/en_ewt-ud-dev.conllu --base-sentences 500
+    python scripts/bench_heads_memory.py --conllu ../shared/data/en_ewt-ud-dev.conllu \
+        --base-sentences 500
     python scripts/bench_heads_memory.py --model smollm2-135m --json out.json
 """
 
@@ -81,20 +82,37 @@ def child(args: argparse.Namespace) -> None:
         reset = False
     tracemalloc.start()
     t0 = time.perf_counter()
-    res = heads.analyze(model, sentences=parses.read_conllu(args.corpus), n_random=args.n_random,
-                        batch_size=args.batch_size, max_tokens=10**12)
+    res = heads.analyze(
+        model,
+        sentences=parses.read_conllu(args.corpus),
+        n_random=args.n_random,
+        batch_size=args.batch_size,
+        max_tokens=10**12,
+    )
     wall = time.perf_counter() - t0
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(json.dumps({
-        "sentences": args.sentences, "tokens": res.info["n_tokens"], "pairs": res.info.get("n_pairs", 0),
-        "rss_after_load_mb": rss_load / 1024, "peak_rss_mb": _status_kb("VmHWM") / 1024, "peak_reset": reset,
-        "tracemalloc_peak_mb": py_peak / 2**20, "wall_s": wall, "tokens_per_s": res.info["n_tokens"] / wall,
-    }))
+    print(
+        json.dumps(
+            {
+                "sentences": args.sentences,
+                "tokens": res.info["n_tokens"],
+                "pairs": res.info.get("n_pairs", 0),
+                "rss_after_load_mb": rss_load / 1024,
+                "peak_rss_mb": _status_kb("VmHWM") / 1024,
+                "peak_reset": reset,
+                "tracemalloc_peak_mb": py_peak / 2**20,
+                "wall_s": wall,
+                "tokens_per_s": res.info["n_tokens"] / wall,
+            }
+        )
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="minilm")
     p.add_argument("--conllu", type=Path, default=DEFAULT_CONLLU, help="source sentences (cycled)")
     p.add_argument("--base-sentences", type=int, default=500, help="sentences in the 1x corpus")
@@ -116,23 +134,44 @@ def main() -> None:
             n = args.base_sentences * factor
             corpus = Path(tmp) / f"corpus_{factor}x.conllu"
             _write_corpus(args.conllu, args.base_sentences, factor, corpus)
-            cmd = [sys.executable, __file__, "--child", "--model", args.model, "--corpus", str(corpus),
-                   "--sentences", str(n), "--batch-size", str(args.batch_size), "--n-random", str(args.n_random),
-                   "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--model",
+                args.model,
+                "--corpus",
+                str(corpus),
+                "--sentences",
+                str(n),
+                "--batch-size",
+                str(args.batch_size),
+                "--n-random",
+                str(args.n_random),
+                "--threads",
+                str(args.threads),
+            ]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             row["factor"] = factor
             rows.append(row)
-            print(f"{factor:>3}x  {row['sentences']:>6} sentences {row['tokens']:>8} tokens  peak RSS "
-                  f"{row['peak_rss_mb']:8.1f} MB (after load {row['rss_after_load_mb']:8.1f} MB, +"
-                  f"{row['peak_rss_mb'] - row['rss_after_load_mb']:6.1f})  tracemalloc peak "
-                  f"{row['tracemalloc_peak_mb']:6.2f} MB  {row['wall_s']:7.1f} s  {row['tokens_per_s']:8.0f} tok/s",
-                  flush=True)
+            print(
+                f"{factor:>3}x  {row['sentences']:>6} sentences {row['tokens']:>8} tokens  "
+                f"peak RSS {row['peak_rss_mb']:8.1f} MB "
+                f"(after load {row['rss_after_load_mb']:8.1f} MB, +"
+                f"{row['peak_rss_mb'] - row['rss_after_load_mb']:6.1f})  tracemalloc peak "
+                f"{row['tracemalloc_peak_mb']:6.2f} MB  {row['wall_s']:7.1f} s  "
+                f"{row['tokens_per_s']:8.0f} tok/s",
+                flush=True,
+            )
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
-        print(f"peak RSS growth {b['factor']}x vs {a['factor']}x: {b['peak_rss_mb'] - a['peak_rss_mb']:+.1f} MB; "
-              f"tracemalloc peak {b['tracemalloc_peak_mb'] - a['tracemalloc_peak_mb']:+.2f} MB")
+        print(
+            f"peak RSS growth {b['factor']}x vs {a['factor']}x: "
+            f"{b['peak_rss_mb'] - a['peak_rss_mb']:+.1f} MB; "
+            f"tracemalloc peak {b['tracemalloc_peak_mb'] - a['tracemalloc_peak_mb']:+.2f} MB"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2), encoding="utf-8")
 
