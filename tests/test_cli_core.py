@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import analyses.app.cli as cli_mod
+import analyses.app.common as cli_mod
 from analyses.app.cli import cli
 from analyses.app.report import Section
 from analyses.app.sections import SECTIONS, SectionSpec, load_topics
@@ -350,3 +350,48 @@ def test_real_bad_config_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"n_layers": 2, "d_model": 30, "n_heads": 4}))
     assert_user_error(invoke("info", bad))
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _machine_paths_in(folder: Path, *paths: Path) -> list[str]:
+    """Each (text file, path) where a written text file names one of ``paths``."""
+    hits = []
+    for f in sorted(folder.rglob("*")):
+        if f.suffix in (".md", ".html", ".json", ".csv", ".svg"):
+            text = f.read_text(encoding="utf-8")
+            hits += [f"{f.relative_to(folder)}: {p}" for p in paths if str(p) in text]
+    return hits
+
+
+@core
+def test_reports_carry_no_machine_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17 item 8: absolute --out, model and data paths never reach a report's text.
+
+    The model lies outside the working directory (shown by its file name), --out and the
+    text file inside it (shown relative to it); the packaged MiniLM's folder (inside the
+    installed package, recorded in its config) is shown relative to site-packages."""
+    work, elsewhere = tmp_path / "work", tmp_path / "models"
+    work.mkdir()
+    elsewhere.mkdir()
+    model = elsewhere / "tiny.json"
+    model.write_text(json.dumps({"n_layers": 2, "d_model": 32, "n_heads": 4, "d_vocab": 300,
+                                 "n_ctx": 64}))
+    text = work / "sample.txt"
+    text.write_text("the cat sat on the mat\nthe dog sat on the log\n")
+    monkeypatch.chdir(work)
+    runs = [
+        ("report", model, "--max-tokens", "64"),
+        ("plot", model, "--text", "the cat sat", "--layer", "1"),
+        ("heads", "minilm", "--text", text, "--max-tokens", "64", "--n-random", "2"),
+    ]
+    for i, (command, *args) in enumerate(runs):
+        out = work / "reports" / f"r{i}"
+        result = invoke(command, *args, "--out", out, "-q", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        assert _machine_paths_in(out, tmp_path, REPO) == []
+        run = json.loads((out / "run.json").read_text())
+        assert f"reports/r{i}" in run["command"]
+    run = json.loads((work / "reports" / "r0" / "run.json").read_text())
+    assert run["model"]["source"] == "tiny.json" and run["title"] == "interp report: tiny.json"

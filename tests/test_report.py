@@ -197,3 +197,30 @@ def test_markdown_subset() -> None:
     assert "<ol><li>first</li>" in html.replace("\n", "")
     assert "<pre><code>code &lt;here&gt;</code></pre>" in html
     assert "<script>" not in markdown_to_html("<script>alert(1)</script>")
+
+
+def test_no_machine_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Absolute paths in the source, command and config are shown relative to the working
+    directory when under it, else by their base name (issue 17 item 8)."""
+    from analyses.app.paths import shown_argv, shown_path
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    model, conllu = tmp_path / "models" / "tiny.json", work / "data" / "dev.conllu"
+    assert shown_path(model) == "tiny.json" and shown_path(str(conllu)) == "data/dev.conllu"
+    assert shown_path("minilm") == "minilm" and shown_path("../x.pt") == "../x.pt"
+    assert shown_argv(["interp", f"--out={work / 'r'}", "--text", "/ not a path"]) == [
+        "interp", "--out=r", "--text", "/ not a path"]
+    report = Report("interp test", model_source=str(model),
+                    model_config={"n_layers": 2, "extra": {"source": str(model.parent)}},
+                    seed=0, command=["interp", "heads", str(model), "--conllu", str(conllu),
+                                     "--out", str(work / "rep")])
+    report.add(make_section())
+    out = report.write(work / "rep")
+    for name in ("index.md", "index.html", "run.json"):
+        assert str(tmp_path) not in (out / name).read_text(), name
+    info = json.loads((out / "run.json").read_text())
+    assert info["command"] == "interp heads tiny.json --conllu data/dev.conllu --out rep"
+    assert info["model"] == {"source": "tiny.json",
+                             "config": {"n_layers": 2, "extra": {"source": "models"}}}

@@ -1,0 +1,57 @@
+"""``interp info``: a model's architecture, variant choices, size and hook names.
+
+The quickest look at a model before analysing it: what the loader made of MODEL (every
+variant choice is a config field) and which hook names to use from Python.
+"""
+
+from __future__ import annotations
+
+import click
+
+from analyses.app import common
+from analyses.app.overview import hook_names, param_count
+
+__all__ = ["info_cmd"]
+
+
+@click.command("info")
+@common.model_argument()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")
+def info_cmd(model: str, as_json: bool) -> None:
+    """Show MODEL's architecture, variant choices, parameter count and hook names.
+
+    \b
+    Example:
+      interp info                      # the packaged MiniLM
+      interp info smollm2-135m
+      interp info my_config.json --json
+    """
+    import json
+
+    # common.load_model, looked up when called, so a test can substitute a stand-in model.
+    m = common.load_model(model, "cpu", "float32", seed=0)
+    cfg = common.model_config(m)
+    outside, first = hook_names(m)
+    n_params = param_count(m)
+    if as_json:
+        from analyses.app.report import _json_safe
+
+        click.echo(json.dumps(_json_safe({
+            "model": model, "parameters": n_params, "config": cfg,
+            "hooks": {"model": outside, "layer_0": first},
+            "n_hooks": len(getattr(m, "hook_dict", {})),
+        }), indent=2))
+        return
+    click.echo(f"model       {model}")
+    click.echo(f"class       {type(m).__name__}")
+    click.echo(f"parameters  {n_params:,}")
+    click.echo("config:")
+    width = max((len(k) for k in cfg), default=0)
+    for key, value in cfg.items():
+        click.echo(f"  {key:<{width}}  {value}")
+    click.echo(f"hooks ({len(getattr(m, 'hook_dict', {}))} in all), outside the layers:")
+    for name in outside:
+        click.echo(f"  {name}")
+    click.echo("hooks of layer 0 (MoE layers add router and expert hooks):")
+    for name in first:
+        click.echo(f"  {name}")
