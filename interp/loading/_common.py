@@ -47,21 +47,25 @@ class Tensors:
     def has(self, name: str, absolute: bool = False) -> bool:
         return self.full(name, absolute) in self._keys
 
-    def take(self, name: str, shape: tuple[int, ...] | None = None, absolute: bool = False) -> torch.Tensor:
+    def take(self, name: str, shape: tuple[int, ...] | None = None,
+             absolute: bool = False) -> torch.Tensor:
         """The tensor ``prefix + name`` (``name`` itself when ``absolute``), shape-checked."""
         key = self.full(name, absolute)
         if key not in self._keys:
             want = f" (expected shape {list(shape)})" if shape is not None else ""
-            raise InterpError(f"Checkpoint is missing tensor {key!r}{want}; the file does not match its config.")
+            raise InterpError(f"Checkpoint is missing tensor {key!r}{want}; the file does not "
+                              "match its config.")
         t = self._t[key]
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t)
         if shape is not None and _shape(t) != tuple(shape):
-            raise InterpError(f"Checkpoint tensor {key!r} has shape {list(t.shape)}, expected {list(shape)} from the config.")
+            raise InterpError(f"Checkpoint tensor {key!r} has shape {list(t.shape)}, expected "
+                              f"{list(shape)} from the config.")
         self._used.add(key)
         return t
 
-    def take_opt(self, name: str, shape: tuple[int, ...] | None = None, absolute: bool = False) -> torch.Tensor | None:
+    def take_opt(self, name: str, shape: tuple[int, ...] | None = None,
+                 absolute: bool = False) -> torch.Tensor | None:
         return self.take(name, shape, absolute) if self.has(name, absolute) else None
 
     def skip(self, name: str, absolute: bool = False) -> None:
@@ -73,8 +77,9 @@ class Tensors:
         extra = sorted(self._keys - self._used - self._ignored)
         if extra:
             more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
-            raise InterpError(f"Checkpoint has unexpected tensor(s) {', '.join(repr(k) for k in extra[:5])}{more}; "
-                              "the file does not match its config (or this family's converter).")
+            names = ", ".join(repr(k) for k in extra[:5])
+            raise InterpError(f"Checkpoint has unexpected tensor(s) {names}{more}; the file does "
+                              "not match its config (or this family's converter).")
 
 
 def detect_prefix(keys: Any, candidates: tuple[str, ...], probe: str) -> str:
@@ -96,11 +101,13 @@ def hf_get(hf: Any, name: str, default: Any = None) -> Any:
 def hf_require(hf: Any, name: str) -> Any:
     v = hf_get(hf, name)
     if v is None:
-        raise InterpError(f"config.json has no {name!r}; it is required for model_type {hf_get(hf, 'model_type')!r}.")
+        raise InterpError(f"config.json has no {name!r}; it is required for model_type "
+                          f"{hf_get(hf, 'model_type')!r}.")
     return v
 
 
-HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration", "ForPreTraining")
+HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration",
+                 "ForPreTraining")
 
 
 def has_lm_head(hf: Any, default: bool = True) -> bool:
@@ -116,9 +123,12 @@ def rope_theta(hf: Any, default: float = 10000.0) -> float:
     """RoPE base from transformers 5's ``rope_parameters`` (or 4.x ``rope_theta``); scaled RoPE
     variants (linear, dynamic, yarn, llama3) are not implemented and are rejected."""
     params = hf_get(hf, "rope_parameters") or hf_get(hf, "rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, Mapping) else "default"
+    kind = "default"
+    if isinstance(params, Mapping):
+        kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", None):
-        raise InterpError(f"RoPE scaling {kind!r} is not supported; only plain RoPE ('default') is implemented.")
+        raise InterpError(f"RoPE scaling {kind!r} is not supported; only plain RoPE ('default') "
+                          "is implemented.")
     theta = params.get("rope_theta") if isinstance(params, Mapping) else None
     if theta is None:
         theta = hf_get(hf, "rope_theta", default)
@@ -134,16 +144,19 @@ def rope_partial_factor(hf: Any) -> float:
 
 
 ACTS = {
-    "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+    "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
     "relu": "relu", "silu": "silu", "swish": "silu",
 }
 
 
 def act_name(hf_act: str, gated: bool = False) -> str:
-    """transformers' ``hidden_act`` -> our ``act`` (gated FFNs map silu -> swiglu, gelu -> geglu)."""
+    """transformers' ``hidden_act`` -> our ``act`` (gated FFNs map silu -> swiglu, gelu ->
+    geglu)."""
     base = ACTS.get(str(hf_act))
     if base is None:
-        raise InterpError(f"Activation {hf_act!r} is not supported; supported: {', '.join(sorted(ACTS))}.")
+        raise InterpError(f"Activation {hf_act!r} is not supported; "
+                          f"supported: {', '.join(sorted(ACTS))}.")
     if not gated:
         return base
     return {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}[base]
@@ -188,8 +201,8 @@ def _fill_computed_buffers(model: nn.Module) -> None:
 
 
 def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer: Any = None,
-             device: Any = None, dtype: torch.dtype | None = None, source: str = "converted weights",
-             copy: bool = False) -> Any:
+             device: Any = None, dtype: torch.dtype | None = None,
+             source: str = "converted weights", copy: bool = False) -> Any:
     """Build the model for ``cfg`` and assign ``state_dict`` into it (every key checked).
 
     ``copy=True`` when the tensors belong to someone else (an in-memory transformers model), so
@@ -199,13 +212,14 @@ def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
-        raise InterpError(f"The {source} do not fit the model of its config: missing tensor(s) {missing[:3]}, "
-                          f"unexpected tensor(s) {unexpected[:3]}.")
+        raise InterpError(f"The {source} do not fit the model of its config: missing tensor(s) "
+                          f"{missing[:3]}, unexpected tensor(s) {unexpected[:3]}.")
     dtype = dtype or torch.float32
     fixed: dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise InterpError(f"Tensor {k!r} of the {source} has shape {list(v.shape)}, the model expects {list(own[k].shape)}.")
+            raise InterpError(f"Tensor {k!r} of the {source} has shape {list(v.shape)}, the model "
+                              f"expects {list(own[k].shape)}.")
         fixed[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=copy)
     del state_dict
     model.load_state_dict(fixed, assign=True, strict=True)

@@ -42,8 +42,8 @@ BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
+TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+             "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
 
 def reverse_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -74,7 +74,8 @@ def _dequant_fast(raw: np.ndarray, qtype: int) -> torch.Tensor | None:
         blk = b.reshape(-1, size)
         d = blk[:, :2].contiguous().view(torch.float16).float()
         qs = blk[:, size - 16:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # low nibbles are values 0..15, high 16..31
+        # low nibbles are values 0..15, high 16..31
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
         if qtype == 2:
             return (d * (q - 8.0)).reshape(*rows, -1)
         m = blk[:, 2:4].contiguous().view(torch.float16).float()
@@ -92,7 +93,8 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
 
 
 class TensorInfo(NamedTuple):
@@ -114,14 +116,18 @@ class GGUFFile:
         import struct
 
         self.path = path
-        mm = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+        if path.stat().st_size:
+            mm = np.memmap(path, dtype=np.uint8, mode="r")
+        else:
+            mm = np.zeros(0, np.uint8)
         buf = memoryview(mm)  # the header only; tensor data is read with pread (see raw)
         size = len(buf)
         pos = 0
 
         def need(n: int) -> None:
             if pos + n > size:
-                raise InterpError(f"GGUF file {str(path)!r} is truncated ({size} bytes; its header runs past the end).")
+                raise InterpError(f"GGUF file {str(path)!r} is truncated ({size} bytes; its "
+                                  "header runs past the end).")
 
         def scalar(fmt: str) -> Any:
             nonlocal pos
@@ -147,7 +153,8 @@ class GGUFFile:
             if vtype == 9:
                 etype, n = scalar("<I"), scalar("<Q")
                 return [value(etype) for _ in range(n)]
-            raise InterpError(f"GGUF file {str(path)!r} has an unknown value type {vtype} (corrupt file?).")
+            raise InterpError(f"GGUF file {str(path)!r} has an unknown value type {vtype} "
+                              "(corrupt file?).")
 
         need(4)
         if bytes(buf[:4]) != b"GGUF":
@@ -172,8 +179,8 @@ class GGUFFile:
         for t in self.tensors:
             end = self.data_start + t.offset + self._nbytes(t)
             if end > size:
-                raise InterpError(f"GGUF file {str(path)!r} is truncated: tensor {t.name!r} ends at byte {end}, "
-                                  f"the file has {size}.")
+                raise InterpError(f"GGUF file {str(path)!r} is truncated: tensor {t.name!r} ends "
+                                  f"at byte {end}, the file has {size}.")
 
     @staticmethod
     def _nbytes(t: TensorInfo) -> int:
@@ -182,7 +189,8 @@ class GGUFFile:
         try:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t.ggml_type)]
         except (ValueError, KeyError):
-            raise InterpError(f"GGUF tensor {t.name!r} has an unknown type {t.ggml_type}.") from None
+            raise InterpError(f"GGUF tensor {t.name!r} has an unknown type "
+                              f"{t.ggml_type}.") from None
         n = int(np.prod(t.dims)) if t.dims else 1
         return n // block * type_size
 
@@ -197,7 +205,8 @@ class GGUFFile:
         finally:
             os.close(fd)
         if got != n:
-            raise InterpError(f"GGUF file {str(self.path)!r} ended while reading tensor {t.name!r}.")
+            raise InterpError(f"GGUF file {str(self.path)!r} ended while reading tensor "
+                              f"{t.name!r}.")
         rows = tuple(reversed(t.dims[1:]))
         return data.reshape(*rows, -1) if rows else data
 
@@ -219,12 +228,15 @@ def hf_config_dict(reader: GGUFFile) -> dict[str, Any]:
     """The transformers-style config a GGUF file's metadata describes."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise InterpError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}.")
+        raise InterpError(f"GGUF architecture {arch!r} is not supported; "
+                          f"supported: {', '.join(SUPPORTED_ARCHS)}.")
     a = f"{arch}."
-    req = {k: _field(reader, a + k) for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")}
+    required = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+    req = {k: _field(reader, a + k) for k in required}
     missing = [k for k, v in req.items() if v is None]
     if missing:
-        raise InterpError(f"GGUF metadata lacks {', '.join(a + m for m in missing)}; the file is incomplete.")
+        raise InterpError(f"GGUF metadata lacks {', '.join(a + m for m in missing)}; "
+                          "the file is incomplete.")
     names = {t.name for t in reader.tensors}
     n_heads = int(req["attention.head_count"])
     d = int(req["embedding_length"])
@@ -273,9 +285,11 @@ class GGUFTensors(Mapping):
         try:
             out = _dequant_fast(raw, t.ggml_type)
             if out is None:
-                out = torch.from_numpy(np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32))
+                ref = np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32)
+                out = torch.from_numpy(ref)
         except Exception as e:
-            raise InterpError(f"Cannot dequantise GGUF tensor {t.name!r} ({qtype.name}) in {str(self._path)!r}: {e}") from None
+            raise InterpError(f"Cannot dequantise GGUF tensor {t.name!r} ({qtype.name}) in "
+                              f"{str(self._path)!r}: {e}") from None
         if key.endswith("self_attn.q_proj.weight"):
             out = reverse_permute(out, self._cfg["num_attention_heads"])
         elif key.endswith("self_attn.k_proj.weight"):
@@ -304,7 +318,8 @@ def gguf_tokenizer(path: Path) -> Any:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 local_files_only=True)
         except Exception as e:
             raise InterpError(f"Cannot build the tokenizer stored in {str(path)!r}: {e}") from None
     try:
@@ -330,10 +345,12 @@ def _tokenizer_state(path: str, mtime_ns: int, size: int) -> tuple[str, dict[str
     own tokenizer object (padding_side and friends are mutable)."""
     tok = gguf_tokenizer(Path(path))
     keys = ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template")
-    return tok.backend_tokenizer.to_str(), {k: getattr(tok, k, None) for k in keys if getattr(tok, k, None) is not None}
+    special = {k: getattr(tok, k, None) for k in keys if getattr(tok, k, None) is not None}
+    return tok.backend_tokenizer.to_str(), special
 
 
-def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None, dtype: torch.dtype | None = None) -> Any:
+def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
+              dtype: torch.dtype | None = None) -> Any:
     """A GGUF file as a model with its tokenizer (``model.prepend_bos`` follows the file's
     ``tokenizer.ggml.add_bos_token``: SmolLM2's BOS is a chat marker, not a start of text).
 
@@ -352,10 +369,12 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None, dtype: 
     hf = hf_config_dict(reader)
     fam = get_family(hf["model_type"])
     cfg = fam.config_from_hf(hf)
-    cfg = apply_overrides(dataclasses.replace(cfg, extra={**cfg.extra, "source": str(path)}), fields)
+    cfg = dataclasses.replace(cfg, extra={**cfg.extra, "source": str(path)})
+    cfg = apply_overrides(cfg, fields)
     sd = fam.convert_state_dict(GGUFTensors(reader, hf, path), cfg)
     tok_json, special = _tokenizer_state(*key)
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok_json), **special)
-    model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype, source=f"GGUF file {path.name!r}")
+    model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype,
+                     source=f"GGUF file {path.name!r}")
     model.prepend_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", True))
     return model

@@ -18,7 +18,8 @@ import torch
 
 from interp.errors import InterpError
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 _ST_DTYPES = {
@@ -46,15 +47,17 @@ class SafetensorsFile:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise InterpError(f"Safetensors file {str(path)!r} is truncated ({size} bytes, no header).")
+                raise InterpError(f"Safetensors file {str(path)!r} is truncated ({size} bytes, "
+                                  "no header).")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise InterpError(f"Safetensors file {str(path)!r} is truncated or corrupt: its header claims {n} bytes, "
-                                  f"the file has {size}.")
+                raise InterpError(f"Safetensors file {str(path)!r} is truncated or corrupt: its "
+                                  f"header claims {n} bytes, the file has {size}.")
             try:
                 header = json.loads(f.read(n).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise InterpError(f"Safetensors file {str(path)!r} has a corrupt header: {_first_line(e)}") from None
+                raise InterpError(f"Safetensors file {str(path)!r} has a corrupt header: "
+                                  f"{_first_line(e)}") from None
         header.pop("__metadata__", None)
         self.base = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
@@ -64,15 +67,17 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in e["data_offsets"])
                 shape = tuple(int(x) for x in e["shape"])
             except (KeyError, TypeError, ValueError):
-                raise InterpError(f"Safetensors file {str(path)!r}: tensor {name!r} has an unreadable header entry.") from None
+                raise InterpError(f"Safetensors file {str(path)!r}: tensor {name!r} has an "
+                                  "unreadable header entry.") from None
             if self.base + end > size:
-                raise InterpError(f"Safetensors file {str(path)!r} is truncated: tensor {name!r} ends at byte "
-                                  f"{self.base + end}, the file has {size}.")
+                raise InterpError(f"Safetensors file {str(path)!r} is truncated: tensor {name!r} "
+                                  f"ends at byte {self.base + end}, the file has {size}.")
             numel = 1
             for d in shape:
                 numel *= d
             if (end - begin) != numel * torch.empty((), dtype=dtype).element_size():
-                raise InterpError(f"Safetensors file {str(path)!r}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}.")
+                raise InterpError(f"Safetensors file {str(path)!r}: tensor {name!r} has "
+                                  f"{end - begin} bytes for shape {list(shape)}.")
             self.entries[name] = (dtype, shape, begin, end)
 
     def read(self, name: str) -> torch.Tensor:
@@ -85,7 +90,8 @@ class SafetensorsFile:
                 while done < end - begin:
                     got = os.preadv(fd, [view[done:]], self.base + begin + done)
                     if got <= 0:
-                        raise InterpError(f"Safetensors file {str(self.path)!r} ended while reading tensor {name!r}.")
+                        raise InterpError(f"Safetensors file {str(self.path)!r} ended while "
+                                          f"reading tensor {name!r}.")
                     done += got
             finally:
                 os.close(fd)
@@ -100,7 +106,8 @@ class SafetensorsDict(Mapping):
         self._where: dict[str, SafetensorsFile] = {}
         for f in files:
             if not f.is_file():
-                raise InterpError(f"Weights file {str(f)!r} listed in the index does not exist; the checkpoint is incomplete.")
+                raise InterpError(f"Weights file {str(f)!r} listed in the index does not exist; "
+                                  "the checkpoint is incomplete.")
             st = SafetensorsFile(f)
             for k in st.entries:
                 self._where[k] = st
@@ -123,14 +130,15 @@ def _first_line(e: BaseException) -> str:
 def read_config_json(folder: Path) -> dict[str, Any]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise InterpError(f"Folder {str(folder)!r} has no config.json; a Hugging Face checkpoint folder needs config.json "
-                          "plus model.safetensors or pytorch_model.bin.")
+        raise InterpError(f"Folder {str(folder)!r} has no config.json; a Hugging Face checkpoint "
+                          "folder needs config.json plus model.safetensors or pytorch_model.bin.")
     try:
         d = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InterpError(f"{str(cfg_path)!r} is not valid JSON: {_first_line(e)}") from None
     if not isinstance(d, dict) or "model_type" not in d:
-        raise InterpError(f"{str(cfg_path)!r} has no 'model_type'; it is not a transformers config.")
+        raise InterpError(f"{str(cfg_path)!r} has no 'model_type'; it is not a transformers "
+                          "config.")
     return d
 
 
@@ -141,7 +149,8 @@ def hf_config_object(folder: Path, raw: dict[str, Any]) -> Any:
     try:
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
-        raise InterpError(f"transformers cannot read {str(folder / 'config.json')!r}: {_first_line(e)}") from None
+        raise InterpError(f"transformers cannot read {str(folder / 'config.json')!r}: "
+                          f"{_first_line(e)}") from None
 
 
 def read_weights(folder: Path) -> Mapping[str, torch.Tensor]:
@@ -161,20 +170,23 @@ def read_weights(folder: Path) -> Mapping[str, torch.Tensor]:
         for f in _shards(pt_index):
             out.update(_torch_load(f))
         return out
-    raise InterpError(f"Folder {str(folder)!r} has no weights; expected one of {', '.join(WEIGHT_FILES)}.")
+    raise InterpError(f"Folder {str(folder)!r} has no weights; expected one of "
+                      f"{', '.join(WEIGHT_FILES)}.")
 
 
 def _shards(index: Path) -> list[Path]:
     try:
         wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InterpError(f"Shard index {str(index)!r} is unreadable (no weight_map): {_first_line(e)}") from None
+        raise InterpError(f"Shard index {str(index)!r} is unreadable (no weight_map): "
+                          f"{_first_line(e)}") from None
     return [index.parent / f for f in sorted(set(wm.values()))]
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise InterpError(f"Weights file {str(path)!r} does not exist; the checkpoint is incomplete.")
+        raise InterpError(f"Weights file {str(path)!r} does not exist; the checkpoint is "
+                          "incomplete.")
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -183,7 +195,8 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:
-        raise InterpError(f"Cannot read {str(path)!r} safely (truncated, corrupt, or a pickle with code?): {_first_line(e)}") from None
+        raise InterpError(f"Cannot read {str(path)!r} safely (truncated, corrupt, or a pickle "
+                          f"with code?): {_first_line(e)}") from None
     if not isinstance(sd, dict):
         raise InterpError(f"{str(path)!r} does not hold a state dict.")
     return sd
@@ -208,13 +221,15 @@ def wordpiece_tokenizer(vocab: list[str] | Path | str, do_lower_case: bool = Tru
 
 def folder_tokenizer(folder: Path, model_type: str) -> Any:
     """The folder's tokenizer, or None when it ships none (random test models)."""
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model",
+             "tokenizer.model")
     if (folder / "vocab.txt").is_file() and model_type == "bert":
         do_lower = True
         tc = folder / "tokenizer_config.json"
         if tc.is_file():
             try:
-                do_lower = bool(json.loads(tc.read_text(encoding="utf-8")).get("do_lower_case", True))
+                config = json.loads(tc.read_text(encoding="utf-8"))
+                do_lower = bool(config.get("do_lower_case", True))
             except json.JSONDecodeError:
                 pass
         return wordpiece_tokenizer(folder / "vocab.txt", do_lower_case=do_lower)
@@ -225,4 +240,5 @@ def folder_tokenizer(folder: Path, model_type: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
-        raise InterpError(f"Cannot load the tokenizer in {str(folder)!r}: {_first_line(e)}") from None
+        raise InterpError(f"Cannot load the tokenizer in {str(folder)!r}: "
+                          f"{_first_line(e)}") from None

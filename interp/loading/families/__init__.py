@@ -60,5 +60,6 @@ def get_family(model_type: str) -> Family:
     """The family for a ``model_type``; an unknown one lists the supported ones."""
     fam = FAMILIES.get(str(model_type))
     if fam is None:
-        raise InterpError(f"Unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}.")
+        raise InterpError(f"Unsupported model_type {model_type!r}; "
+                          f"supported: {', '.join(supported_model_types())}.")
     return fam

@@ -33,22 +33,31 @@ IGNORED = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"
 
 def config_from_hf(hf: Any) -> ModelConfig:
     if (hf_get(hf, "position_embedding_type") or "absolute") != "absolute":
-        raise InterpError(f"BERT position_embedding_type {hf_get(hf, 'position_embedding_type')!r} is not supported; only 'absolute'.")
+        raise InterpError("BERT position_embedding_type "
+                          f"{hf_get(hf, 'position_embedding_type')!r} is not supported; "
+                          "only 'absolute'.")
     mlm = has_lm_head(hf, default=False)
     return make_config(
-        n_layers=int(hf_require(hf, "num_hidden_layers")), d_model=int(hf_require(hf, "hidden_size")),
-        n_heads=int(hf_require(hf, "num_attention_heads")), d_mlp=int(hf_require(hf, "intermediate_size")),
-        d_vocab=int(hf_require(hf, "vocab_size")), n_ctx=int(hf_get(hf, "max_position_embeddings") or 512),
+        n_layers=int(hf_require(hf, "num_hidden_layers")),
+        d_model=int(hf_require(hf, "hidden_size")),
+        n_heads=int(hf_require(hf, "num_attention_heads")),
+        d_mlp=int(hf_require(hf, "intermediate_size")),
+        d_vocab=int(hf_require(hf, "vocab_size")),
+        n_ctx=int(hf_get(hf, "max_position_embeddings") or 512),
         architecture="encoder", positional="learned", norm="layernorm", norm_placement="post",
         norm_eps=float(hf_get(hf, "layer_norm_eps", 1e-12)), embed_norm=True, final_norm=False,
-        n_token_types=int(hf_get(hf, "type_vocab_size", 2) or 0), act=act_name(hf_get(hf, "hidden_act", "gelu")),
-        has_unembed=mlm, mlm_head=mlm, tie_embeddings=mlm and bool(hf_get(hf, "tie_word_embeddings", True)),
+        n_token_types=int(hf_get(hf, "type_vocab_size", 2) or 0),
+        act=act_name(hf_get(hf, "hidden_act", "gelu")),
+        has_unembed=mlm, mlm_head=mlm,
+        tie_embeddings=mlm and bool(hf_get(hf, "tie_word_embeddings", True)),
         unembed_bias=mlm, extra={"hf_model_type": "bert"},
     )
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    t = Tensors(state_dict, detect_prefix(state_dict.keys(), ("bert.", ""), "embeddings.word_embeddings.weight"), ignore=IGNORED)
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor],
+                       cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    prefix = detect_prefix(state_dict.keys(), ("bert.", ""), "embeddings.word_embeddings.weight")
+    t = Tensors(state_dict, prefix, ignore=IGNORED)
     d, m = cfg.d_model, cfg.d_mlp
     e = "embeddings."
     out = {
@@ -58,12 +67,14 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig)
         "ln_embed.b": t.take(e + "LayerNorm.bias", (d,)),
     }
     if cfg.n_token_types:
-        out["token_type_embed.W_E"] = t.take(e + "token_type_embeddings.weight", (cfg.n_token_types, d))
+        out["token_type_embed.W_E"] = t.take(e + "token_type_embeddings.weight",
+                                             (cfg.n_token_types, d))
     for i in range(cfg.n_layers):
         p, q = f"encoder.layer.{i}.", f"blocks.{i}."
         a = p + "attention.self."
-        out[q + "attn.qkv.weight"] = torch.cat([t.take(a + n + ".weight", (d, d)) for n in ("query", "key", "value")])
-        out[q + "attn.qkv.bias"] = torch.cat([t.take(a + n + ".bias", (d,)) for n in ("query", "key", "value")])
+        qkv = ("query", "key", "value")
+        out[q + "attn.qkv.weight"] = torch.cat([t.take(a + n + ".weight", (d, d)) for n in qkv])
+        out[q + "attn.qkv.bias"] = torch.cat([t.take(a + n + ".bias", (d,)) for n in qkv])
         out[q + "attn.o.weight"] = t.take(p + "attention.output.dense.weight", (d, d))
         out[q + "attn.o.bias"] = t.take(p + "attention.output.dense.bias", (d,))
         out[q + "ln1.w"] = t.take(p + "attention.output.LayerNorm.weight", (d,))

@@ -37,24 +37,32 @@ def config_from_hf(hf: Any) -> ModelConfig:
         n_layers=int(hf_require(hf, "num_hidden_layers")), d_model=d, n_heads=nh,
         d_mlp=int(hf_require(hf, "intermediate_size")), d_vocab=int(hf_require(hf, "vocab_size")),
         n_ctx=int(hf_get(hf, "max_position_embeddings") or 2048), positional="rope",
-        rotary_dim=int(dh * rope_partial_factor(hf)), rope_base=rope_theta(hf), rope_interleaved=False,
-        norm="layernorm", norm_eps=float(hf_get(hf, "layer_norm_eps", 1e-5)), act=act_name(hf_get(hf, "hidden_act", "gelu")),
-        parallel_attn_mlp=bool(hf_get(hf, "use_parallel_residual", True)), attn_qkv_bias=bias, attn_out_bias=bias,
-        has_unembed=has_lm_head(hf), tie_embeddings=has_lm_head(hf) and bool(hf_get(hf, "tie_word_embeddings", False)), extra={"hf_model_type": "gpt_neox"},
+        rotary_dim=int(dh * rope_partial_factor(hf)), rope_base=rope_theta(hf),
+        rope_interleaved=False, norm="layernorm",
+        norm_eps=float(hf_get(hf, "layer_norm_eps", 1e-5)),
+        act=act_name(hf_get(hf, "hidden_act", "gelu")),
+        parallel_attn_mlp=bool(hf_get(hf, "use_parallel_residual", True)), attn_qkv_bias=bias,
+        attn_out_bias=bias, has_unembed=has_lm_head(hf),
+        tie_embeddings=has_lm_head(hf) and bool(hf_get(hf, "tie_word_embeddings", False)),
+        extra={"hf_model_type": "gpt_neox"},
     )
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    t = Tensors(state_dict, detect_prefix(state_dict.keys(), ("gpt_neox.", ""), "embed_in.weight"), ignore=IGNORED)
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor],
+                       cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    prefix = detect_prefix(state_dict.keys(), ("gpt_neox.", ""), "embed_in.weight")
+    t = Tensors(state_dict, prefix, ignore=IGNORED)
     d, m, nh, dh = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.d_head
     out = {"embed.W_E": t.take("embed_in.weight", (cfg.d_vocab, d))}
     for i in range(cfg.n_layers):
         p, q = f"layers.{i}.", f"blocks.{i}."
-        out[q + "ln1.w"], out[q + "ln1.b"] = t.take(p + "input_layernorm.weight", (d,)), t.take(p + "input_layernorm.bias", (d,))
+        out[q + "ln1.w"] = t.take(p + "input_layernorm.weight", (d,))
+        out[q + "ln1.b"] = t.take(p + "input_layernorm.bias", (d,))
         out[q + "ln2.w"] = t.take(p + "post_attention_layernorm.weight", (d,))
         out[q + "ln2.b"] = t.take(p + "post_attention_layernorm.bias", (d,))
         w = t.take(p + "attention.query_key_value.weight", (3 * nh * dh, d))
-        out[q + "attn.qkv.weight"] = w.view(nh, 3, dh, d).transpose(0, 1).reshape(3 * nh * dh, d)  # per head -> [q; k; v]
+        # stored per head; the core wants [q; k; v]
+        out[q + "attn.qkv.weight"] = w.view(nh, 3, dh, d).transpose(0, 1).reshape(3 * nh * dh, d)
         out[q + "attn.o.weight"] = t.take(p + "attention.dense.weight", (d, nh * dh))
         if cfg.attn_qkv_bias:
             b = t.take(p + "attention.query_key_value.bias", (3 * nh * dh,))

@@ -40,8 +40,9 @@ def sliding_mask(hf: Any) -> str | None:
             return None
         layer_types = hf_get(hf, "layer_types")
         if layer_types and len(set(layer_types)) > 1:
-            raise InterpError("Qwen2 checkpoints with sliding-window attention on only some layers are not supported "
-                              "(one mask serves every layer); set use_sliding_window=false.")
+            raise InterpError("Qwen2 checkpoints with sliding-window attention on only some "
+                              "layers are not supported (one mask serves every layer); set "
+                              "use_sliding_window=false.")
         return f"causal&sliding_window:{int(window)}"
     if window is None:
         return None
@@ -93,14 +94,18 @@ def config_from_hf(hf: Any) -> ModelConfig:
     return make_config(**fields)
 
 
-def take_attention(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Tensor], q: str) -> None:
-    """q/k/v/o projections (and OLMoE's full-width q/k norms) of one layer into ``q`` (our prefix)."""
+def take_attention(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Tensor],
+                   q: str) -> None:
+    """q/k/v/o projections (and OLMoE's full-width q/k norms) of one layer into ``q`` (our
+    prefix)."""
     d, nh, nkv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
     a = f"{p}self_attn."
-    out[f"{q}attn.qkv.weight"] = fuse_qkv(t.take(a + "q_proj.weight", (nh * dh, d)), t.take(a + "k_proj.weight", (nkv * dh, d)),
+    out[f"{q}attn.qkv.weight"] = fuse_qkv(t.take(a + "q_proj.weight", (nh * dh, d)),
+                                          t.take(a + "k_proj.weight", (nkv * dh, d)),
                                           t.take(a + "v_proj.weight", (nkv * dh, d)))
     if cfg.attn_qkv_bias:
-        out[f"{q}attn.qkv.bias"] = fuse_qkv(t.take(a + "q_proj.bias", (nh * dh,)), t.take(a + "k_proj.bias", (nkv * dh,)),
+        out[f"{q}attn.qkv.bias"] = fuse_qkv(t.take(a + "q_proj.bias", (nh * dh,)),
+                                            t.take(a + "k_proj.bias", (nkv * dh,)),
                                             t.take(a + "v_proj.bias", (nkv * dh,)))
     out[f"{q}attn.o.weight"] = t.take(a + "o_proj.weight", (d, nh * dh))
     if cfg.attn_out_bias:
@@ -115,18 +120,22 @@ def take_attention(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Te
     out[f"{q}ln2.w"] = t.take(p + "post_attention_layernorm.weight", (d,))
 
 
-def take_gated_mlp(t: Tensors, p: str, d_model: int, d_mlp: int, bias: bool, out: dict[str, torch.Tensor], q: str,
+def take_gated_mlp(t: Tensors, p: str, d_model: int, d_mlp: int, bias: bool,
+                   out: dict[str, torch.Tensor], q: str,
                    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> None:
     """A SwiGLU FFN (gate, up, down) into the core's fused ``fc_in`` [gate; up] and ``fc_out``."""
     g, u, dn = names
-    out[f"{q}fc_in.weight"] = torch.cat([t.take(f"{p}{g}.weight", (d_mlp, d_model)), t.take(f"{p}{u}.weight", (d_mlp, d_model))])
+    out[f"{q}fc_in.weight"] = torch.cat([t.take(f"{p}{g}.weight", (d_mlp, d_model)),
+                                         t.take(f"{p}{u}.weight", (d_mlp, d_model))])
     out[f"{q}fc_out.weight"] = t.take(f"{p}{dn}.weight", (d_model, d_mlp))
     if bias:
-        out[f"{q}fc_in.bias"] = torch.cat([t.take(f"{p}{g}.bias", (d_mlp,)), t.take(f"{p}{u}.bias", (d_mlp,))])
+        out[f"{q}fc_in.bias"] = torch.cat([t.take(f"{p}{g}.bias", (d_mlp,)),
+                                           t.take(f"{p}{u}.bias", (d_mlp,))])
         out[f"{q}fc_out.bias"] = t.take(f"{p}{dn}.bias", (d_model,))
 
 
-def take_ends(t: Tensors, cfg: ModelConfig, out: dict[str, torch.Tensor], lm_head: str = "lm_head.weight") -> None:
+def take_ends(t: Tensors, cfg: ModelConfig, out: dict[str, torch.Tensor],
+              lm_head: str = "lm_head.weight") -> None:
     """Embedding, final norm, unembedding (absent when tied; a tied in-memory copy is skipped)."""
     out["embed.W_E"] = t.take("embed_tokens.weight", (cfg.d_vocab, cfg.d_model))
     out["ln_final.w"] = t.take("norm.weight", (cfg.d_model,))
@@ -138,9 +147,12 @@ def take_ends(t: Tensors, cfg: ModelConfig, out: dict[str, torch.Tensor], lm_hea
         out["unembed.weight"] = t.take(lm_head, (cfg.d_vocab_out, cfg.d_model), absolute=True)
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Llama-family HF tensors -> core tensors (``*ForCausalLM`` or bare ``*Model`` checkpoints)."""
-    t = Tensors(state_dict, detect_prefix(state_dict.keys(), ("model.", ""), "embed_tokens.weight"), ignore=IGNORED)
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor],
+                       cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Llama-family HF tensors -> core tensors (``*ForCausalLM`` or bare ``*Model``
+    checkpoints)."""
+    prefix = detect_prefix(state_dict.keys(), ("model.", ""), "embed_tokens.weight")
+    t = Tensors(state_dict, prefix, ignore=IGNORED)
     out: dict[str, torch.Tensor] = {}
     for i in range(cfg.n_layers):
         p = f"layers.{i}."

@@ -1,4 +1,5 @@
-"""Mixture-of-experts decoders: Mixtral (Jiang et al. 2024), Qwen2-MoE, OLMoE (Muennighoff et al. 2024).
+"""Mixture-of-experts decoders: Mixtral (Jiang et al. 2024), Qwen2-MoE, OLMoE (Muennighoff et
+al. 2024).
 
 All three route with a softmax over experts, then top-k (``router="softmax_topk"``); Mixtral
 renormalises the top-k weights, Qwen2-MoE and OLMoE only when ``norm_topk_prob``. Qwen2-MoE adds
@@ -39,29 +40,36 @@ def config_from_hf(hf: Any) -> ModelConfig:
                   experts_per_token=int(hf_require(hf, "num_experts_per_tok")),
                   moe_aux_loss_coef=float(hf_get(hf, "router_aux_loss_coef", 0.01) or 0.0))
     if mt == "mixtral":
-        fields.update(n_experts=int(hf_require(hf, "num_local_experts")), d_mlp=int(hf_require(hf, "intermediate_size")),
-                      router_renormalize=True)
+        fields.update(n_experts=int(hf_require(hf, "num_local_experts")),
+                      d_mlp=int(hf_require(hf, "intermediate_size")), router_renormalize=True)
     elif mt == "olmoe":
         if hf_get(hf, "clip_qkv") is not None:
-            raise InterpError("OLMoE checkpoints with clip_qkv are not supported (q/k/v clamping is not implemented).")
-        fields.update(n_experts=int(hf_require(hf, "num_experts")), d_mlp=int(hf_require(hf, "intermediate_size")),
+            raise InterpError("OLMoE checkpoints with clip_qkv are not supported (q/k/v clamping "
+                              "is not implemented).")
+        fields.update(n_experts=int(hf_require(hf, "num_experts")),
+                      d_mlp=int(hf_require(hf, "intermediate_size")),
                       router_renormalize=bool(hf_get(hf, "norm_topk_prob", False)), qk_norm="full")
     elif mt == "qwen2_moe":
         n_layers, step = fields["n_layers"], int(hf_get(hf, "decoder_sparse_step", 1) or 1)
         dense = set(hf_get(hf, "mlp_only_layers") or [])
         moe_layers = tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0)
         if not moe_layers:
-            raise InterpError("This Qwen2-MoE config has no MoE layer (decoder_sparse_step / mlp_only_layers); load it as qwen2.")
-        fields.update(n_experts=int(hf_require(hf, "num_experts")), d_mlp=int(hf_require(hf, "intermediate_size")),
+            raise InterpError("This Qwen2-MoE config has no MoE layer (decoder_sparse_step / "
+                              "mlp_only_layers); load it as qwen2.")
+        fields.update(n_experts=int(hf_require(hf, "num_experts")),
+                      d_mlp=int(hf_require(hf, "intermediate_size")),
                       d_expert=int(hf_require(hf, "moe_intermediate_size")), n_shared_experts=1,
-                      d_shared_expert=int(hf_require(hf, "shared_expert_intermediate_size")), shared_expert_gate=True,
-                      router_renormalize=bool(hf_get(hf, "norm_topk_prob", False)), moe_layers=moe_layers)
+                      d_shared_expert=int(hf_require(hf, "shared_expert_intermediate_size")),
+                      shared_expert_gate=True,
+                      router_renormalize=bool(hf_get(hf, "norm_topk_prob", False)),
+                      moe_layers=moe_layers)
     else:  # pragma: no cover - the registry only sends these three here
         raise InterpError(f"{mt!r} is not an MoE family.")
     return make_config(**fields)
 
 
-def _take_experts(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Tensor], q: str, names: tuple[str, str, str]) -> None:
+def _take_experts(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Tensor], q: str,
+                  names: tuple[str, str, str]) -> None:
     E, d, I = cfg.n_experts, cfg.d_model, cfg.d_expert  # noqa: E741 (transformers' name)
     if t.has(p + "experts.gate_up_proj"):  # transformers 5 in memory: fused 3-D tensors
         gu = t.take(p + "experts.gate_up_proj", (E, 2 * I, d))
@@ -74,8 +82,10 @@ def _take_experts(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Ten
         take_gated_mlp(t, f"{p}experts.{e}.", d, I, False, out, f"{q}experts.{e}.", names)
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    t = Tensors(state_dict, detect_prefix(state_dict.keys(), ("model.", ""), "embed_tokens.weight"), ignore=IGNORED)
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor],
+                       cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    prefix = detect_prefix(state_dict.keys(), ("model.", ""), "embed_tokens.weight")
+    t = Tensors(state_dict, prefix, ignore=IGNORED)
     mt = cfg.extra.get("hf_model_type")
     out: dict[str, torch.Tensor] = {}
     for i in range(cfg.n_layers):
@@ -91,8 +101,10 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig)
         out[q + "mlp.router.weight"] = t.take(m + "gate.weight", (cfg.n_experts, cfg.d_model))
         _take_experts(t, m, cfg, out, q + "mlp.", names)
         if cfg.n_shared_experts:
-            take_gated_mlp(t, m + "shared_expert.", cfg.d_model, cfg.d_shared_expert, False, out, q + "mlp.shared.")
-            out[q + "mlp.shared_gate.weight"] = t.take(m + "shared_expert_gate.weight", (1, cfg.d_model))
+            take_gated_mlp(t, m + "shared_expert.", cfg.d_model, cfg.d_shared_expert, False, out,
+                           q + "mlp.shared.")
+            out[q + "mlp.shared_gate.weight"] = t.take(m + "shared_expert_gate.weight",
+                                                       (1, cfg.d_model))
     take_ends(t, cfg, out)
     t.finish()
     return out

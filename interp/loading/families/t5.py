@@ -32,27 +32,32 @@ def config_from_hf(hf: Any) -> ModelConfig:
     gated = proj.startswith("gated-")
     base = proj.split("-")[-1]
     if base not in ("relu", "gelu", "silu") and hf_get(hf, "dense_act_fn") is None:
-        raise InterpError(f"T5 feed_forward_proj {proj!r} is not supported; use 'relu' or 'gated-gelu'.")
+        raise InterpError(f"T5 feed_forward_proj {proj!r} is not supported; use 'relu' or "
+                          "'gated-gelu'.")
     act = act_name(hf_get(hf, "dense_act_fn") or base, gated=gated)
     d = int(hf_require(hf, "d_model"))
     scale = hf_get(hf, "scale_decoder_outputs")
     tied = bool(scale) if scale is not None else bool(hf_get(hf, "tie_word_embeddings", True))
     n_layers = int(hf_require(hf, "num_layers"))
     return make_config(
-        n_layers=n_layers, n_decoder_layers=int(hf_get(hf, "num_decoder_layers") or n_layers), d_model=d,
-        n_heads=int(hf_require(hf, "num_heads")), d_head=int(hf_require(hf, "d_kv")), d_mlp=int(hf_require(hf, "d_ff")),
+        n_layers=n_layers, n_decoder_layers=int(hf_get(hf, "num_decoder_layers") or n_layers),
+        d_model=d, n_heads=int(hf_require(hf, "num_heads")), d_head=int(hf_require(hf, "d_kv")),
+        d_mlp=int(hf_require(hf, "d_ff")),
         d_vocab=int(hf_require(hf, "vocab_size")), n_ctx=int(hf_get(hf, "n_positions") or 512),
         architecture="encoder_decoder", positional="relative",
         relative_buckets=int(hf_get(hf, "relative_attention_num_buckets", 32)),
         relative_max_distance=int(hf_get(hf, "relative_attention_max_distance", 128)),
-        norm="rmsnorm", norm_bias=False, norm_eps=float(hf_get(hf, "layer_norm_epsilon", 1e-6)), act=act,
+        norm="rmsnorm", norm_bias=False, norm_eps=float(hf_get(hf, "layer_norm_epsilon", 1e-6)),
+        act=act,
         attn_scale=1.0, attn_qkv_bias=False, attn_out_bias=False, mlp_bias=False,
         tie_embeddings=tied, logit_scale=d**-0.5 if tied else 1.0,
-        extra={"hf_model_type": "t5", "decoder_start_token_id": int(hf_get(hf, "decoder_start_token_id", 0) or 0)},
+        extra={"hf_model_type": "t5",
+               "decoder_start_token_id": int(hf_get(hf, "decoder_start_token_id", 0) or 0)},
     )
 
 
-def _attn(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Tensor], q: str, cross: bool) -> None:
+def _attn(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Tensor], q: str,
+          cross: bool) -> None:
     d, inner = cfg.d_model, cfg.n_heads * cfg.d_head
     w = {n: t.take(f"{p}{n}.weight", (inner, d)) for n in ("q", "k", "v")}
     if cross:
@@ -66,13 +71,15 @@ def _attn(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Tensor], q:
 def _ffn(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Tensor], q: str) -> None:
     d, m = cfg.d_model, cfg.d_mlp
     if cfg.is_gated:
-        out[q + "fc_in.weight"] = torch.cat([t.take(p + "wi_0.weight", (m, d)), t.take(p + "wi_1.weight", (m, d))])
+        out[q + "fc_in.weight"] = torch.cat([t.take(p + "wi_0.weight", (m, d)),
+                                             t.take(p + "wi_1.weight", (m, d))])
     else:
         out[q + "fc_in.weight"] = t.take(p + "wi.weight", (m, d))
     out[q + "fc_out.weight"] = t.take(p + "wo.weight", (d, m))
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor],
+                       cfg: ModelConfig) -> dict[str, torch.Tensor]:
     t = Tensors(state_dict, "", ignore=IGNORED)
     d = cfg.d_model
     shared = t.take("shared.weight", (cfg.d_vocab, d))
@@ -99,7 +106,8 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig)
         t.skip("lm_head.weight")
     elif t.has("lm_head.weight"):
         out["unembed.weight"] = t.take("lm_head.weight", (cfg.d_vocab, d))
-    else:  # transformers 5 ties lm_head to shared even for untied (v1.1) configs and saves no lm_head
+    else:
+        # transformers 5 ties lm_head to shared even for untied (v1.1) configs, saving no lm_head
         out["unembed.weight"] = shared.clone()
     t.finish()
     return out
