@@ -1,4 +1,4 @@
-"""MoE expert specialisation (analyses/moe.py): planted ground truth, exactness of the streamed
+"""MoE expert specialisation (analyses/moe/): planted ground truth, exactness of the streamed
 accumulators against brute force, the permutation null, and the ``interp moe`` command."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import interp
 from analyses import moe
 from interp.errors import InterpError
+from interp.progress import no_progress
 
 torch.set_num_threads(1)
 
@@ -336,7 +337,7 @@ def test_section_without_domains_uses_the_packaged_sample():
     torch.manual_seed(0)
     model = interp.HookedTransformer(cfg).eval()
     assert section.is_moe(model)
-    sec = section.build(model, {"seed": 0, "n_perm": 20, "max_tokens": 2048, "ablation_tokens": 256}, moe._no_progress)
+    sec = section.build(model, {"seed": 0, "n_perm": 20, "max_tokens": 2048, "ablation_tokens": 256}, no_progress)
     assert "moe_domain" not in sec.tables and "nmi_domain" not in sec.tables["moe_summary"]
     assert sec.tables["moe_summary"]["nmi_token"].notna().all()
     assert set(sec.tables["moe_ablation"]["domain"]) == {"all"}
@@ -375,10 +376,10 @@ def test_section_reads_the_training_task_of_a_trained_model():
     opts = {"seed": 0, "n_perm": 10, "max_tokens": 1024, "ablation_tokens": 256, "batch_size": 4}
     dom, _, _ = itrain.train("domains", {"d_model": 32, "d_mlp": 32, "n_experts": 4}, steps=2, quiet=True,
                              save_optimizer=False, batch_size=4)
-    sec = section.build(dom.eval(), opts, moe._no_progress)
+    sec = section.build(dom.eval(), opts, no_progress)
     assert "`domains` task stream" in sec.data and set(sec.tables["moe_domain"]["domain"]) == {"a", "b", "c", "d"}
     assert set(sec.tables["moe_ablation"]["domain"]) == {"all", "a", "b", "c", "d"}
     ind, _, _ = itrain.train("induction", {"d_model": 32, "attn_only": False, "n_experts": 4, "d_mlp": 32}, steps=2,
                              quiet=True, save_optimizer=False, batch_size=4)
-    sec = section.build(ind.eval(), opts, moe._no_progress)
+    sec = section.build(ind.eval(), opts, no_progress)
     assert "`induction`" in sec.data and "moe_domain" not in sec.tables

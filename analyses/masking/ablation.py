@@ -5,12 +5,17 @@ gate set to 0) and mean ablation (its output ``hook_z`` replaced by its mean ove
 which keeps the average contribution and removes only the token-dependent part). Experts: the
 expert masked out of its layer's router, which renormalises over the rest. These are the
 ground truth the gradient importances (:mod:`analyses.masking.importance`) are checked against.
+
+:func:`expert_sweep` is the one expert ablation: :func:`expert_ablation` here (mean loss over
+labelled batches) and :func:`analyses.moe.expert_ablation` (next-token loss per domain) are the
+same sweep with a different measurement.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import pandas as pd
 import torch
@@ -20,7 +25,9 @@ from analyses.masking.removal import experts_removed, heads_removed, moe_layers
 from interp import HookedTransformer
 from interp.progress import Progress, no_progress
 
-__all__ = ["expert_ablation", "head_ablation", "head_means"]
+__all__ = ["expert_ablation", "expert_sweep", "head_ablation", "head_means"]
+
+T = TypeVar("T")
 
 
 @torch.no_grad()
@@ -107,23 +114,38 @@ def head_ablation(model: HookedTransformer, lbs: Sequence[LossBatch], *,
     return pd.DataFrame(rows)
 
 
+def expert_sweep(model: HookedTransformer, layers: Sequence[int], measure: Callable[[], T], *,
+                 progress: Progress | None = None,
+                 desc: str = "expert ablation") -> tuple[T, list[tuple[int, int, T | None]]]:
+    """``measure()`` with every expert, then once per expert of ``layers`` with that expert
+    masked out of its layer's router (:func:`experts_removed`: the router renormalises over
+    the rest; all experts back after): ``(base, [(layer, expert, measured), ...])``, measured
+    None where a layer has only top_k experts, so none can go."""
+    progress = progress or no_progress
+    E, k = model.cfg.n_experts, model.cfg.experts_per_token
+    base = measure()
+    out: list[tuple[int, int, T | None]] = []
+    units = [(layer, e) for layer in layers for e in range(E)]
+    for layer, e in progress(units, desc=desc, total=len(units)):
+        got = None
+        if E > k:
+            with experts_removed(model, [(layer, e)]):
+                got = measure()
+        out.append((layer, e, got))
+    return base, out
+
+
 @torch.no_grad()
 def expert_ablation(model: HookedTransformer, lbs: Sequence[LossBatch], *,
                     progress: Progress | None = None) -> pd.DataFrame:
-    """Loss change when one expert is masked out of its layer's router. Columns: ``layer,
-    expert, base_loss, ablation_loss, ablation_delta`` (NaN when a layer has only top_k
-    experts, so none can go)."""
-    progress = progress or no_progress
-    layers = moe_layers(model)
-    E, k = model.cfg.n_experts, model.cfg.experts_per_token
-    base = mean_loss(model, lbs)
+    """Loss change when one expert is masked out of its layer's router (:func:`expert_sweep`).
+    Columns: ``layer, expert, base_loss, ablation_loss, ablation_delta`` (NaN when a layer has
+    only top_k experts, so none can go)."""
+    base, swept = expert_sweep(model, moe_layers(model), lambda: mean_loss(model, lbs),
+                               progress=progress)
     rows = []
-    units = [(layer, e) for layer in layers for e in range(E)]
-    for layer, e in progress(units, desc="expert ablation", total=len(units)):
-        loss = float("nan")
-        if E > k:
-            with experts_removed(model, [(layer, e)]):
-                loss = mean_loss(model, lbs)
+    for layer, e, loss in swept:
+        loss = float("nan") if loss is None else loss
         rows.append({"layer": layer, "expert": e, "base_loss": base, "ablation_loss": loss,
                      "ablation_delta": loss - base})
     return pd.DataFrame(rows)
