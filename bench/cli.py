@@ -63,9 +63,9 @@ def _split(value: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
                    "all tools benefit). Timed workloads only: peak-memory workers always run "
                    "with the default allocator.")
 @click.option("--no-reuse-recorded-memory", is_flag=True,
-              help="Turn off interp's default of keeping a recorded cache's freed memory for the "
-                   "next recording (glibc trims freed memory again, as before change 6 in "
-                   "BENCHMARKS.md).")
+              help="Do not opt in to interp's reuse of a recorded cache's freed memory for the "
+                   "next recording, which the bench turns on for its own process (glibc trims "
+                   "freed memory again, as before change 6 in BENCHMARKS.md).")
 @click.option("--cpu-linear", type=click.Choice(["onednn", "aten"]), default=None,
               help="interp's float32 CPU linear kernel without autograd: oneDNN (interp's "
                    "default) or F.linear (MKL, what the peers run; change 9 in BENCHMARKS.md). "
@@ -135,12 +135,12 @@ def _allocator(keep_freed_memory: bool, no_reuse_recorded_memory: bool) -> str:
         memory.reuse_recorded_memory(False)
         os.environ["INTERP_REUSE_CACHE_MEMORY"] = "0"  # and in the peak-memory worker processes
         allocator = "glibc default (interp's reuse of recorded memory off)"
-    elif memory.reuses_recorded_memory():
-        allocator = (
-            "glibc, freed memory up to 2x interp's largest recorded cache kept (interp's default)"
-        )
-    else:
+    else:  # opt in for this process and its workers (interp's default leaves malloc alone)
+        memory.reuse_recorded_memory(True)
+        os.environ["INTERP_REUSE_CACHE_MEMORY"] = "1"
         allocator = "default"
+        if memory.reuses_recorded_memory():
+            allocator = "glibc, freed memory up to 2x interp's largest recorded cache kept (opt-in)"
     if keep_freed_memory:
         if not interp.keep_freed_memory():
             raise BenchError(
