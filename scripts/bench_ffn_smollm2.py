@@ -44,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import interp
-    from analyses import ffn_knowledge as fk
+    from analyses import ffn as fk
 
     t0 = time.perf_counter()
     model = interp.load_pretrained("smollm2-135m").eval()

@@ -1,4 +1,4 @@
-"""FFN knowledge storage (analyses/ffn_knowledge.py): facts, causal tracing, integrated
+"""FFN knowledge storage (analyses/ffn/): facts, causal tracing, integrated
 gradients, knowledge neurons, key-value memories, logit lens.
 
 The fast paths (batched restorations from a cached corrupted run, KV-cached last-position
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import analyses.ffn_knowledge as fk
+import analyses.ffn as fk
 import interp
 from interp.errors import InterpError
 from interp.train.tokenizers import WordTokenizer

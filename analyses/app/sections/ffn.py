@@ -1,6 +1,6 @@
-"""Report section and ``interp ffn`` command: FFN knowledge storage (see :mod:`analyses.ffn_knowledge`).
+"""Report section and ``interp ffn`` command: FFN knowledge storage (see :mod:`analyses.ffn`).
 
-Thin by design: it picks the facts and the corpus, calls :func:`analyses.ffn_knowledge.analyse`,
+Thin by design: it picks the facts and the corpus, calls :func:`analyses.ffn.analyse`,
 turns the frames into figures and findings, and hands everything to the report writer.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import click
 import pandas as pd
 
-from analyses import ffn_knowledge as fk
+from analyses import ffn as fk
 from analyses.app.cli import (
     CliError,
     cli,
@@ -282,7 +282,7 @@ def _kv_findings(agreement: pd.DataFrame, n_tokens: int, top_k: int) -> list[str
 
 # --------------------------------------------------------------------------------------------- builder
 def build(model: Any, opts: dict, progress: Any) -> Section:
-    """Run :func:`analyses.ffn_knowledge.analyse` and assemble the report section."""
+    """Run :func:`analyses.ffn.analyse` and assemble the report section."""
     fk.check_model(model)
     facts_path = opts.get("facts")
     facts = fk.load_facts(facts_path) if facts_path else None
