@@ -31,7 +31,8 @@ def test_checkpoint_roundtrip_with_metadata_and_tokenizer(tmp_path: Path) -> Non
     model = interp.HookedTransformer(_cfg()).eval()
     from transformers import BertTokenizer
 
-    model.tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"])})
+    model.tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"])})
     path = save_checkpoint(model, tmp_path / "m.pt", task="induction", step=7, history=[1.0, 0.5])
     raw = torch.load(path, weights_only=True)  # plain types only
     assert raw["format"] == "interp-checkpoint" and raw["metadata"]["step"] == 7
@@ -40,12 +41,14 @@ def test_checkpoint_roundtrip_with_metadata_and_tokenizer(tmp_path: Path) -> Non
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert loaded.checkpoint_metadata["task"] == "induction"
-    assert loaded.tokenizer.encode("a b", add_special_tokens=False) == model.tokenizer.encode("a b", add_special_tokens=False)
+    assert (loaded.tokenizer.encode("a b", add_special_tokens=False)
+            == model.tokenizer.encode("a b", add_special_tokens=False))
     assert loaded.cfg == model.cfg
 
 
 def test_checkpoint_override_and_dtype(tmp_path: Path) -> None:
-    model = interp.HookedTransformer(_cfg(tie_embeddings=False, architecture="encoder", positional="learned"))
+    model = interp.HookedTransformer(_cfg(tie_embeddings=False, architecture="encoder",
+                                          positional="learned"))
     path = save_checkpoint(model, tmp_path / "m.pt")
     loaded = load_pretrained(path, attn_kernel="eager", dtype="bfloat16")
     assert loaded.cfg.attn_kernel == "eager" and loaded.embed.W_E.dtype == torch.bfloat16
@@ -113,8 +116,9 @@ def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object
     import transformers
 
     transformers.logging.set_verbosity_error()
-    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=24,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     folder = tmp_path_factory.mktemp("llama")
@@ -163,13 +167,16 @@ def test_bad_hf_tensors_are_named(llama_folder, tmp_path: Path) -> None:
         return dst
 
     missing = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
-    with pytest.raises(InterpError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight' \(expected shape \[24, 16\]\)"):
+    with pytest.raises(InterpError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"
+                                          r" \(expected shape \[24, 16\]\)"):
         load_pretrained(write("missing", missing))
-    with pytest.raises(InterpError, match=r"unexpected tensor\(s\) 'model\.layers\.0\.extra\.weight'"):
+    with pytest.raises(InterpError,
+                       match=r"unexpected tensor\(s\) 'model\.layers\.0\.extra\.weight'"):
         load_pretrained(write("extra", {**sd, "model.layers.0.extra.weight": torch.zeros(2)}))
     bad = dict(sd)
     bad["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 16)
-    with pytest.raises(InterpError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[16, 16\], expected \[8, 16\]"):
+    with pytest.raises(InterpError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has "
+                                          r"shape \[16, 16\], expected \[8, 16\]"):
         load_pretrained(write("shape", bad))
 
 
@@ -178,7 +185,8 @@ def test_truncated_safetensors_and_missing_weights(llama_folder, tmp_path: Path)
     dst = _copy_folder(folder, tmp_path / "trunc")
     data = (dst / "model.safetensors").read_bytes()
     (dst / "model.safetensors").write_bytes(data[: len(data) - 100])
-    with pytest.raises(InterpError, match=r"model\.safetensors' is truncated: tensor '.*' ends at byte"):
+    with pytest.raises(InterpError,
+                       match=r"model\.safetensors' is truncated: tensor '.*' ends at byte"):
         load_pretrained(dst)
     (dst / "model.safetensors").write_bytes(data[:4])
     with pytest.raises(InterpError, match="truncated"):
@@ -196,7 +204,8 @@ def test_base_model_without_head_and_overrides(llama_folder, tmp_path: Path) -> 
     base = hf.model
     base.save_pretrained(tmp_path / "base")
     model = load_pretrained(tmp_path / "base", attn_kernel="eager", dtype=torch.float64)
-    assert not model.cfg.has_unembed and model.cfg.attn_kernel == "eager" and model.W_E.dtype == torch.float64
+    assert (not model.cfg.has_unembed and model.cfg.attn_kernel == "eager"
+            and model.W_E.dtype == torch.float64)
     x = torch.randint(0, 60, (2, 5))
     with torch.no_grad():
         ref = base(x).last_hidden_state.double()
@@ -215,7 +224,8 @@ def test_checkpoint_of_a_loaded_hf_model_keeps_tokenizer(tmp_path: Path) -> None
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="[UNK]")
     model = interp.HookedTransformer(_cfg(d_vocab=4), tokenizer=tok)
     loaded = load_pretrained(save_checkpoint(model, tmp_path / "hf_tok.pt"))
-    assert loaded.to_tokens("hello world").tolist() == model.to_tokens("hello world").tolist() == [[3, 1, 2]]
+    assert (loaded.to_tokens("hello world").tolist() == model.to_tokens("hello world").tolist()
+            == [[3, 1, 2]])
 
 
 def test_sharded_safetensors_folder(llama_folder, tmp_path: Path) -> None:
@@ -247,17 +257,21 @@ def test_fast_gguf_dequantisation_is_bit_identical(qtype: str) -> None:
     ref = np.asarray(dequantize(raw, q), dtype=np.float32)
     assert ours.shape == (3, 96) and torch.equal(ours, torch.from_numpy(ref))
     if qtype in ("Q4_0", "Q4_1"):
-        assert (ours - torch.from_numpy(x)).abs().max() > 1e-3  # really quantised: not a pass-through
+        # really quantised: not a pass-through
+        assert (ours - torch.from_numpy(x)).abs().max() > 1e-3
 
 
 def test_training_checkpoint_loads(tmp_path: Path) -> None:
     """Checkpoints written by interp.train (same format, extra top-level keys) load too."""
     ck = pytest.importorskip("interp.train.checkpoint")
     model = interp.HookedTransformer(_cfg())
-    path = ck.write_checkpoint(tmp_path / "t.pt", {"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
-                                                    "tokenizer": {"kind": "bytes"}, "task": {"name": "text"}})
+    path = ck.write_checkpoint(tmp_path / "t.pt", {"config": model.cfg.to_dict(),
+                                                    "state_dict": model.state_dict(),
+                                                    "tokenizer": {"kind": "bytes"},
+                                                    "task": {"name": "text"}})
     loaded = load_pretrained(path)
-    assert loaded.tokenizer.encode("hi") == [104, 105] and loaded.checkpoint_metadata["task"]["name"] == "text"
+    assert (loaded.tokenizer.encode("hi") == [104, 105]
+            and loaded.checkpoint_metadata["task"]["name"] == "text")
     x = torch.randint(0, 50, (1, 5))
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))

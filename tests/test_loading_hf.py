@@ -36,7 +36,8 @@ def _scale_weights(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
-                base = 1.0 if ("norm" in name.lower() or "ln" in name.lower()) and name.endswith("weight") else 0.0
+                base = 1.0 if (("norm" in name.lower() or "ln" in name.lower())
+                               and name.endswith("weight")) else 0.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
@@ -49,31 +50,39 @@ def _causal(cls_name: str, cfg_cls: str, **kw: Any) -> Callable[[], Any]:
     return make
 
 
-SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
 DECODERS: dict[str, Callable[[], Any]] = {
-    "gpt2": _causal("GPT2LMHeadModel", "GPT2Config", vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "gpt2": _causal("GPT2LMHeadModel", "GPT2Config", vocab_size=V, n_embd=32, n_layer=2, n_head=4,
+                    n_positions=64),
     "gpt_neox": _causal("GPTNeoXForCausalLM", "GPTNeoXConfig", **SMALL, intermediate_size=64,
-                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-    "gpt_neox_sequential": _causal("GPTNeoXForCausalLM", "GPTNeoXConfig", **SMALL, intermediate_size=64,
-                                   use_parallel_residual=False, tie_word_embeddings=False),
-    "llama": _causal("LlamaForCausalLM", "LlamaConfig", **SMALL, intermediate_size=48, num_key_value_heads=2,
-                     tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e5}),
-    "mistral": _causal("MistralForCausalLM", "MistralConfig", **SMALL, intermediate_size=48, num_key_value_heads=1,
-                       sliding_window=4, head_dim=8),
-    "qwen2": _causal("Qwen2ForCausalLM", "Qwen2Config", **SMALL, intermediate_size=48, num_key_value_heads=2),
-    "mixtral": _causal("MixtralForCausalLM", "MixtralConfig", **SMALL, intermediate_size=24, num_key_value_heads=2,
-                       num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": _causal("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **SMALL, intermediate_size=40, num_key_value_heads=2,
-                         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                         shared_expert_intermediate_size=24, mlp_only_layers=[0]),
-    "olmoe": _causal("OlmoeForCausalLM", "OlmoeConfig", **SMALL, intermediate_size=16, num_key_value_heads=2,
-                     num_experts=4, num_experts_per_tok=2),
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                         "partial_rotary_factor": 0.5}),
+    "gpt_neox_sequential": _causal("GPTNeoXForCausalLM", "GPTNeoXConfig", **SMALL,
+                                   intermediate_size=64, use_parallel_residual=False,
+                                   tie_word_embeddings=False),
+    "llama": _causal("LlamaForCausalLM", "LlamaConfig", **SMALL, intermediate_size=48,
+                     num_key_value_heads=2, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e5}),
+    "mistral": _causal("MistralForCausalLM", "MistralConfig", **SMALL, intermediate_size=48,
+                       num_key_value_heads=1, sliding_window=4, head_dim=8),
+    "qwen2": _causal("Qwen2ForCausalLM", "Qwen2Config", **SMALL, intermediate_size=48,
+                     num_key_value_heads=2),
+    "mixtral": _causal("MixtralForCausalLM", "MixtralConfig", **SMALL, intermediate_size=24,
+                       num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": _causal("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **SMALL, intermediate_size=40,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                         mlp_only_layers=[0]),
+    "olmoe": _causal("OlmoeForCausalLM", "OlmoeConfig", **SMALL, intermediate_size=16,
+                     num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
 }
 MOE = {"mixtral", "qwen2_moe", "olmoe"}
 
 
 @pytest.fixture(scope="module", params=sorted(DECODERS))
-def decoder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
+def decoder(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
     name = request.param
     torch.manual_seed(0)
     hf = DECODERS[name]()
@@ -106,9 +115,12 @@ def test_decoder_parity(decoder: tuple[str, Any, Any], padding: str) -> None:
     keep = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
     kw: dict[str, Any] = {"output_router_logits": True} if name in MOE else {}
     with torch.no_grad():
-        ref = hf(input_ids=tokens, attention_mask=mask, output_hidden_states=True, output_attentions=True, **kw)
-        logits = model(tokens, attention_mask=mask)  # the default kernel (SDPA where nothing is hooked)
-        logits_eager, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n.endswith(HOOKS))
+        ref = hf(input_ids=tokens, attention_mask=mask, output_hidden_states=True,
+                 output_attentions=True, **kw)
+        # the default kernel (SDPA where nothing is hooked)
+        logits = model(tokens, attention_mask=mask)
+        logits_eager, cache = model.run_with_cache(tokens, attention_mask=mask,
+                                                   names_filter=lambda n: n.endswith(HOOKS))
     assert (logits - ref.logits)[keep].abs().max() <= ATOL
     assert (logits_eager - ref.logits)[keep].abs().max() <= ATOL
     n = model.cfg.n_layers
@@ -117,9 +129,11 @@ def test_decoder_parity(decoder: tuple[str, Any, Any], padding: str) -> None:
         ours = cache[f"blocks.{layer}.hook_resid_post"]
         if layer == n - 1:  # transformers reports the last layer after the final norm
             ours = model.ln_final(ours)
-        assert (ours - ref.hidden_states[layer + 1])[keep].abs().max() <= ATOL, f"layer {layer} resid_post"
+        assert ((ours - ref.hidden_states[layer + 1])[keep].abs().max() <= ATOL
+                ), f"layer {layer} resid_post"
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
-        assert (pattern - ref.attentions[layer])[keep[:, None, :, None].expand_as(pattern)].abs().max() <= ATOL
+        assert ((pattern - ref.attentions[layer])[keep[:, None, :, None].expand_as(pattern)]
+                .abs().max() <= ATOL)
     if name in MOE:
         moe_layers = [i for i in range(n) if model.cfg.is_moe_layer(i)]
         router = [r for r in ref.router_logits if r is not None]
@@ -146,14 +160,15 @@ def test_in_memory_model_matches_folder(decoder: tuple[str, Any, Any]) -> None:
 def test_sliding_window_reaches_the_mask(decoder: tuple[str, Any, Any]) -> None:
     name, _, model = decoder
     expected = "causal&sliding_window:4" if name == "mistral" else "causal"
-    assert str(model.cfg.mask).replace(" ", "") in (expected, str(interp.parse_mask(expected)).replace(" ", ""))
+    assert str(model.cfg.mask).replace(" ", "") in (
+        expected, str(interp.parse_mask(expected)).replace(" ", ""))
 
 
 # ---------------------------------------------------------------------------------------------
 # encoders (BERT) and encoder-decoders (T5)
 # ---------------------------------------------------------------------------------------------
-BERT = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=32, type_vocab_size=2)
+BERT = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=32, type_vocab_size=2)
 
 
 def _hf(cls_name: str, cfg: Any, seed: int = 1) -> Any:
@@ -183,15 +198,18 @@ def test_bert_mlm_parity(bert_mlm: tuple[Any, Any], padding: str) -> None:
     mask = _masks(B, T)[padding]
     keep = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
     with torch.no_grad():
-        ref = hf(input_ids=tokens, attention_mask=mask, token_type_ids=types, output_hidden_states=True, output_attentions=True)
+        ref = hf(input_ids=tokens, attention_mask=mask, token_type_ids=types,
+                 output_hidden_states=True, output_attentions=True)
         logits = model(tokens, attention_mask=mask, token_type_ids=types)
         _, cache = model.run_with_cache(tokens, attention_mask=mask, token_type_ids=types,
                                         names_filter=lambda n: n.endswith(HOOKS))
     assert (logits - ref.logits)[keep].abs().max() <= ATOL
     for layer in range(model.cfg.n_layers):
-        assert (cache[f"blocks.{layer}.hook_resid_post"] - ref.hidden_states[layer + 1])[keep].abs().max() <= ATOL
+        assert ((cache[f"blocks.{layer}.hook_resid_post"] - ref.hidden_states[layer + 1])[keep]
+                .abs().max() <= ATOL)
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
-        assert (pattern - ref.attentions[layer])[keep[:, None, :, None].expand_as(pattern)].abs().max() <= ATOL
+        assert ((pattern - ref.attentions[layer])[keep[:, None, :, None].expand_as(pattern)]
+                .abs().max() <= ATOL)
 
 
 def test_bert_model_without_head(tmp_path: Path) -> None:
@@ -200,7 +218,8 @@ def test_bert_model_without_head(tmp_path: Path) -> None:
     hf = _hf("BertModel", transformers.BertConfig(**BERT))
     hf.save_pretrained(tmp_path)
     model = interp.load_pretrained(tmp_path)
-    assert not model.cfg.has_unembed and model.cfg.extra["dropped"] == ["pooler.dense.bias", "pooler.dense.weight"]
+    assert (not model.cfg.has_unembed
+            and model.cfg.extra["dropped"] == ["pooler.dense.bias", "pooler.dense.weight"])
     tokens = torch.randint(0, V, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, 6:] = 0
@@ -220,8 +239,9 @@ T5_VARIANTS = {
 
 @pytest.fixture(scope="module", params=sorted(T5_VARIANTS))
 def t5(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
-    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
-                                relative_attention_num_buckets=8, relative_attention_max_distance=16,
+    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=8,
+                                relative_attention_max_distance=16,
                                 decoder_start_token_id=0, **T5_VARIANTS[request.param])
     hf = _hf("T5ForConditionalGeneration", cfg)
     folder = tmp_path_factory.mktemp(request.param)
@@ -246,10 +266,12 @@ def test_t5_parity(t5: tuple[Any, Any], padding: str) -> None:
         dec_mask[0, -3:] = 0
         keep = dec_mask.bool()
     with torch.no_grad():
-        ref = hf(input_ids=src, attention_mask=enc_mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask,
-                 output_hidden_states=True, output_attentions=True)
+        ref = hf(input_ids=src, attention_mask=enc_mask, decoder_input_ids=dec,
+                 decoder_attention_mask=dec_mask, output_hidden_states=True,
+                 output_attentions=True)
         logits = model(src, dec, attention_mask=enc_mask, decoder_attention_mask=dec_mask)
-        _, cache = model.run_with_cache(src, dec, attention_mask=enc_mask, decoder_attention_mask=dec_mask,
+        _, cache = model.run_with_cache(src, dec, attention_mask=enc_mask,
+                                        decoder_attention_mask=dec_mask,
                                         names_filter=lambda n: n.endswith(HOOKS))
     assert (logits - ref.logits)[keep].abs().max() <= ATOL
     enc_keep = torch.ones(B, S, dtype=torch.bool) if enc_mask is None else enc_mask.bool()
@@ -259,14 +281,17 @@ def test_t5_parity(t5: tuple[Any, Any], padding: str) -> None:
             ours = model.encoder_final_ln(ours)
         assert (ours - ref.encoder_hidden_states[layer + 1])[enc_keep].abs().max() <= ATOL
         p = cache[f"encoder.{layer}.attn.hook_pattern"]
-        assert (p - ref.encoder_attentions[layer])[enc_keep[:, None, :, None].expand_as(p)].abs().max() <= ATOL
+        assert ((p - ref.encoder_attentions[layer])[enc_keep[:, None, :, None].expand_as(p)]
+                .abs().max() <= ATOL)
     for layer in range(model.cfg.n_decoder_layers):
         ours = cache[f"decoder.{layer}.hook_resid_post"]
         if layer == model.cfg.n_decoder_layers - 1:
             ours = model.ln_final(ours)
         assert (ours - ref.decoder_hidden_states[layer + 1])[keep].abs().max() <= ATOL
-        for ours_p, ref_p in ((cache[f"decoder.{layer}.attn.hook_pattern"], ref.decoder_attentions[layer]),
-                              (cache[f"decoder.{layer}.cross_attn.hook_pattern"], ref.cross_attentions[layer])):
+        for ours_p, ref_p in ((cache[f"decoder.{layer}.attn.hook_pattern"],
+                               ref.decoder_attentions[layer]),
+                              (cache[f"decoder.{layer}.cross_attn.hook_pattern"],
+                               ref.cross_attentions[layer])):
             assert (ours_p - ref_p)[keep[:, None, :, None].expand_as(ours_p)].abs().max() <= ATOL
 
 

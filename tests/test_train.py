@@ -1,4 +1,5 @@
-"""interp.train: tasks, trainer, checkpoints, CLI (fast tests; the slow ones are in test_train_slow.py)."""
+"""interp.train: tasks, trainer, checkpoints, CLI (fast tests; the slow ones are in
+test_train_slow.py)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def test_induction_batches_copy_fragments():
         pairs = set(zip(first, first[1:], strict=False))
         copied += sum((a, c) in pairs for a, c in zip(second, second[1:], strict=False))
         total += 7
-    assert copied / total > 0.6  # most second-half bigrams repeat a first-half bigram: induction pays
+    # most second-half bigrams repeat a first-half bigram: induction pays
+    assert copied / total > 0.6
     e = task.eval_batch(4, torch.Generator().manual_seed(0))
     assert torch.equal(e.tokens[:, 1:9], e.tokens[:, 9:])  # evaluation: the classic [BOS] x x
 
@@ -72,7 +74,8 @@ def test_knowledge_facts_are_consistent():
         s, e = f.subject_span
         assert tok.decode(f.prompt_tokens) == f.prompt
         assert tok.decode(f.prompt_tokens[s:e]).replace(" ", "-") == f.subject
-        assert f.prompt_tokens[0] == tok.bos_token_id and tok.decode([f.prompt_tokens[-1]]) == f.relation
+        assert (f.prompt_tokens[0] == tok.bos_token_id
+                and tok.decode([f.prompt_tokens[-1]]) == f.relation)
         assert tok.decode([f.answer]) == f.object
     # the knowledge base is a function of data_seed only
     assert Knowledge(n_subjects=30, n_relations=3, n_objects=8, data_seed=1).facts() == facts
@@ -90,7 +93,8 @@ def test_knowledge_biographies_list_every_object_after_the_name():
         by_name.setdefault(f.prompt_tokens[1:f.subject_span[1]], {})[f.relation] = f.answer
     b = task.sample(256, torch.Generator().manual_seed(0))
     n_loss = (b.labels != -100).sum(1)
-    assert set(n_loss.tolist()) == {1, 3}  # a query (one object) or a biography (every relation's object)
+    # a query (one object) or a biography (every relation's object)
+    assert set(n_loss.tolist()) == {1, 3}
     assert 0.35 < float((n_loss == 3).float().mean()) < 0.65
     for toks, labs in zip(b.tokens[n_loss == 3], b.labels[n_loss == 3], strict=True):
         pos = (labs != -100).nonzero().flatten()
@@ -143,7 +147,8 @@ def test_incompatible_configs_are_refused(fields, match):
 def test_full_config_and_architecture_errors_are_interp_errors():
     with pytest.raises(InterpError, match="attention-only"):
         train("domains", {"attn_only": True}, steps=1, quiet=True)  # MoE default + attn_only
-    cfg = interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=65, n_ctx=33, architecture="encoder")
+    cfg = interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=65, n_ctx=33,
+                             architecture="encoder")
     with pytest.raises(InterpError, match="causal decoder"):
         train("induction", cfg, steps=1, quiet=True)
 
@@ -153,8 +158,9 @@ def test_full_config_and_architecture_errors_are_interp_errors():
 def test_training_reduces_loss(task):
     # knowledge: queries only; its biographies (attribute lists) take longer than 40 steps to learn
     params = {"bio_fraction": 0.0} if task == "knowledge" else None
-    _, history, _ = train(task, {**TINY, "n_experts": 0} if task == "domains" else TINY, task_params=params,
-                          steps=40, batch_size=16, lr=1e-2, warmup_steps=5, log_every=5, quiet=True, evaluate=False)
+    _, history, _ = train(task, {**TINY, "n_experts": 0} if task == "domains" else TINY,
+                          task_params=params, steps=40, batch_size=16, lr=1e-2, warmup_steps=5,
+                          log_every=5, quiet=True, evaluate=False)
     assert history.loss.iloc[-1] < history.loss.iloc[0] - 0.5, history.loss.tolist()
 
 
@@ -169,7 +175,8 @@ def test_seed_reproduces_weights_exactly():
 
 def test_resume_continues_the_same_run(tmp_path):
     """A run killed after its step-6 checkpoint and resumed ends with the uninterrupted weights."""
-    full, _, _ = train("knowledge", TINY, steps=12, warmup_steps=3, seed=2, quiet=True, evaluate=False)
+    full, _, _ = train("knowledge", TINY, steps=12, warmup_steps=3, seed=2, quiet=True,
+                       evaluate=False)
     mid = tmp_path / "mid.pt"
     _interrupt_at(mid, steps=12, stop=6)
     assert torch.load(mid, weights_only=True)["train"]["step"] == 6
@@ -194,7 +201,8 @@ def _interrupt_at(path: Path, steps: int, stop: int) -> None:
     tr.write_checkpoint = write_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
-            train("knowledge", TINY, steps=steps, warmup_steps=3, seed=2, quiet=True, out=path, save_every=stop)
+            train("knowledge", TINY, steps=steps, warmup_steps=3, seed=2, quiet=True, out=path,
+                  save_every=stop)
     finally:
         tr.write_checkpoint = real
     assert calls == [stop]
@@ -216,16 +224,19 @@ def test_resume_refuses_wrong_task_and_finished_runs(tmp_path):
 
 def test_checkpoint_is_plain_and_reloads(tmp_path):
     path = tmp_path / "k.pt"
-    model, _, metrics = train("knowledge", TINY, steps=5, seed=3, quiet=True, out=path, command="test")
+    model, _, metrics = train("knowledge", TINY, steps=5, seed=3, quiet=True, out=path,
+                              command="test")
     ckpt = torch.load(path, weights_only=True)  # plain types and tensors only
     assert ckpt["task"]["name"] == "knowledge" and ckpt["train"]["seed"] == 3
-    assert ckpt["train"]["command"] == "test" and ckpt["train"]["metrics"]["accuracy"] == metrics["accuracy"]
+    assert (ckpt["train"]["command"] == "test"
+            and ckpt["train"]["metrics"]["accuracy"] == metrics["accuracy"])
     assert ckpt["config"]["extra"]["task"]["params"] == Knowledge().params
     loaded = load_checkpoint(path)
     tokens = torch.tensor([knowledge_facts(path)[0].prompt_tokens])
     torch.testing.assert_close(loaded(tokens), model(tokens))
     assert loaded.to_str_tokens(knowledge_facts(loaded)[0].prompt)[0] == "<bos>"
-    assert [tuple(f.prompt_tokens) for f in knowledge_facts(model)] == [f.prompt_tokens for f in Knowledge().facts()]
+    assert ([tuple(f.prompt_tokens) for f in knowledge_facts(model)]
+            == [f.prompt_tokens for f in Knowledge().facts()])
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InterpError, match="Cannot read checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
@@ -239,19 +250,22 @@ def test_knowledge_facts_and_domain_batches_check_the_task(tmp_path):
     assert torch.equal(t1, t2) and torch.equal(d1, d2) and t1.shape == d1.shape == (4, 64)
     with pytest.raises(InterpError, match="trained on 'knowledge'"):
         knowledge_facts(model)
-    bare = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=10, n_ctx=8))
+    bare = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2,
+                                                       d_vocab=10, n_ctx=8))
     with pytest.raises(InterpError, match="no training-task record"):
         knowledge_facts(bare)
 
 
 @pytest.mark.parametrize("variant", [
-    {"positional": "sinusoidal"}, {"positional": "learned"}, {"positional": "rope"}, {"positional": "alibi"},
-    {"positional": "none"}, {"norm_placement": "post"}, {"norm": "rmsnorm", "act": "swiglu"},
+    {"positional": "sinusoidal"}, {"positional": "learned"}, {"positional": "rope"},
+    {"positional": "alibi"}, {"positional": "none"}, {"norm_placement": "post"},
+    {"norm": "rmsnorm", "act": "swiglu"},
     {"n_kv_heads": 1}, {"n_experts": 4, "experts_per_token": 2, "router_z_loss_coef": 1e-3},
     {"parallel_attn_mlp": True}, {"mask": "causal&sliding_window:4"},
 ])
 def test_every_variant_trains(variant):
-    model, history, metrics = train("domains", {**TINY, "n_experts": 0, **variant}, steps=3, quiet=True)
+    model, history, metrics = train("domains", {**TINY, "n_experts": 0, **variant}, steps=3,
+                                    quiet=True)
     assert all(math.isfinite(x) for x in history.loss)
     assert (history.aux_loss.iloc[-1] > 0) == bool(variant.get("n_experts"))
     assert "load_cv" in metrics if variant.get("n_experts") else "load_cv" not in metrics
@@ -288,7 +302,8 @@ def test_text_task_gpt2_tokenizer(tmp_path):
     task = make_task("text", path=str(path), tokenizer="gpt2", seq_len=16)
     assert task.d_vocab == 50257 and task.tokenizer.encode("Hello world") == [15496, 995]
     with pytest.raises(InterpError, match="d_vocab to at least 50257"):
-        train("text", {**TINY, "d_vocab": 1000}, task_params={"path": str(path), "tokenizer": "gpt2"}, steps=1, quiet=True)
+        train("text", {**TINY, "d_vocab": 1000},
+              task_params={"path": str(path), "tokenizer": "gpt2"}, steps=1, quiet=True)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -300,15 +315,17 @@ def _cli(args):
 
 def test_cli_trains_and_reports(tmp_path):
     out = tmp_path / "d.pt"
-    r = _cli(["train", "domains", "--config", "tiny", "--config", '{"n_layers": 1}', "--n-experts", "4",
-              "--steps", "3", "--seed", "1", "--out", str(out), "--quiet"])
+    r = _cli(["train", "domains", "--config", "tiny", "--config", '{"n_layers": 1}',
+              "--n-experts", "4", "--steps", "3", "--seed", "1", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     assert r.output.strip().endswith(str(out))
     ckpt = torch.load(out, weights_only=True)
-    assert ckpt["config"]["n_experts"] == 4 and ckpt["config"]["n_layers"] == 1 and ckpt["train"]["seed"] == 1
+    assert (ckpt["config"]["n_experts"] == 4 and ckpt["config"]["n_layers"] == 1
+            and ckpt["train"]["seed"] == 1)
     r = _cli(["train", "domains", "--steps", "3", "--out", str(out), "--quiet"])
     assert r.exit_code == 2 and "already exists" in r.output
-    r = _cli(["train", "domains", "--steps", "5", "--resume", str(out), "--out", str(out), "--quiet"])
+    r = _cli(["train", "domains", "--steps", "5", "--resume", str(out), "--out", str(out),
+              "--quiet"])
     assert r.exit_code == 0, r.output
     assert torch.load(out, weights_only=True)["train"]["step"] == 5
 

@@ -35,7 +35,8 @@ def test_induction_heads_form():
     half = torch.stack([torch.randperm(V, generator=g)[:H] for _ in range(64)]) + 1
     tokens = torch.cat([torch.zeros(64, 1, dtype=torch.long), half, half], 1)  # [BOS] x x
     logits, cache = model.run_with_cache(tokens)
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # predicts t+1
+    # position t predicts t+1
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
     first = nll[:, 1:H].mean().item()  # predicting x2..xn in the first copy
     repeat = nll[:, H + 1:2 * H].mean().item()  # predicting x2..xn in the second copy
     assert repeat < 0.3, repeat
@@ -45,7 +46,8 @@ def test_induction_heads_form():
     pattern = cache["pattern", 1]  # [batch, head, q, k]
     induction = pattern[:, :, q, target].mean((0, 2))
     assert induction.max() >= 0.7, induction
-    prev = cache["pattern", 0][:, :, torch.arange(1, 2 * H + 1), torch.arange(0, 2 * H)].mean((0, 2))
+    prev = cache["pattern", 0][:, :, torch.arange(1, 2 * H + 1),
+                               torch.arange(0, 2 * H)].mean((0, 2))
     assert prev.max() >= 0.4, prev  # the previous-token head it composes with
     assert history.loss.iloc[-1] < history.loss.iloc[0]
 
