@@ -9,19 +9,14 @@ task trained under sinusoidal, learned, RoPE and ALiBi positions).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 import pandas as pd
-from matplotlib.colors import BoundaryNorm, ListedColormap
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from analyses import heads as H
-from analyses import parses
 from analyses.app.cli import (
     CliError,
     cli,
@@ -29,139 +24,83 @@ from analyses.app.cli import (
     load_model,
     model_argument,
     prepare_out,
-    progress_for,
     write_report,
 )
 from analyses.app.report import Section
 from analyses.app.sections import register
+from analyses.app.sections._heads_figures import (
+    compare_figure,
+    focus,
+    heat,
+    layer_lines,
+    syntax_bars,
+)
+from analyses.app.sections._heads_inputs import (
+    check_conllu_file,
+    check_text_file,
+    inputs,
+    resolve_source,
+)
 from interp.errors import InterpError
+from interp.progress import Progress, progress_bar
+
+if TYPE_CHECKING:
+    from interp import HookedTransformer
+
+__all__ = ["build", "build_compare", "check_focus", "compare_figure", "heads_cmd"]
 
 DEFAULT_MAX_TOKENS = 100_000  # covers UD EWT dev (~30k word pieces) with room to spare
 DEFAULT_N_RANDOM = 64
-SAMPLE_TEXT = Path(__file__).resolve().parent.parent / "data" / "sample_text.txt"
 
 SOURCE = (
     "Clark, Khandelwal, Levy and Manning (2019), *What Does BERT Look At? An Analysis of BERT's "
     "Attention*, BlackboxNLP (delimiter and punctuation attention, attention distance and entropy, "
-    "word-level dependency accuracy against fixed-offset baselines); Voita, Talbot, Moiseev, Sennrich "
-    "and Titov (2019), *Analyzing Multi-Head Self-Attention: Specialized Heads Do the Heavy Lifting, the "
-    "Rest Can Be Pruned*, ACL (positional heads: >= 90% of maximum attention at one offset); Olsson et al. "
-    "(2022), *In-context Learning and Induction Heads*, Transformer Circuits Thread (prefix matching and "
-    "copying on repeated random tokens); Elhage et al. (2021), *A Mathematical Framework for Transformer "
-    "Circuits*, Transformer Circuits Thread (OV-circuit eigenvalue copying score); Xiao, Tian, Chen, Han and "
-    "Lewis (2024), *Efficient Streaming Language Models with Attention Sinks*, ICLR (first-token sinks); "
-    "Vig and Belinkov (2019), *Analyzing the Structure of Attention in a Transformer Language Model*, "
-    "BlackboxNLP (attention against token properties)."
+    "word-level dependency accuracy against fixed-offset baselines); Voita, Talbot, Moiseev, "
+    "Sennrich and Titov (2019), *Analyzing Multi-Head Self-Attention: Specialized Heads Do the "
+    "Heavy Lifting, the Rest Can Be Pruned*, ACL (positional heads: >= 90% of maximum attention at "
+    "one offset); Olsson et al. (2022), *In-context Learning and Induction Heads*, Transformer "
+    "Circuits Thread (prefix matching and copying on repeated random tokens); Elhage et al. "
+    "(2021), *A Mathematical Framework for Transformer Circuits*, Transformer Circuits Thread "
+    "(OV-circuit eigenvalue copying score); Xiao, Tian, Chen, Han and Lewis (2024), *Efficient "
+    "Streaming Language Models with Attention Sinks*, ICLR (first-token sinks); Vig and Belinkov "
+    "(2019), *Analyzing the Structure of Attention in a Transformer Language Model*, BlackboxNLP "
+    "(attention against token properties)."
 )
 
 METHOD = (
-    "Every score streams over batches with running sums from `blocks.{{l}}.attn.hook_pattern` (hooks reduce "
-    "each pattern on the fly; nothing is cached). **Positional**: share of queries whose most-attended key "
-    "is at offset o in -3..+3; positional when one offset takes >= 90% (Voita et al.); previous-token score = "
-    "mean attention to i-1. **Induction / duplicate-token**: on `x1..xn x1..xn` (distinct random tokens; "
-    "BOS or [CLS]/[SEP] as the model expects), mean attention from a second-copy token to the token after "
-    "its first occurrence (prefix matching) and to the first occurrence itself; **OV copying** = "
-    "sum(eigenvalues) / sum(|eigenvalues|) of W_E W_V W_O W_U with the norm gains folded in (where the "
-    "model has an unembedding). **Sinks**: mean attention share to the first token, BOS, [CLS], [SEP], any "
-    "special token, and punctuation. **Range**: with the first/special-token mass removed and the rest "
-    "renormalised, mean |q-k| (and its ratio to a uniform head's over the same keys) and entropy "
-    "(normalised by log of the number of keys: 1 = uniform). **Syntactic** (Clark et al. sec. 4.2): "
-    "attention merged to words (rows averaged over the query word's pieces, columns summed over the key "
-    "word's pieces; special tokens and the word itself ignored); per relation and direction, accuracy = "
-    "share of gold pairs whose most-attended word is the partner, against the best fixed offset in -3..+3 "
-    "(in a causal model only pairs whose partner precedes the query, offsets -3..-1). UD subtypes count "
-    "under their universal relation except `nmod:poss`. **Semantic** (our definition): partial correlation "
-    "of the attention weight with the cosine similarity of the two tokens' input embeddings, relative "
-    "offset held fixed (pooled within-offset correlation), over pairs of distinct tokens, sink, special "
-    "and punctuation keys excluded. **Labels**, first rule that holds: induction (prefix matching >= "
-    "{induction}), duplicate-token (>= {duplicate}), previous-token (offset -1 share >= {positional} or "
-    "mean attention to i-1 >= {prev_token}), positional (other offset, share >= {positional}), "
-    "syntactic:<relation> (beats its baseline by >= {syntax_margin:.0%} on >= {syntax_min_n} pairs, margin >= "
-    "{syntax_z} standard errors; not punct/root/dep), "
-    "semantic (r >= {semantic}), sink (share >= {sink}), local (distance ratio <= {local}), long-range "
-    "(>= {long_range}), uniform (normalised entropy >= {uniform}), else unclassified. Confidence is the "
-    "score that fired the rule; for unclassified, 1 minus the strongest score relative to its threshold."
+    "Every score streams over batches with running sums from `blocks.{{l}}.attn.hook_pattern` "
+    "(hooks reduce each pattern on the fly; nothing is cached). **Positional**: share of queries "
+    "whose most-attended key is at offset o in -3..+3; positional when one offset takes >= 90% "
+    "(Voita et al.); previous-token score = mean attention to i-1. **Induction / "
+    "duplicate-token**: on `x1..xn x1..xn` (distinct random tokens; BOS or [CLS]/[SEP] as the "
+    "model expects), mean attention from a second-copy token to the token after its first "
+    "occurrence (prefix matching) and to the first occurrence itself; **OV copying** = "
+    "sum(eigenvalues) / sum(|eigenvalues|) of W_E W_V W_O W_U with the norm gains folded in (where "
+    "the model has an unembedding). **Sinks**: mean attention share to the first token, BOS, "
+    "[CLS], [SEP], any special token, and punctuation. **Range**: with the first/special-token "
+    "mass removed and the rest renormalised, mean |q-k| (and its ratio to a uniform head's over "
+    "the same keys) and entropy (normalised by log of the number of keys: 1 = uniform). "
+    "**Syntactic** (Clark et al. sec. 4.2): attention merged to words (rows averaged over the "
+    "query word's pieces, columns summed over the key word's pieces; special tokens and the word "
+    "itself ignored); per relation and direction, accuracy = share of gold pairs whose "
+    "most-attended word is the partner, against the best fixed offset in -3..+3 (in a causal model "
+    "only pairs whose partner precedes the query, offsets -3..-1). UD subtypes count under their "
+    "universal relation except `nmod:poss`. **Semantic** (our definition): partial correlation of "
+    "the attention weight with the cosine similarity of the two tokens' input embeddings, relative "
+    "offset held fixed (pooled within-offset correlation), over pairs of distinct tokens, sink, "
+    "special and punctuation keys excluded. **Labels**, first rule that holds: induction (prefix "
+    "matching >= {induction}), duplicate-token (>= {duplicate}), previous-token (offset -1 share "
+    ">= {positional} or mean attention to i-1 >= {prev_token}), positional (other offset, share >= "
+    "{positional}), syntactic:<relation> (beats its baseline by >= {syntax_margin:.0%} on >= "
+    "{syntax_min_n} pairs, margin >= {syntax_z} standard errors; not punct/root/dep), semantic (r "
+    ">= {semantic}), sink (share >= {sink}), local (distance ratio <= {local}), long-range (>= "
+    "{long_range}), uniform (normalised entropy >= {uniform}), else unclassified. Confidence is "
+    "the score that fired the rule; for unclassified, 1 minus the strongest score relative to its "
+    "threshold."
 )
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def _lines(path: Path) -> Iterator[str]:
-    """A text file's non-empty lines, streamed (UTF-8 errors as one line)."""
-    try:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield line.rstrip("\n")
-    except UnicodeDecodeError:
-        raise InterpError(f"text file {path} is not UTF-8 text; convert it to UTF-8.") from None
-
-
-def check_text_file(path: Path) -> None:
-    """Fail before any slow work when the text file is missing or holds no text."""
-    if not path.is_file():
-        raise InterpError(f"text file not found: {path}")
-    for _ in _lines(path):
-        return
-    raise InterpError(f"text file {path} is empty; pass a file with at least one sentence.")
-
-
-def check_conllu_file(path: Path) -> int:
-    """Read a CoNLL-U file once (streamed) so a malformed line fails before the model loads;
-    returns the number of sentences."""
-    return sum(1 for _ in parses.read_conllu(path))
-
-
-def _fast_tokenizer(model: Any) -> bool:
-    tok = getattr(model, "tokenizer", None)
-    return tok is not None and callable(tok) and bool(getattr(tok, "is_fast", False))
-
-
-def _inputs(model: Any, opts: dict) -> tuple[dict, str]:
-    """The analyze() keyword arguments for the chosen input, and a sentence for the report."""
-    conllu, text = opts.get("conllu"), opts.get("text_file")
-    if conllu is not None:
-        if not _fast_tokenizer(model):
-            raise InterpError("--conllu needs a model with a fast Hugging Face tokenizer (character offsets); "
-                              "this model has none. Run without --conllu for the random-token scores.")
-        name = Path(conllu).name
-        lic = " (Universal Dependencies English EWT, CC BY-SA 4.0)" if "ewt" in name.lower() else ""
-        return {"sentences": parses.read_conllu(conllu)}, f"Gold parses from `{name}`{lic}."
-    path = Path(text) if text is not None else (SAMPLE_TEXT if _fast_tokenizer(model) else None)
-    what = f"`{path.name}`" if text is not None else "the packaged sample (analyses/data/sample_text.txt, 40 English sentences written for this project)"
-    if path is None:
-        return {}, ("This model has no text tokenizer with character offsets, so token-level scores come from "
-                    "the repeated random tokens too.")
-    if _fast_tokenizer(model):
-        try:
-            nlp = parses.load_spacy()
-        except InterpError as e:
-            return {"texts": _lines(path)}, f"Text: {what}, unparsed ({e}); no syntactic scores."
-        return ({"sentences": parses.spacy_sentences(_lines(path), nlp)},
-                f"Text: {what}, parsed by spaCy `{parses.SPACY_MODEL}` (ClearNLP labels mapped to UD where the arc is "
-                "the same: dobj->obj, poss->nmod:poss, neg->advmod, ...; prep/pobj kept).")
-    return {"texts": _lines(path)}, f"Text: {what} (no parse: this tokenizer gives no character offsets)."
-
-
-def resolve_source(source: str) -> str:
-    """A packaged training checkpoint by name (``induction_rope``) -> its path; else unchanged."""
-    try:
-        from interp.train import SHIPPED, shipped
-    except ImportError:
-        return source
-    stem = source[:-3] if source.endswith(".pt") else source
-    if stem in SHIPPED and not Path(source).exists():
-        return str(shipped(stem))
-    return source
-
-
 # --------------------------------------------------------------------------- findings
-
-
-def _escape(text: str) -> str:
-    """Keep matplotlib's mathtext away from user text (model names with $)."""
-    return text.replace("$", r"\$")
 
 
 def _hl(r: Any) -> str:
@@ -171,7 +110,9 @@ def _hl(r: Any) -> str:
     return f"L{int(r.layer)}H{int(r.head)}"
 
 
-def _findings(res: H.HeadAnalysis, model: Any) -> list[str]:
+def _findings(res: H.HeadAnalysis, model: HookedTransformer) -> list[str]:
+    """The section's findings in words: label counts, the strongest heads of each kind,
+    sink shares per layer, syntax against its baseline, semantic heads."""
     h = res.heads
     out = []
     counts = h["label"].value_counts()
@@ -189,20 +130,25 @@ def _findings(res: H.HeadAnalysis, model: Any) -> list[str]:
                 if label == "previous-token":
                     extra = f", on random tokens {r.rand_prev_token:.2f}"
                 parts.append(f"{_hl(r)} ({getattr(r, score):.2f}{extra})")
-            out.append(f"{label.capitalize()} heads ({what}): " + ", ".join(parts) + ("" if len(sel) <= 6 else ", ..."))
+            more = "" if len(sel) <= 6 else ", ..."
+            out.append(f"{label.capitalize()} heads ({what}): " + ", ".join(parts) + more)
     best_ind = h.loc[h["induction"].idxmax()]
     if h["label"].ne("induction").all():
-        out.append(f"No induction head: the strongest prefix matching is {_hl(best_ind)} at {best_ind['induction']:.2f}.")
+        out.append(f"No induction head: the strongest prefix matching is {_hl(best_ind)} at "
+                   f"{best_ind['induction']:.2f}.")
     pos = h[h["label"] == "positional"]
     if len(pos):
-        out.append("Positional heads: " + ", ".join(f"{_hl(r)} (offset {int(r.positional_offset):+d}, {r.positional_share:.0%})"
-                                                   for r in pos.itertuples()) + ".")
+        out.append("Positional heads: " + ", ".join(
+            f"{_hl(r)} (offset {int(r.positional_offset):+d}, {r.positional_share:.0%})"
+            for r in pos.itertuples()) + ".")
     lay = res.layers
     if "sink_first" in lay:
         cls_sep = ""
         if (lay["cls"] > 0).any() or (lay["sep"] > 0).any():
-            cls_sep = "; [CLS] " + ", ".join(f"{x:.2f}" for x in lay["cls"]) + "; [SEP] " + ", ".join(f"{x:.2f}" for x in lay["sep"])
-        out.append(f"Attention share per layer (mean over heads and queries, {res.info['source']}): first token "
+            cls_sep = ("; [CLS] " + ", ".join(f"{x:.2f}" for x in lay["cls"])
+                       + "; [SEP] " + ", ".join(f"{x:.2f}" for x in lay["sep"]))
+        out.append("Attention share per layer (mean over heads and queries, "
+                   f"{res.info['source']}): first token "
                    + ", ".join(f"{x:.2f}" for x in lay["sink_first"]) + cls_sep + "; punctuation "
                    + ", ".join(f"{x:.2f}" for x in lay["punct"]) + ".")
         if res.info["source"] != "repeated random tokens":
@@ -211,9 +157,10 @@ def _findings(res: H.HeadAnalysis, model: Any) -> list[str]:
     bs = res.best_syntax.dropna(subset=["accuracy"])
     if len(bs):
         beat = bs[bs["margin"] >= 0.10]
-        out.append(f"Syntax: for {len(beat)} of {len(bs)} relations the best head beats the best fixed offset by "
-                   "10 points or more: " + ", ".join(f"{r.relation} {_hl(r)} {r.accuracy:.0%} vs {r.baseline_accuracy:.0%}"
-                                                      for r in beat.itertuples()) + ".")
+        out.append(f"Syntax: for {len(beat)} of {len(bs)} relations the best head beats the best "
+                   "fixed offset by 10 points or more: " + ", ".join(
+                       f"{r.relation} {_hl(r)} {r.accuracy:.0%} vs {r.baseline_accuracy:.0%}"
+                       for r in beat.itertuples()) + ".")
     sem = h[h["label"] == "semantic"]
     if len(sem):
         out.append("Semantic heads (attention tracks embedding similarity beyond position): "
@@ -223,121 +170,36 @@ def _findings(res: H.HeadAnalysis, model: Any) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------- figures
-
-
-def compare_figure(df: pd.DataFrame, *, title: str = "Head labels side by side") -> Figure:
-    """One layer x head label map per model (column ``model``), with shared colours."""
-    import seaborn as sns
-
-    from analyses.app import plots
-
-    models = list(dict.fromkeys(df["model"]))
-    labels = sorted(df["label"].astype(str).unique())
-    code = {lab: i for i, lab in enumerate(labels)}
-    palette = sns.color_palette("tab10" if len(labels) <= 10 else "tab20", len(labels))
-    cmap = ListedColormap(palette).with_extremes(bad="#eeeeee")
-    norm = BoundaryNorm(np.arange(len(labels) + 1) - 0.5, len(labels))
-    n_l, n_h = int(df["layer"].max()) + 1, int(df["head"].max()) + 1
-    fig = plots.new_figure(min(18.0, 1.0 + len(models) * (0.6 * n_h + 1.0)) + 2.5, 1.8 + 0.6 * n_l)
-    axes = fig.subplots(1, len(models), squeeze=False)[0]
-    for ax, name in zip(axes, models, strict=True):
-        sub = df[df["model"] == name]
-        grid = np.full((n_l, n_h), np.nan)
-        for r in sub.itertuples():
-            grid[int(r.layer), int(r.head)] = code[str(r.label)]
-            ax.text(int(r.head), int(r.layer), f"{r.confidence:.2f}", ha="center", va="center", fontsize=7)
-        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-        ax.set_xticks(np.arange(n_h), [str(i) for i in range(n_h)])
-        ax.set_yticks(np.arange(n_l), [str(i) for i in range(n_l)])
-        ax.set_xlabel("head")
-        ax.set_title(_escape(str(name)), fontsize=9)
-    axes[0].set_ylabel("layer")
-    counts = df["label"].astype(str).value_counts()
-    fig.legend(handles=[Patch(facecolor=palette[i], label=_escape(f"{lab} ({counts[lab]})")) for i, lab in enumerate(labels)],
-               loc="outside right upper", frameon=False, fontsize=8)
-    fig.suptitle(_escape(f"{title} (cell text: confidence)"), fontsize=10)
-    return fig
-
-
-def _syntax_bars(best: pd.DataFrame) -> Figure:
-    from analyses.app import plots
-
-    b = best.dropna(subset=["accuracy"])
-    long = pd.concat([
-        pd.DataFrame({"relation": b["relation"], "accuracy": b["accuracy"], "series": "best head"}),
-        pd.DataFrame({"relation": b["relation"], "accuracy": b["baseline_accuracy"], "series": "best fixed offset"}),
-    ], ignore_index=True)
-    return plots.bars(long, "relation", "accuracy", hue="series",
-                      title="Best head per relation against the best fixed-offset baseline (Clark et al. 2019)",
-                      ylabel="accuracy (share of pairs)")
-
-
-def _layer_lines(layers: pd.DataFrame) -> Figure:
-    from analyses.app import plots
-
-    cols = [c for c in ("sink_first", "bos", "cls", "sep", "punct") if c in layers and (layers[c] > 0).any()]
-    if any(np.allclose(layers["sink_first"], layers[c]) for c in ("bos", "cls") if c in cols):
-        cols.remove("sink_first")  # the first token is always BOS / [CLS]: one line, not two
-    cols.append("rand_first")
-    long = layers.melt(id_vars="layer", value_vars=cols, var_name="target", value_name="share")
-    long["target"] = long["target"].map({"sink_first": "first token", "bos": "BOS", "cls": "[CLS]", "sep": "[SEP]",
-                                         "punct": "punctuation", "rand_first": "first token (random tokens)"})
-    return plots.lines(long, "layer", "share", hue="target", title="Attention share to sinks and delimiters per layer",
-                       ylabel="mean attention share")
-
-
-def _heat(h: pd.DataFrame, col: str, title: str) -> Figure:
-    from analyses.app import plots
-
-    m = h.pivot(index="layer", columns="head", values=col).sort_index()
-    return plots.heatmap(m, title=title, cmap="magma")
-
-
-def _focus(model: Any, res: H.HeadAnalysis, layer: int, head: int) -> tuple[pd.DataFrame, Figure]:
-    """One head's scores (long form) and its pattern on a repeated random sequence."""
-    from analyses.app import plots
-
-    row = res.heads[(res.heads["layer"] == layer) & (res.heads["head"] == head)].iloc[0]
-    table = pd.DataFrame({"score": row.index, "value": [str(v) for v in row.values]})
-    batch = next(H.random_batches(model, n_seqs=1, half_len=12, batch_size=1))
-    import torch
-
-    with torch.no_grad():
-        _, cache = model.run_with_cache(batch.tokens.to(model.W_E.device), names_filter=[f"blocks.{layer}.attn.hook_pattern"])
-    pat = cache[f"blocks.{layer}.attn.hook_pattern"][0, head].float().cpu().numpy()
-    tok = getattr(model, "tokenizer", None)
-    ids = batch.tokens[0].tolist()
-    names = [str(x) for x in tok.convert_ids_to_tokens(ids)] if tok is not None and hasattr(tok, "convert_ids_to_tokens") else [str(i) for i in ids]
-    fig = plots.head_pattern(pat, names, title=f"L{layer}H{head} ({row['label']}) on repeated random tokens")
-    return table, fig
-
-
 # --------------------------------------------------------------------------- builders
 
 
-def build(model: Any, opts: dict, progress: Any) -> Section:
+def build(model: HookedTransformer, opts: dict, progress: Progress) -> Section:
     """The head-taxonomy section for ``model`` (see :mod:`analyses.heads`)."""
     from analyses.app import plots
 
     t0 = time.perf_counter()
     layer, head = opts.get("layer"), opts.get("head")
     check_focus(model, layer, head)
-    kwargs, data = _inputs(model, opts)
+    kwargs, data = inputs(model, opts)
     res = H.analyze(model, **kwargs, n_random=int(opts.get("n_random") or DEFAULT_N_RANDOM),
                     half_len=opts.get("half_len"), batch_size=int(opts.get("batch_size") or 16),
-                    max_tokens=int(opts.get("max_tokens") or DEFAULT_MAX_TOKENS), seed=int(opts.get("seed") or 0),
-                    progress=progress)
+                    max_tokens=int(opts.get("max_tokens") or DEFAULT_MAX_TOKENS),
+                    seed=int(opts.get("seed") or 0), progress=progress)
     timings = {"analyze": time.perf_counter() - t0}
     info = res.info
-    data += (f" Token-level scores: {info['n_sequences']} sequences, {info['n_tokens']} tokens ({info['source']})."
+    data += (f" Token-level scores: {info['n_sequences']} sequences, {info['n_tokens']} tokens "
+             f"({info['source']})."
              + (f" Dependency pairs scored: {info['n_pairs']}." if "n_pairs" in info else "")
-             + f" Induction scores: {info['n_random']} sequences of 2 x {info['random_half_len']} distinct random tokens"
-             f" (seed {int(opts.get('seed') or 0)}).")
-    figures: dict[str, Any] = {"heads_labels": plots.label_map(res.heads, title="Head taxonomy: label per head")}
-    figures["heads_prev_token"] = _heat(res.heads, "rand_prev_token", "Previous-token attention on random tokens")
-    figures["heads_induction"] = _heat(res.heads, "induction", "Prefix-matching (induction) attention on repeated random tokens")
-    figures["heads_sinks"] = _layer_lines(res.layers)
+             + f" Induction scores: {info['n_random']} sequences of 2 x {info['random_half_len']} "
+               f"distinct random tokens (seed {int(opts.get('seed') or 0)}).")
+    figures: dict[str, Any] = {
+        "heads_labels": plots.label_map(res.heads, title="Head taxonomy: label per head"),
+        "heads_prev_token": heat(res.heads, "rand_prev_token",
+                                 "Previous-token attention on random tokens"),
+        "heads_induction": heat(res.heads, "induction",
+                                "Prefix-matching (induction) attention on repeated random tokens"),
+    }
+    figures["heads_sinks"] = layer_lines(res.layers)
     tables = {"heads": res.heads, "heads_layers": res.layers}
     show = {"heads_layers": len(res.layers)}
     if len(res.syntax):
@@ -345,10 +207,10 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
         tables["syntax_best"] = res.best_syntax
         show["syntax_best"] = len(res.best_syntax)
         if res.best_syntax["accuracy"].notna().any():
-            figures["heads_syntax_best"] = _syntax_bars(res.best_syntax)
+            figures["heads_syntax_best"] = syntax_bars(res.best_syntax)
     findings = _findings(res, model)
     if layer is not None:
-        table, fig = _focus(model, res, layer, head if head is not None else 0)
+        table, fig = focus(model, res, layer, head if head is not None else 0)
         tables["heads_focus"] = table
         show["heads_focus"] = len(table)
         figures["heads_focus"] = fig
@@ -367,12 +229,13 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
     )
 
 
-def build_compare(models: dict[str, Any], opts: dict, progress: Any) -> Section:
+def build_compare(models: dict[str, HookedTransformer], opts: dict, progress: Progress) -> Section:
     """Side-by-side taxonomy of several models on the same repeated random tokens
     (:func:`analyses.heads.compare`): a combined frame and one label map per model."""
     t0 = time.perf_counter()
-    df = H.compare(models, n_random=int(opts.get("n_random") or DEFAULT_N_RANDOM), half_len=opts.get("half_len"),
-                   batch_size=int(opts.get("batch_size") or 16), seed=int(opts.get("seed") or 0), progress=progress)
+    df = H.compare(models, n_random=int(opts.get("n_random") or DEFAULT_N_RANDOM),
+                   half_len=opts.get("half_len"), batch_size=int(opts.get("batch_size") or 16),
+                   seed=int(opts.get("seed") or 0), progress=progress)
     summary = []
     for name, g in df.groupby("model", sort=False):
         prev = g.loc[g["rand_prev_token"].idxmax()]
@@ -382,24 +245,29 @@ def build_compare(models: dict[str, Any], opts: dict, progress: Any) -> Section:
             "model": name, "positional_encoding": g["positional_encoding"].iloc[0],
             "labels": ", ".join(f"{k} {v}" for k, v in g["label"].value_counts().items()),
             "best_prev_token_head": _hl(prev), "prev_token": prev["rand_prev_token"],
-            "best_induction_head": _hl(ind), "induction": ind["induction"], "copying": ind["copying"],
+            "best_induction_head": _hl(ind), "induction": ind["induction"],
+            "copying": ind["copying"],
             "first_token_share": g["rand_first"].mean(),
             "strongest_fixed_offset_head": _hl(mode), "fixed_offset": int(mode["mode_offset"]),
             "fixed_offset_share": mode["mode_share"],
         })
     summary_df = pd.DataFrame(summary)
-    findings = [f"{r['model']} ({r['positional_encoding']}): previous-token {r['best_prev_token_head']} "
-                f"({r['prev_token']:.2f}), induction {r['best_induction_head']} ({r['induction']:.2f}, copying "
-                f"{r['copying']:+.2f}); most fixed head {r['strongest_fixed_offset_head']} (argmax at offset "
-                f"{r['fixed_offset']:+d} for {r['fixed_offset_share']:.0%} of queries); labels: {r['labels']}." for r in summary]
+    findings = [f"{r['model']} ({r['positional_encoding']}): previous-token "
+                f"{r['best_prev_token_head']} ({r['prev_token']:.2f}), induction "
+                f"{r['best_induction_head']} ({r['induction']:.2f}, copying {r['copying']:+.2f}); "
+                f"most fixed head {r['strongest_fixed_offset_head']} (argmax at offset "
+                f"{r['fixed_offset']:+d} for {r['fixed_offset_share']:.0%} of queries); labels: "
+                f"{r['labels']}." for r in summary]
     return Section(
         key="heads_compare",
         title="Head taxonomies side by side",
-        method=("Each model is analysed by the same procedure as the head-taxonomy section, on repeated random "
-                "tokens drawn with the same seed (token-level scores come from the same sequences, since these "
-                "models read no text). Labels and thresholds as above."),
+        method=("Each model is analysed by the same procedure as the head-taxonomy section, on "
+                "repeated random tokens drawn with the same seed (token-level scores come from the "
+                "same sequences, since these models read no text). Labels and thresholds as "
+                "above."),
         source=SOURCE,
-        data=f"Models: {', '.join(f'`{k}`' for k in models)}; {int(opts.get('n_random') or DEFAULT_N_RANDOM)} random sequences each.",
+        data=f"Models: {', '.join(f'`{k}`' for k in models)}; "
+             f"{int(opts.get('n_random') or DEFAULT_N_RANDOM)} random sequences each.",
         findings=findings,
         tables={"heads_compare": df, "heads_compare_summary": summary_df},
         figures={"heads_compare_labels": compare_figure(df)},
@@ -408,19 +276,23 @@ def build_compare(models: dict[str, Any], opts: dict, progress: Any) -> Section:
     )
 
 
-def check_focus(model: Any, layer: int | None, head: int | None) -> None:
+def check_focus(model: HookedTransformer, layer: int | None, head: int | None) -> None:
     """Layer and head of ``--layer/--head`` must exist in the model."""
     n_l, n_h = int(model.cfg.n_layers), int(model.cfg.n_heads)
     if head is not None and layer is None:
         raise InterpError("--head needs --layer.")
     if layer is not None and not 0 <= layer < n_l:
-        raise InterpError(f"Layer {layer} is out of range: the model has {n_l} layers (0-{n_l - 1}).")
+        raise InterpError(f"Layer {layer} is out of range: the model has {n_l} layers "
+                          f"(0-{n_l - 1}).")
     if head is not None and not 0 <= head < n_h:
-        raise InterpError(f"Head {head} is out of range: the model has {n_h} heads per layer (0-{n_h - 1}).")
+        raise InterpError(f"Head {head} is out of range: the model has {n_h} heads per layer "
+                          f"(0-{n_h - 1}).")
 
 
-def _applies(model: Any) -> bool:
-    return getattr(model.cfg, "architecture", "decoder") in ("decoder", "encoder") and hasattr(model, "blocks")
+def _applies(model: HookedTransformer) -> bool:
+    """Decoder and encoder models with blocks (the taxonomy reads their attention patterns)."""
+    architecture = getattr(model.cfg, "architecture", "decoder")
+    return architecture in ("decoder", "encoder") and hasattr(model, "blocks")
 
 
 register("heads", title="Head taxonomy", build=build, applies=_applies, order=20)
@@ -428,25 +300,29 @@ register("heads", title="Head taxonomy", build=build, applies=_applies, order=20
 
 @cli.command("heads")
 @model_argument()
-@click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Text file to parse with spaCy and analyse [default: the packaged 40-sentence sample].")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Text file to parse with spaCy and analyse [default: the "
+                                 "packaged 40-sentence sample].")
 @click.option("--conllu", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CoNLL-U file with gold dependency parses (e.g. UD English EWT dev).")
-@click.option("--n-random", type=click.IntRange(min=1), default=DEFAULT_N_RANDOM, show_default=True,
-              help="Repeated random-token sequences for the induction scores.")
+@click.option("--n-random", type=click.IntRange(min=1), default=DEFAULT_N_RANDOM,
+              show_default=True, help="Repeated random-token sequences for the induction scores.")
 @click.option("--half-len", type=click.IntRange(min=2), default=None,
               help="Tokens per copy in the random sequences [default: 32, cut to the context].")
-@click.option("--layer", type=int, default=None, help="Also show this layer's head (with --head) in detail.")
+@click.option("--layer", type=int, default=None,
+              help="Also show this layer's head (with --head) in detail.")
 @click.option("--head", type=int, default=None, help="Head to show in detail (needs --layer).")
 @click.option("--compare", "compare", multiple=True, metavar="MODEL",
-              help="Add a side-by-side section with these models (repeatable), e.g. induction_rope.")
+              help="Add a side-by-side section with these models (repeatable), e.g. "
+                   "induction_rope.")
 @click.option("--svg", is_flag=True, help="Also write SVG figures.")
 @common_options
 @click.pass_context
-def heads_cmd(ctx: click.Context, model: str, text_file: Path | None, conllu: Path | None, n_random: int,
-              half_len: int | None, layer: int | None, head: int | None, compare: tuple[str, ...], svg: bool,
-              out: Path | None, batch_size: int, max_tokens: int | None, device: str, dtype: str, seed: int,
-              quiet: bool, force: bool) -> None:
+def heads_cmd(ctx: click.Context, model: str, text_file: Path | None, conllu: Path | None,
+              n_random: int, half_len: int | None, layer: int | None, head: int | None,
+              compare: tuple[str, ...], svg: bool, out: Path | None, batch_size: int,
+              max_tokens: int | None, device: str, dtype: str, seed: int, quiet: bool,
+              force: bool) -> None:
     """Classify every attention head of MODEL: positional, previous-token, induction,
     duplicate-token, sink, syntactic:<relation>, semantic, local, long-range, uniform.
 
@@ -476,17 +352,21 @@ def heads_cmd(ctx: click.Context, model: str, text_file: Path | None, conllu: Pa
     source = resolve_source(model)
     m = load_model(source, device, dtype, seed=seed)
     check_focus(m, layer, head)
-    opts = {"model_source": model, "batch_size": batch_size, "max_tokens": max_tokens, "device": device,
-            "dtype": dtype, "seed": seed, "quiet": quiet, "svg": svg, "text_file": text_file, "conllu": conllu,
-            "n_random": n_random, "half_len": half_len, "layer": layer, "head": head}
-    progress = progress_for(quiet)
+    opts = {"model_source": model, "batch_size": batch_size, "max_tokens": max_tokens,
+            "device": device, "dtype": dtype, "seed": seed, "quiet": quiet, "svg": svg,
+            "text_file": text_file, "conllu": conllu, "n_random": n_random,
+            "half_len": half_len, "layer": layer, "head": head}
+    progress = progress_bar(quiet)
     sections = [build(m, opts, progress)]
     models: dict[str, Any] = {model: m}
     if compare:
         for other in compare:
             if other not in models:
                 models[other] = load_model(resolve_source(other), device, dtype, seed=seed)
-        shown = {(Path(k).stem if k.endswith((".pt", ".json", ".gguf")) or "/" in k else k): v for k, v in models.items()}
-        sections.append(build_compare(shown if len(shown) == len(models) else models, opts, progress))
-    write_report(sections, out=out, force=force, model_source=", ".join(models), model=m if len(models) == 1 else models,
-                 seed=seed, ctx=ctx, svg=svg, quiet=quiet, title=f"interp heads: {', '.join(models)}")
+        shown = {(Path(k).stem if k.endswith((".pt", ".json", ".gguf")) or "/" in k else k): v
+                 for k, v in models.items()}
+        sections.append(build_compare(shown if len(shown) == len(models) else models, opts,
+                                      progress))
+    write_report(sections, out=out, force=force, model_source=", ".join(models),
+                 model=m if len(models) == 1 else models, seed=seed, ctx=ctx, svg=svg,
+                 quiet=quiet, title=f"interp heads: {', '.join(models)}")
