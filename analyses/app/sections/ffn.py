@@ -21,11 +21,19 @@ from analyses.app.cli import (
     load_model,
     model_argument,
     prepare_out,
-    progress_for,
     write_report,
 )
 from analyses.app.report import Section
 from analyses.app.sections import register
+from analyses.app.sections._ffn_figures import (
+    KIND_TITLES,
+    agreement_figure,
+    edits_figure,
+    example_figure,
+    logit_lens_figure,
+    trace_figure,
+)
+from interp.progress import progress_bar
 
 SOURCE = (
     "Geva, Schuster, Berant and Levy (2021), *Transformer Feed-Forward Layers Are Key-Value "
@@ -42,9 +50,6 @@ SOURCE = (
     "Metrics and Methods*, ICLR (symmetric token replacement instead of noise); nostalgebraist "
     "(2020), *interpreting GPT: the logit lens*, LessWrong."
 )
-
-KIND_TITLES = {"resid": "residual stream", "mlp": "MLP output (window)", "attn": "attention output (window)",
-               "mlp_single": "MLP output (one layer)", "attn_single": "attention output (one layer)"}
 
 
 def _default_model() -> str:
@@ -75,118 +80,7 @@ def _pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f}%"
 
 
-# --------------------------------------------------------------------------------------------- figures
-def _trace_figure(avg: pd.DataFrame, corruption: str, title: str) -> Any:
-    """One panel per restored kind: average indirect effect, position role x layer."""
-    from analyses.app.plots import new_figure
-
-    sub = avg[avg["corruption"] == corruption]
-    kinds = [k for k in ("resid", "mlp", "attn", "mlp_single", "attn_single") if k in set(sub["kind"])]
-    n_layers = int(sub["layer"].max()) + 1
-    fig = new_figure(min(20.0, 1.0 + 4.2 * len(kinds)) if n_layers <= 12 else min(24.0, 1.0 + 5.0 * len(kinds)), 3.6)
-    vmax = max(float(sub["aie"].max()), 1e-6)
-    for i, kind in enumerate(kinds):
-        ax = fig.add_subplot(1, len(kinds), i + 1)
-        m = sub[sub["kind"] == kind].pivot_table(index="role", columns="layer", values="aie", observed=True)
-        m = m.reindex([r for r in fk.POSITION_ROLES if r in m.index])
-        im = ax.imshow(m.to_numpy(dtype=float), aspect="auto", cmap="Purples" if kind.startswith("resid") else
-                       ("Greens" if kind.startswith("mlp") else "Reds"), vmin=0, vmax=vmax)
-        ax.set_yticks(range(len(m.index)), [r.replace("_", " ") for r in m.index] if i == 0 else [""] * len(m.index),
-                      fontsize=7)
-        step = max(1, len(m.columns) // 10)
-        ax.set_xticks(range(0, len(m.columns), step), [str(c) for c in m.columns[::step]], fontsize=7)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.set_title(KIND_TITLES.get(kind, kind), fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(title, fontsize=10)
-    return fig
-
-
-def _example_figure(trace: pd.DataFrame, fact: str, corruption: str) -> Any:
-    """Meng et al. Fig. 1 for one fact: token x layer indirect effect per kind."""
-    from analyses.app.plots import clean_token, new_figure
-
-    sub = trace[(trace["fact"] == fact) & (trace["corruption"] == corruption)]
-    kinds = [k for k in ("resid", "mlp", "attn") if k in set(sub["kind"])]
-    fig = new_figure(min(20.0, 1.0 + 4.4 * len(kinds)), 3.4)
-    for i, kind in enumerate(kinds):
-        ax = fig.add_subplot(1, len(kinds), i + 1)
-        k = sub[sub["kind"] == kind]
-        m = k.pivot_table(index="position", columns="layer", values="indirect_effect")
-        labels = k.drop_duplicates("position").set_index("position")["token"].reindex(m.index)
-        im = ax.imshow(m.to_numpy(dtype=float), aspect="auto", cmap="Purples" if kind == "resid" else
-                       ("Greens" if kind == "mlp" else "Reds"))
-        ax.set_yticks(range(len(m.index)), [clean_token(str(t)) for t in labels] if i == 0 else [""] * len(m.index),
-                      fontsize=7)
-        step = max(1, len(m.columns) // 10)
-        ax.set_xticks(range(0, len(m.columns), step), [str(c) for c in m.columns[::step]], fontsize=7)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.set_title(KIND_TITLES.get(kind, kind), fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"causal trace of one fact ({corruption}): {fact}".replace("$", r"\$"), fontsize=10)
-    return fig
-
-
-def _logit_lens_figure(ll: pd.DataFrame) -> Any:
-    from analyses.app.plots import new_figure
-
-    mean = ll.groupby("layer")[["answer_prob", "kl_to_final"]].mean()
-    rank = ll.groupby("layer")["answer_rank"].median()
-    fig = new_figure(11.0, 3.4)
-    for i, (col, label) in enumerate([("answer_prob", "P(answer), mean"), ("rank", "answer rank, median (log)"),
-                                      ("kl_to_final", "KL(final || layer), mean")]):
-        ax = fig.add_subplot(1, 3, i + 1)
-        y = rank if col == "rank" else mean[col]
-        ax.plot(y.index, y.to_numpy(), marker="o", markersize=3)
-        if col == "rank":
-            ax.set_yscale("log")
-        ax.set_xlabel("layer (-1 = embeddings)", fontsize=8)
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.suptitle("logit lens at the prediction position", fontsize=10)
-    return fig
-
-
-def _edits_figure(summary: pd.DataFrame) -> Any:
-    from analyses.app.plots import new_figure
-
-    fig = new_figure(6.5, 3.6)
-    ax = fig.add_subplot()
-    labels, values = [], []
-    for r in summary.itertuples():
-        labels.append(f"{r.mode}\n{r.target}")
-        values.append(100 * r.mean_rel_change)
-    colors = ["#c0392b" if "suppress" in lab else "#27ae60" for lab in labels]
-    ax.bar(range(len(values)), values, color=colors)
-    ax.set_xticks(range(len(values)), labels, fontsize=8)
-    ax.axhline(100 * fk.DAI_SUPPRESS, color="#c0392b", ls="--", lw=1, label="Dai et al.: -29%")
-    ax.axhline(100 * fk.DAI_AMPLIFY, color="#27ae60", ls="--", lw=1, label="Dai et al.: +31%")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_ylabel("mean relative change of P(answer), %")
-    ax.set_title("editing knowledge neurons", fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
-    return fig
-
-
-def _agreement_figure(agreement: pd.DataFrame) -> Any:
-    from analyses.app.plots import new_figure
-
-    fig = new_figure(6.5, 3.6)
-    ax = fig.add_subplot()
-    for col, style, label in [("agreement_top1", "-o", "value top token = next token of top trigger"),
-                              ("baseline_top1", "--", "shuffled baseline"),
-                              ("agreement_any", "-s", "= next token of any top-k trigger"),
-                              ("baseline_any", ":", "shuffled baseline (any)")]:
-        ax.plot(agreement["layer"], 100 * agreement[col], style, markersize=3, label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("% of neurons")
-    ax.set_title("key-value agreement (Geva et al. 2021)", fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
-    ax.grid(alpha=0.3)
-    return fig
-
-
-# --------------------------------------------------------------------------------------------- findings
+# ------------------------------------------------------------------------------------ findings
 def _trace_findings(avg: pd.DataFrame, window: int) -> list[str]:
     out = []
     for corruption in ("noise", "replace"):
@@ -199,8 +93,8 @@ def _trace_findings(avg: pd.DataFrame, window: int) -> list[str]:
             if k.empty:
                 continue
             best = k.loc[k["aie"].idxmax()]
-            parts.append(f"{KIND_TITLES[kind]} peaks at {best['role'].replace('_', ' ')}, layer {int(best['layer'])} "
-                         f"(AIE {_fmt(float(best['aie']))})")
+            parts.append(f"{KIND_TITLES[kind]} peaks at {best['role'].replace('_', ' ')}, "
+                         f"layer {int(best['layer'])} (AIE {_fmt(float(best['aie']))})")
         out.append(f"Causal tracing ({corruption}): " + "; ".join(parts) + ".")
         mlp = sub[sub["kind"] == "mlp"]
         if not mlp.empty:
@@ -210,28 +104,31 @@ def _trace_findings(avg: pd.DataFrame, window: int) -> list[str]:
             last = early[early["role"] == "last"]["aie"]
             if len(subj) and len(last):
                 verdict = "appears" if float(subj.max()) > float(last.max()) else "does not appear"
-                out.append(f"Early MLP site at the last subject token ({corruption}): in the first half of the layers, "
-                           f"windowed MLP restoration at the last subject token reaches AIE {_fmt(float(subj.max()))} "
-                           f"vs {_fmt(float(last.max()))} at the last token, so Meng et al.'s early site {verdict} "
-                           f"(window {window} layers).")
+                out.append(f"Early MLP site at the last subject token ({corruption}): in the "
+                           "first half of the layers, windowed MLP restoration at the last subject "
+                           f"token reaches AIE {_fmt(float(subj.max()))} vs "
+                           f"{_fmt(float(last.max()))} at the last token, so Meng et al.'s early "
+                           f"site {verdict} (window {window} layers).")
             single = sub[(sub["kind"] == "mlp_single") & (sub["role"] == "subject_last")]
             if not single.empty:
                 top = single.loc[single["aie"].idxmax()]
                 rest = single[single["layer"] != top["layer"]]
-                text = (f"Single-layer MLP restoration at the last subject token ({corruption}) peaks at layer "
-                        f"{int(top['layer'])} (AIE {_fmt(float(top['aie']))})")
+                text = (f"Single-layer MLP restoration at the last subject token ({corruption}) "
+                        f"peaks at layer {int(top['layer'])} (AIE {_fmt(float(top['aie']))})")
                 if not rest.empty:
                     nxt = rest.loc[rest["aie"].idxmax()]
-                    text += f"; the next best single layer is {int(nxt['layer'])} (AIE {_fmt(float(nxt['aie']))})"
-                # windows that leave the single-layer peak out show what the other layers do together
+                    text += (f"; the next best single layer is {int(nxt['layer'])} "
+                             f"(AIE {_fmt(float(nxt['aie']))})")
+                # windows that leave the single-layer peak out: what the other layers do together
                 lo = int(top["layer"])
                 centres = mlp["layer"].to_numpy()
                 inside = (centres - window // 2 <= lo) & (lo < centres - (-window // 2))
                 away = mlp[(mlp["role"] == "subject_last").to_numpy() & ~inside]
                 if not away.empty and window > 1:
-                    text += (f"; windows without layer {lo} reach at most AIE {_fmt(float(away['aie'].max()))}, so the "
-                             f"windowed early site is {'mostly' if float(away['aie'].max()) < 0.5 * float(top['aie']) else 'not only'} "
-                             f"that one layer")
+                    best_away = float(away["aie"].max())
+                    share = "mostly" if best_away < 0.5 * float(top["aie"]) else "not only"
+                    text += (f"; windows without layer {lo} reach at most AIE {_fmt(best_away)}, "
+                             f"so the windowed early site is {share} that one layer")
                 out.append(text + ".")
     return out
 
@@ -242,16 +139,21 @@ def _edit_findings(summary: pd.DataFrame, kn: pd.DataFrame) -> list[str]:
     get = {(r.mode, r.target): r for r in summary.itertuples()}
     kept = kn[kn["kept"]]
     per_fact = kept.groupby("fact").size()
-    out = [f"Knowledge neurons: {len(kept)} kept over {per_fact.size} facts (median {_fmt(float(per_fact.median()) if len(per_fact) else float('nan'))} "
-           f"per fact; {int((~kn['kept']).sum())} refined neurons dropped because facts with other answers share them); "
-           f"layers of kept neurons: {', '.join(f'{int(k)}: {int(v)}' for k, v in kept['layer'].value_counts().sort_index().items())}."]
+    median = float(per_fact.median()) if len(per_fact) else float("nan")
+    by_layer = kept["layer"].value_counts().sort_index().items()
+    out = [f"Knowledge neurons: {len(kept)} kept over {per_fact.size} facts (median "
+           f"{_fmt(median)} per fact; {int((~kn['kept']).sum())} refined neurons dropped because "
+           "facts with other answers share them); layers of kept neurons: "
+           f"{', '.join(f'{int(k)}: {int(v)}' for k, v in by_layer)}."]
     for mode, dai in (("suppress", fk.DAI_SUPPRESS), ("amplify", fk.DAI_AMPLIFY)):
         s, u = get.get((mode, "self")), get.get((mode, "unrelated"))
         if s is None:
             continue
-        text = f"{mode.capitalize()} (x{0 if mode == 'suppress' else 2}): the fact's answer probability changes by {_pct(s.mean_rel_change)} on average"
+        text = (f"{mode.capitalize()} (x{0 if mode == 'suppress' else 2}): the fact's answer "
+                f"probability changes by {_pct(s.mean_rel_change)} on average")
         if u is not None:
-            text += f", unrelated facts by {_pct(u.mean_rel_change)} (mean |change| {100 * u.mean_abs_rel_change:.1f}%)"
+            text += (f", unrelated facts by {_pct(u.mean_rel_change)} (mean |change| "
+                     f"{100 * u.mean_abs_rel_change:.1f}%)")
         out.append(text + f"; Dai et al. report {_pct(dai)} for BERT.")
     return out
 
@@ -262,25 +164,66 @@ def _lens_findings(ll: pd.DataFrame) -> list[str]:
     top1 = ll.assign(top1=ll["answer_rank"] == 1).groupby("layer")["top1"].mean()
     first = next((int(layer) for layer, v in top1.items() if v >= 0.5), None)
     mean_p = ll.groupby("layer")["answer_prob"].mean()
-    half = next((int(layer) for layer, v in mean_p.items() if v >= 0.5 * float(mean_p.iloc[-1])), None)
-    return [f"Logit lens: the answer is the top token for at least half of the facts from layer {first} on; the mean "
-            f"answer probability reaches half its final value ({_fmt(float(mean_p.iloc[-1]))}) at layer {half}."]
+    half = next((int(layer) for layer, v in mean_p.items()
+                 if v >= 0.5 * float(mean_p.iloc[-1])), None)
+    return [f"Logit lens: the answer is the top token for at least half of the facts from layer "
+            f"{first} on; the mean answer probability reaches half its final value "
+            f"({_fmt(float(mean_p.iloc[-1]))}) at layer {half}."]
 
 
 def _kv_findings(agreement: pd.DataFrame, n_tokens: int, top_k: int) -> list[str]:
     if agreement.empty:
         return []
     upper = agreement[agreement["layer"] >= agreement["layer"].max() / 2]
-    return [f"Key-value memories over {n_tokens} corpus tokens (top-{top_k} triggers per neuron): in the upper half of "
-            f"the layers a value's top token is the next token of its top trigger for "
-            f"{100 * float(upper['agreement_top1'].mean()):.1f}% of neurons (shuffled baseline "
-            f"{100 * float(upper['baseline_top1'].mean()):.1f}%), and of any top-{top_k} trigger for "
-            f"{100 * float(upper['agreement_any'].mean()):.1f}% (baseline {100 * float(upper['baseline_any'].mean()):.1f}%); "
-            f"lower half: {100 * float(agreement[agreement['layer'] < agreement['layer'].max() / 2]['agreement_top1'].mean()):.1f}% "
+    lower = agreement[agreement["layer"] < agreement["layer"].max() / 2]
+    return [f"Key-value memories over {n_tokens} corpus tokens (top-{top_k} triggers per neuron): "
+            "in the upper half of the layers a value's top token is the next token of its top "
+            f"trigger for {100 * float(upper['agreement_top1'].mean()):.1f}% of neurons (shuffled "
+            f"baseline {100 * float(upper['baseline_top1'].mean()):.1f}%), and of any "
+            f"top-{top_k} trigger for {100 * float(upper['agreement_any'].mean()):.1f}% "
+            f"(baseline {100 * float(upper['baseline_any'].mean()):.1f}%); lower half: "
+            f"{100 * float(lower['agreement_top1'].mean()):.1f}% "
             f"(Geva et al. find agreement rising in the upper layers)."]
 
 
-# --------------------------------------------------------------------------------------------- builder
+def _method(opts: dict, window: int) -> str:
+    """The section's method paragraph: what each method did with this run's settings."""
+    positions = ("; one position per role is traced (the middle-most of several). "
+                 if opts.get("positions", "roles") == "roles"
+                 else "; every position from the subject on is traced. ")
+    return (
+        "**Facts.** Each fact is a prompt, its subject and the answer; only facts whose answer's "
+        "first token is the model's greedy prediction are kept. "
+        "**Causal tracing** (Meng et al. 2022): the subject's token embeddings are corrupted with "
+        f"Gaussian noise (3 x the subject embeddings' std, {opts.get('samples', 3)} samples; Meng "
+        "et al. used 10) or by replacing the subject with another subject of the same token "
+        "length (Zhang and Nanda 2024); then the clean state is restored at one (layer, "
+        "position): the residual stream (`hook_resid_post`), the MLP output (`hook_mlp_out`) or "
+        f"the attention output (`hook_attn_out`), the latter two over a window of {window} "
+        "layer(s) centred there (Meng et al. used 10 of GPT-2 XL's 48) and, for the MLP, one "
+        "layer alone. Indirect effect = P(answer | restored) - P(answer | corrupted); heatmaps "
+        "average it over facts per position role (first/middle/last subject token, first/further "
+        "subsequent token, last token)"
+        + positions
+        + "**Knowledge neurons** (Dai et al. 2022): integrated gradients of P(answer) w.r.t. each "
+        "layer's FFN activations (`mlp.hook_post`) at the prediction position (zero baseline, "
+        f"{opts.get('ig_steps', 20)} midpoint-Riemann steps); neurons above 0.2 x the prompt's "
+        "maximum, kept by at least 70% of the fact's prompts (prompt and paraphrases), minus "
+        "neurons also kept by facts with other answers; then those neurons are set to 0 "
+        "(suppress) or doubled (amplify) at the prediction position, on the fact's prompts and "
+        "on 10 unrelated facts. "
+        "**Key-value memories** (Geva et al. 2021): per neuron the top-25 activating contexts over "
+        "the corpus (running top-k, bounded memory), the value vector (row of `W_out`, times the "
+        "final norm's gain) read through the unembedding, and per layer the share of neurons "
+        "whose value's top token is the next token of their top trigger, against values paired "
+        "with shuffled neurons' triggers. "
+        "**Logit lens** (nostalgebraist 2020): each layer's residual stream at the prediction "
+        "position through the final norm and the unembedding: answer probability and rank, "
+        "KL(final || layer)."
+    )
+
+
+# ------------------------------------------------------------------------------------- builder
 def build(model: Any, opts: dict, progress: Any) -> Section:
     """Run :func:`analyses.ffn.analyse` and assemble the report section."""
     fk.check_model(model)
@@ -289,18 +232,21 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
     if facts is not None:
         facts_name = f"`{Path(facts_path).name}` (given)"
     elif fk._task_name(model) == "knowledge":
-        facts_name = "the knowledge base the model was trained on (`interp.train.knowledge_facts`)"
+        facts_name = ("the knowledge base the model was trained on "
+                      "(`interp.train.knowledge_facts`)")
     else:
         facts_name = "`analyses/data/facts.jsonl` (written for this project)"
     texts = opts.get("texts")
-    res = fk.analyse(model, facts, texts, max_facts=opts.get("max_facts", 20), n_samples=opts.get("samples", 3),
-                     n_replacements=opts.get("replacements"), window=opts.get("window"),
-                     positions=opts.get("positions", "roles"), ig_steps=opts.get("ig_steps", 20), kv_layers=opts.get("kv_layers"),
+    res = fk.analyse(model, facts, texts, max_facts=opts.get("max_facts", 20),
+                     n_samples=opts.get("samples", 3), n_replacements=opts.get("replacements"),
+                     window=opts.get("window"), positions=opts.get("positions", "roles"),
+                     ig_steps=opts.get("ig_steps", 20), kv_layers=opts.get("kv_layers"),
                      top_k=opts.get("top_k", 25), batch_size=opts.get("batch_size", 8),
-                     max_tokens=opts.get("max_tokens"), seed=opts.get("seed", 0), progress=progress)
+                     max_tokens=opts.get("max_tokens"), seed=opts.get("seed", 0),
+                     progress=progress)
     chosen = res["facts"]
-    findings = [f"Facts: the model gets {res['n_known']} of {res['n_facts']} right (greedy next token = the answer's "
-                f"first token); {len(chosen)} of them are analysed below."]
+    findings = [f"Facts: the model gets {res['n_known']} of {res['n_facts']} right (greedy next "
+                f"token = the answer's first token); {len(chosen)} of them are analysed below."]
     tables: dict[str, pd.DataFrame] = {"ffn_facts": res["predictions"]}
     figures: dict[str, Any] = {}
     if chosen:
@@ -308,59 +254,42 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
         findings += _trace_findings(avg, res["window"])
         findings += _edit_findings(res["edit_summary"], res["knowledge_neurons"])
         findings += _lens_findings(res["logit_lens"])
-        for corruption, label in (("noise", "Gaussian noise on the subject"), ("replace", "subject replaced")):
+        for corruption, label in (("noise", "Gaussian noise on the subject"),
+                                  ("replace", "subject replaced")):
             if (avg["corruption"] == corruption).any():
-                figures[f"ffn_trace_{corruption}"] = _trace_figure(
+                figures[f"ffn_trace_{corruption}"] = trace_figure(
                     avg, corruption, f"average indirect effect over {len(chosen)} facts ({label})")
         traced = res["causal_trace"].groupby("fact")["position"].nunique()
-        figures["ffn_trace_example"] = _example_figure(res["causal_trace"], str(traced.idxmax()), "noise")
-        figures["ffn_logit_lens"] = _logit_lens_figure(res["logit_lens"])
+        figures["ffn_trace_example"] = example_figure(res["causal_trace"], str(traced.idxmax()),
+                                                      "noise")
+        figures["ffn_logit_lens"] = logit_lens_figure(res["logit_lens"])
         if not res["edit_summary"].empty:
-            figures["ffn_edits"] = _edits_figure(res["edit_summary"])
+            figures["ffn_edits"] = edits_figure(res["edit_summary"])
         tables.update({"causal_trace": res["causal_trace"], "ffn_trace_average": avg,
                        "knowledge_neurons": res["knowledge_neurons"], "ffn_edits": res["edits"],
                        "ffn_edit_summary": res["edit_summary"], "logit_lens": res["logit_lens"]})
     findings += _kv_findings(res["kv_agreement"], res["kv_tokens"], opts.get("top_k", 25))
-    figures["ffn_kv_agreement"] = _agreement_figure(res["kv_agreement"])
+    figures["ffn_kv_agreement"] = agreement_figure(res["kv_agreement"])
     tables.update({"kv_memories": res["kv_memories"], "kv_agreement": res["kv_agreement"],
                    "kv_triggers": res["kv_triggers"]})
-    method = (
-        "**Facts.** Each fact is a prompt, its subject and the answer; only facts whose answer's first token is the "
-        "model's greedy prediction are kept. "
-        "**Causal tracing** (Meng et al. 2022): the subject's token embeddings are corrupted with Gaussian noise "
-        f"(3 x the subject embeddings' std, {opts.get('samples', 3)} samples; Meng et al. used 10) or by replacing the subject with another "
-        "subject of the same token length (Zhang and Nanda 2024); then the clean state is restored at one (layer, "
-        "position): the residual stream (`hook_resid_post`), the MLP output (`hook_mlp_out`) or the attention output "
-        f"(`hook_attn_out`), the latter two over a window of {res['window']} layer(s) centred there (Meng et al. used 10 "
-        "of GPT-2 XL's 48) and, for the MLP, one layer alone. Indirect effect = P(answer | restored) - P(answer | "
-        "corrupted); heatmaps average it over facts per position role (first/middle/last subject token, first/further "
-        "subsequent token, last token)"
-        + ("; one position per role is traced (the middle-most of several). " if opts.get("positions", "roles") == "roles"
-           else "; every position from the subject on is traced. ") +
-        "**Knowledge neurons** (Dai et al. 2022): integrated gradients of P(answer) w.r.t. each layer's FFN activations "
-        f"(`mlp.hook_post`) at the prediction position (zero baseline, {opts.get('ig_steps', 20)} midpoint-Riemann "
-        "steps); neurons above 0.2 x the prompt's maximum, kept by at least 70% of the fact's prompts (prompt and "
-        "paraphrases), minus neurons also kept by facts with other answers; then those neurons are set to 0 "
-        "(suppress) or doubled (amplify) at the prediction position, on the fact's prompts and on 10 unrelated facts. "
-        "**Key-value memories** (Geva et al. 2021): per neuron the top-25 activating contexts over the corpus (running "
-        "top-k, bounded memory), the value vector (row of `W_out`, times the final norm's gain) read through the "
-        "unembedding, and per layer the share of neurons whose value's top token is the next token of their top "
-        "trigger, against values paired with shuffled neurons' triggers. "
-        "**Logit lens** (nostalgebraist 2020): each layer's residual stream at the prediction position through the "
-        "final norm and the unembedding: answer probability and rank, KL(final || layer)."
-    )
-    corpus = opts.get("text_name") or ("the knowledge task's training sequences" if fk._task_name(model) == "knowledge"
-                                       else "`analyses/data/sample_text.txt` (40 sentences written for this project) "
-                                            "and the facts' prompts with their answers")
-    data = f"Facts: {facts_name}. Corpus for key-value memories: {corpus} ({res['kv_tokens']} tokens)."
-    show = {"ffn_facts": 20, "ffn_edit_summary": 0, "ffn_trace_average": 0, "kv_agreement": 0, "kv_triggers": 60}
-    return Section(key="ffn", title="FFN knowledge storage", method=method, source=SOURCE, data=data,
-                   findings=findings, tables=tables, figures=figures,
-                   show_tables={k: v for k, v in show.items() if k in tables and k != "ffn_trace_average"},
+    method = _method(opts, res["window"])
+    corpus = opts.get("text_name") or (
+        "the knowledge task's training sequences" if fk._task_name(model) == "knowledge"
+        else "`analyses/data/sample_text.txt` (40 sentences written for this project) "
+             "and the facts' prompts with their answers")
+    data = (f"Facts: {facts_name}. Corpus for key-value memories: {corpus} "
+            f"({res['kv_tokens']} tokens).")
+    show = {"ffn_facts": 20, "ffn_edit_summary": 0, "ffn_trace_average": 0, "kv_agreement": 0,
+            "kv_triggers": 60}
+    return Section(key="ffn", title="FFN knowledge storage", method=method, source=SOURCE,
+                   data=data, findings=findings, tables=tables, figures=figures,
+                   show_tables={k: v for k, v in show.items()
+                                if k in tables and k != "ffn_trace_average"},
                    timings={k: float(v) for k, v in res["timings"].items()})
 
 
-register("ffn", title="FFN knowledge storage", build=build, applies=applies, default_model=_default_model(), order=30)
+register("ffn", title="FFN knowledge storage", build=build, applies=applies,
+         default_model=_default_model(), order=30)
 
 
 def _parse_layers(value: str | None, n_layers: int) -> list[int] | None:
@@ -369,7 +298,8 @@ def _parse_layers(value: str | None, n_layers: int) -> list[int] | None:
     try:
         layers = sorted({int(v) for v in value.split(",") if v.strip()})
     except ValueError:
-        raise CliError(f"--kv-layers must be 'all' or comma-separated layer numbers, got {value!r}") from None
+        raise CliError("--kv-layers must be 'all' or comma-separated layer numbers, got "
+                       f"{value!r}") from None
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad or not layers:
         raise CliError(f"--kv-layers {value!r}: layers must be between 0 and {n_layers - 1}")
@@ -378,31 +308,44 @@ def _parse_layers(value: str | None, n_layers: int) -> list[int] | None:
 
 @cli.command("ffn")
 @model_argument(default=_default_model())
-@click.option("--facts", "facts_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="JSONL facts (prompt, subject, answer, optional paraphrases) [default: the model's own knowledge "
-                   "base, else analyses/data/facts.jsonl].")
-@click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="UTF-8 text for key-value memories, one sequence per line [default: the shipped sample text].")
-@click.option("--max-facts", type=click.IntRange(min=1), default=20, show_default=True, help="Known facts analysed.")
+@click.option("--facts", "facts_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="JSONL facts (prompt, subject, answer, optional paraphrases) [default: the "
+                   "model's own knowledge base, else analyses/data/facts.jsonl].")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="UTF-8 text for key-value memories, one sequence per line [default: the "
+                   "shipped sample text].")
+@click.option("--max-facts", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Known facts analysed.")
 @click.option("--samples", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Noise samples (and replacement subjects) per fact for causal tracing (Meng et al.: 10; "
-                   "time grows linearly).")
+              help="Noise samples (and replacement subjects) per fact for causal tracing (Meng "
+                   "et al.: 10; time grows linearly).")
 @click.option("--replacements", type=click.IntRange(min=1), default=None,
-              help="Replacement subjects per fact (token-replacement corruption) [default: --samples].")
-@click.option("--positions", type=click.Choice(["all", "roles"]), default="roles", show_default=True,
-              help="Trace one position per role (first/middle/last subject token, first/further subsequent "
-                   "token, last token), or every position from the subject on (slower on long prompts).")
+              help="Replacement subjects per fact (token-replacement corruption) [default: "
+                   "--samples].")
+@click.option("--positions", type=click.Choice(["all", "roles"]), default="roles",
+              show_default=True,
+              help="Trace one position per role (first/middle/last subject token, first/further "
+                   "subsequent token, last token), or every position from the subject on (slower "
+                   "on long prompts).")
 @click.option("--window", type=click.IntRange(min=1), default=None,
-              help="Layers restored together for MLP/attention [default: min(10, n_layers // 3 + 1)].")
-@click.option("--ig-steps", type=click.IntRange(min=1), default=20, show_default=True, help="Integrated-gradients steps.")
-@click.option("--kv-layers", default="all", show_default=True, help="Layers for key-value memories: all or 0,5,11.")
-@click.option("--top-k", type=click.IntRange(min=1), default=25, show_default=True, help="Trigger contexts kept per neuron.")
+              help="Layers restored together for MLP/attention [default: min(10, n_layers // 3 "
+                   "+ 1)].")
+@click.option("--ig-steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Integrated-gradients steps.")
+@click.option("--kv-layers", default="all", show_default=True,
+              help="Layers for key-value memories: all or 0,5,11.")
+@click.option("--top-k", type=click.IntRange(min=1), default=25, show_default=True,
+              help="Trigger contexts kept per neuron.")
 @click.option("--svg", is_flag=True, help="Also write SVG figures.")
 @common_options
 @click.pass_context
-def ffn_cmd(ctx: click.Context, model: str, facts_file: Path | None, text_file: Path | None, max_facts: int, samples: int,
-            replacements: int | None, positions: str, window: int | None, ig_steps: int, kv_layers: str, top_k: int, svg: bool, out: Path | None, batch_size: int,
-            max_tokens: int | None, device: str, dtype: str, seed: int, quiet: bool, force: bool) -> None:
+def ffn_cmd(ctx: click.Context, model: str, facts_file: Path | None, text_file: Path | None,
+            max_facts: int, samples: int, replacements: int | None, positions: str,
+            window: int | None, ig_steps: int, kv_layers: str, top_k: int, svg: bool,
+            out: Path | None, batch_size: int, max_tokens: int | None, device: str, dtype: str,
+            seed: int, quiet: bool, force: bool) -> None:
     """Where MODEL keeps what it knows: causal tracing, knowledge neurons, key-value memories
     and the logit lens over known facts.
 
@@ -415,11 +358,13 @@ def ffn_cmd(ctx: click.Context, model: str, facts_file: Path | None, text_file: 
       interp ffn smollm2-135m --max-facts 20 --out reports/ffn_smol
       interp ffn model.pt --facts my_facts.jsonl --text corpus.txt --out reports/ffn
     """
-    facts = fk.load_facts(facts_file) if facts_file is not None else None  # bad files fail before loading a model
+    # bad files fail before loading a model
+    facts = fk.load_facts(facts_file) if facts_file is not None else None
     texts = None
     if text_file is not None:
         try:
-            texts = [ln for ln in text_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = text_file.read_text(encoding="utf-8").splitlines()
+            texts = [ln for ln in lines if ln.strip()]
         except FileNotFoundError:
             raise CliError(f"text file not found: {text_file}") from None
         except UnicodeDecodeError:
@@ -431,14 +376,16 @@ def ffn_cmd(ctx: click.Context, model: str, facts_file: Path | None, text_file: 
     fk.check_model(m)
     if facts is not None:
         fk.prepare_facts(m, facts)  # subjects and tokens checked before the slow work
-    opts = {"model_source": model, "batch_size": batch_size, "max_tokens": max_tokens, "device": device, "dtype": dtype,
-            "seed": seed, "quiet": quiet, "svg": svg, "facts": str(facts_file) if facts_file else None, "texts": texts,
-            "text_name": f"`{text_file.name}`" if text_file else None, "max_facts": max_facts, "samples": samples,
-            "replacements": replacements, "positions": positions,
-            "window": window, "ig_steps": ig_steps, "kv_layers": _parse_layers(kv_layers, m.cfg.n_layers), "top_k": top_k}
-    section = build(m, opts, progress_for(quiet))
-    write_report([section], out=out, force=force, model_source=model, model=m, seed=seed, ctx=ctx, svg=svg,
-                 quiet=quiet, title=f"interp ffn: {model}")
+    opts = {"model_source": model, "batch_size": batch_size, "max_tokens": max_tokens,
+            "device": device, "dtype": dtype, "seed": seed, "quiet": quiet, "svg": svg,
+            "facts": str(facts_file) if facts_file else None, "texts": texts,
+            "text_name": f"`{text_file.name}`" if text_file else None, "max_facts": max_facts,
+            "samples": samples, "replacements": replacements, "positions": positions,
+            "window": window, "ig_steps": ig_steps,
+            "kv_layers": _parse_layers(kv_layers, m.cfg.n_layers), "top_k": top_k}
+    section = build(m, opts, progress_bar(quiet))
+    write_report([section], out=out, force=force, model_source=model, model=m, seed=seed, ctx=ctx,
+                 svg=svg, quiet=quiet, title=f"interp ffn: {model}")
 
 
 __all__ = ["applies", "build", "ffn_cmd"]
