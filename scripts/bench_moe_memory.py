@@ -51,8 +51,16 @@ def child(n_tokens: int, model_src: str | None, batch: int, seq: int, n_perm: in
     if model_src:
         model = interp.load_pretrained(model_src).eval()
     else:
-        cfg = interp.ModelConfig(n_layers=2, d_model=64, n_heads=4, d_vocab=4096, n_ctx=seq, n_experts=8,
-                                 experts_per_token=2, d_mlp=128)
+        cfg = interp.ModelConfig(
+            n_layers=2,
+            d_model=64,
+            n_heads=4,
+            d_vocab=4096,
+            n_ctx=seq,
+            n_experts=8,
+            experts_per_token=2,
+            d_mlp=128,
+        )
         torch.manual_seed(0)
         model = interp.HookedTransformer(cfg).eval()
     V, seq = model.cfg.d_vocab, min(seq, model.cfg.n_ctx)
@@ -64,8 +72,12 @@ def child(n_tokens: int, model_src: str | None, batch: int, seq: int, n_perm: in
         for _ in range(-(-n_tokens // (batch * seq))):
             dom = torch.randint(0, 4, (batch,), generator=g)
             # each domain prefers its own slice of the vocabulary, so there is something to find
-            shift = (dom[:, None] * (V // 4) + torch.multinomial(zipf, batch * seq, replacement=True, generator=g)
-                     .view(batch, seq)) % V
+            shift = (
+                dom[:, None] * (V // 4)
+                + torch.multinomial(zipf, batch * seq, replacement=True, generator=g).view(
+                    batch, seq
+                )
+            ) % V
             yield shift, dom
 
     # warm-up: imports, kernels, and the allocator's pools (MoE expert batches vary in size, so
@@ -75,18 +87,27 @@ def child(n_tokens: int, model_src: str | None, batch: int, seq: int, n_perm: in
     t = time.perf_counter()
     res = moe.routing_stats(model, batches(), n_perm=n_perm, seed=0)
     wall = time.perf_counter() - t
-    return {"tokens": int(res.summary["n_tokens"].iloc[0]), "wall_s": round(wall, 2),
-            "peak_rss_mb": round(_peak_mb(), 1), "rss_after_warmup_mb": round(rss0, 1),
-            "growth_mb": round(_peak_mb() - rss0, 1), "accumulator_kb": round(res.peak_accumulator_bytes / 1024, 1),
-            "token_types": int(res.summary["token_types"].iloc[0]),
-            "nmi_domain": round(float(res.summary["nmi_domain"].iloc[0]), 4)}
+    return {
+        "tokens": int(res.summary["n_tokens"].iloc[0]),
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(_peak_mb(), 1),
+        "rss_after_warmup_mb": round(rss0, 1),
+        "growth_mb": round(_peak_mb() - rss0, 1),
+        "accumulator_kb": round(res.peak_accumulator_bytes / 1024, 1),
+        "token_types": int(res.summary["token_types"].iloc[0]),
+        "nmi_domain": round(float(res.summary["nmi_domain"].iloc[0]), 4),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=200_000, help="Smaller corpus size (tokens).")
-    ap.add_argument("--factor", type=int, default=10, help="The larger corpus is this many times bigger.")
-    ap.add_argument("--model", default=None, help="A model for interp.load_pretrained [default: random MoE].")
+    ap.add_argument(
+        "--factor", type=int, default=10, help="The larger corpus is this many times bigger."
+    )
+    ap.add_argument(
+        "--model", default=None, help="A model for interp.load_pretrained [default: random MoE]."
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--n-perm", type=int, default=200)
@@ -98,15 +119,32 @@ def main() -> None:
         return
     rows = []
     for n in (a.tokens, a.tokens * a.factor):
-        cmd = [sys.executable, __file__, "--child", str(n), "--batch", str(a.batch), "--seq", str(a.seq),
-               "--n-perm", str(a.n_perm)] + (["--model", a.model] if a.model else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(n),
+            "--batch",
+            str(a.batch),
+            "--seq",
+            str(a.seq),
+            "--n-perm",
+            str(a.n_perm),
+        ] + (["--model", a.model] if a.model else [])
+        out = (
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         rows.append(json.loads(out))
         print(json.dumps(rows[-1]), flush=True)
     small, big = rows
-    summary = {"runs": rows, "time_ratio": round(big["wall_s"] / max(small["wall_s"], 1e-9), 2),
-               "peak_rss_ratio": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3),
-               "growth_delta_mb": round(big["growth_mb"] - small["growth_mb"], 1)}
+    summary = {
+        "runs": rows,
+        "time_ratio": round(big["wall_s"] / max(small["wall_s"], 1e-9), 2),
+        "peak_rss_ratio": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3),
+        "growth_delta_mb": round(big["growth_mb"] - small["growth_mb"], 1),
+    }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
     if a.json:
         with open(a.json, "w") as f:

@@ -23,8 +23,13 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def planted():
     model, cls = moe.planted_router_model(n_experts=4, d_vocab=48, top_k=2, n_layers=2, seed=0)
-    res = moe.routing_stats(model, moe.class_batches(48, 4, n_batches=6, batch_size=8, seq_len=48, seed=1),
-                            domain_names=["c0", "c1", "c2", "c3"], n_perm=100, seed=0)
+    res = moe.routing_stats(
+        model,
+        moe.class_batches(48, 4, n_batches=6, batch_size=8, seq_len=48, seed=1),
+        domain_names=["c0", "c1", "c2", "c3"],
+        n_perm=100,
+        seed=0,
+    )
     return model, cls, res
 
 
@@ -33,7 +38,11 @@ def test_planted_router_recovers_token_and_domain_specialisation(planted):
     s = res.summary.set_index("layer")
     assert list(s.index) == [0, 1]
     for layer, row in s.iterrows():
-        assert row["nmi_domain"] >= 0.95 and row["nmi_token"] >= 0.95, (layer, row["nmi_domain"], row["nmi_token"])
+        assert row["nmi_domain"] >= 0.95 and row["nmi_token"] >= 0.95, (
+            layer,
+            row["nmi_domain"],
+            row["nmi_token"],
+        )
         assert row["nmi_domain_baseline"] < 0.05 and row["nmi_token_baseline"] < 0.2
         assert row["p_value"] <= 1 / 101 + 1e-12 and row["token_p_value"] <= 1 / 101 + 1e-12
         assert row["top_expert_share"] == pytest.approx(1.0)
@@ -55,18 +64,31 @@ def test_planted_router_recovers_token_and_domain_specialisation(planted):
     assert set(d.columns) >= {"layer", "expert", "domain", "share"}
     # cross-layer: both layers route identically
     c = res.cross_layer.iloc[0]
-    assert c["nmi"] == pytest.approx(1.0) and c["same_expert_rate"] == 1.0 and c["nmi_baseline"] < 0.05
+    assert (
+        c["nmi"] == pytest.approx(1.0) and c["same_expert_rate"] == 1.0 and c["nmi_baseline"] < 0.05
+    )
 
 
 def test_independent_labels_are_not_specialised():
     """A random router and domain labels drawn independently of the tokens: NMI must sit at its
     permutation baseline (a test that the baseline is the right chance level, not just small)."""
-    cfg = interp.ModelConfig(n_layers=1, d_model=32, n_heads=2, d_vocab=64, n_ctx=64, n_experts=4, experts_per_token=2,
-                             d_mlp=32)
+    cfg = interp.ModelConfig(
+        n_layers=1,
+        d_model=32,
+        n_heads=2,
+        d_vocab=64,
+        n_ctx=64,
+        n_experts=4,
+        experts_per_token=2,
+        d_mlp=32,
+    )
     torch.manual_seed(0)
     model = interp.HookedTransformer(cfg).eval()
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randint(0, 64, (8, 32), generator=g), torch.randint(0, 3, (8, 32), generator=g)) for _ in range(8)]
+    batches = [
+        (torch.randint(0, 64, (8, 32), generator=g), torch.randint(0, 3, (8, 32), generator=g))
+        for _ in range(8)
+    ]
     s = moe.routing_stats(model, batches, n_perm=200, seed=0).summary.iloc[0]
     assert s["nmi_domain"] < s["nmi_domain_p95"] * 2
     assert abs(s["ami_domain"]) < 0.01
@@ -94,21 +116,34 @@ def test_accumulator_matches_brute_force():
         valid[0, -3:] = False  # right padding
         acc.update(0, logits, idx, w, tokens, dom, valid)
         acc.end_batch()
-        all_idx.append(idx), all_tok.append(tokens), all_dom.append(dom), all_valid.append(valid), all_logits.append(logits)
+        (
+            all_idx.append(idx),
+            all_tok.append(tokens),
+            all_dom.append(dom),
+            all_valid.append(valid),
+            all_logits.append(logits),
+        )
     res = acc.result(n_perm=0, min_token_count=1)
-    idx, tok, dom, valid, logits = (torch.cat(x) for x in (all_idx, all_tok, all_dom, all_valid, all_logits))
+    idx, tok, dom, valid, logits = (
+        torch.cat(x) for x in (all_idx, all_tok, all_dom, all_valid, all_logits)
+    )
     v = valid.reshape(-1)
     top1 = idx[..., 0].reshape(-1)[v].numpy()
     n = int(v.sum())
     first = np.bincount(top1, minlength=E)
     load = res.load.set_index("expert")
     assert (load["tokens_top1"].to_numpy() == first).all()
-    assert (load["tokens_topk"].to_numpy() == np.bincount(idx.reshape(-1, k)[v].reshape(-1).numpy(), minlength=E)).all()
+    assert (
+        load["tokens_topk"].to_numpy()
+        == np.bincount(idx.reshape(-1, k)[v].reshape(-1).numpy(), minlength=E)
+    ).all()
     s = res.summary.iloc[0]
     assert s["n_tokens"] == n
     assert s["cv_top1"] == pytest.approx(first.std() / first.mean())
     p = torch.softmax(logits.reshape(-1, E)[v], -1)
-    assert s["router_entropy"] == pytest.approx(float(-(p * p.log()).sum(-1).mean() / math.log(E)), rel=1e-5)
+    assert s["router_entropy"] == pytest.approx(
+        float(-(p * p.log()).sum(-1).mean() / math.log(E)), rel=1e-5
+    )
     # consecutive pairs inside sequences, both valid
     same = overlap = pairs = 0
     for b in range(idx.shape[0]):
@@ -125,7 +160,9 @@ def test_accumulator_matches_brute_force():
     sets = [set(r) for r in idx.reshape(-1, k)[v].tolist()]
     hits = sum(bool(a & b) for i, a in enumerate(sets) for j, b in enumerate(sets) if i != j)
     assert s["consecutive_overlap_random"] == pytest.approx(hits / (n * (n - 1)))
-    assert s["consecutive_overlap_uniform"] == pytest.approx(1 - math.comb(E - k, k) / math.comb(E, k))
+    assert s["consecutive_overlap_uniform"] == pytest.approx(
+        1 - math.comb(E - k, k) / math.comb(E, k)
+    )
     # expert x domain counts (unlabelled -1 excluded), and token counts
     d = dom.reshape(-1)[v].numpy()
     lab = d >= 0
@@ -148,9 +185,16 @@ def test_streaming_does_not_depend_on_batching():
     data = list(moe.class_batches(40, 4, n_batches=4, batch_size=6, seq_len=20, seed=2))
     tokens, doms = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
     whole = moe.routing_stats(model, [(tokens, doms)], n_perm=30, seed=0)
-    split = moe.routing_stats(model, [(tokens[i:i + 5], doms[i:i + 5]) for i in range(0, len(tokens), 5)], n_perm=30, seed=0)
+    split = moe.routing_stats(
+        model,
+        [(tokens[i : i + 5], doms[i : i + 5]) for i in range(0, len(tokens), 5)],
+        n_perm=30,
+        seed=0,
+    )
     drop = ["consecutive_overlap_random"]  # a reservoir sample: random by design
-    pd.testing.assert_frame_equal(whole.summary.drop(columns=drop), split.summary.drop(columns=drop))
+    pd.testing.assert_frame_equal(
+        whole.summary.drop(columns=drop), split.summary.drop(columns=drop)
+    )
     for name in ("load", "domain", "experts", "tokens", "cross_layer"):
         pd.testing.assert_frame_equal(getattr(whole, name), getattr(split, name))
 
@@ -176,7 +220,9 @@ def test_margin_null_equals_explicit_label_shuffling():
     assert abs(from_margins.mean() - shuffled.mean()) < 4 * math.sqrt(2) * se
     assert from_margins.std() == pytest.approx(shuffled.std(), rel=0.1)
     res = moe._perm_test(table, 500, rng)
-    assert res.p_value <= 0.01 and res.nmi > res.nmi_null_p95  # the planted 20% dependence is detected
+    assert (
+        res.p_value <= 0.01 and res.nmi > res.nmi_null_p95
+    )  # the planted 20% dependence is detected
 
 
 def test_dense_model_is_refused():
@@ -191,7 +237,9 @@ def test_dense_model_is_refused():
 def test_bad_batches_are_refused(planted):
     model = planted[0]
     with pytest.raises(InterpError, match="Domain ids"):
-        moe.routing_stats(model, [(torch.zeros(2, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))])
+        moe.routing_stats(
+            model, [(torch.zeros(2, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))]
+        )
     with pytest.raises(InterpError, match="Token ids"):
         moe.routing_stats(model, [torch.full((1, 4), 999)])
     with pytest.raises(InterpError, match="no tokens"):
@@ -225,12 +273,16 @@ def test_text_batches_round_robin(tmp_path: Path):
     model, _ = moe.planted_router_model(n_experts=4, d_vocab=40, seed=0)
     model.tokenizer = WordTokenizer([f"w{i}" for i in range(40)], bos_token=None)
     a, b, c = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
-    a.write_text("\n".join(" ".join(f"w{4 * j}" for j in range(10)) for _ in range(10)))  # 100 tokens
+    a.write_text(
+        "\n".join(" ".join(f"w{4 * j}" for j in range(10)) for _ in range(10))
+    )  # 100 tokens
     b.write_text(" ".join("w1" for _ in range(30)) + "\n")  # 30 tokens
     c.write_text("w2 w6 w10\n")  # shorter than one sequence
     out = list(moe.text_batches(model, [a, b, c], seq_len=20, batch_size=4))
     doms = torch.cat([x[1] for x in out]).tolist()
-    assert doms[:3] == [0, 1, 2] and doms.count(0) == 5 and doms.count(1) == 1 and doms.count(2) == 1
+    assert (
+        doms[:3] == [0, 1, 2] and doms.count(0) == 5 and doms.count(1) == 1 and doms.count(2) == 1
+    )
     first = out[0]  # [a, b, c (3 tokens, masked), a]
     assert len(first) == 3 and first[2].sum(1).tolist() == [20, 20, 3, 20]
     assert all(len(x) == 2 for x in out[1:])
@@ -239,8 +291,12 @@ def test_text_batches_round_robin(tmp_path: Path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(InterpError, match="empty"):
         moe.text_batches(model, [tmp_path / "empty.txt"])
-    res = moe.routing_stats(model, moe.text_batches(model, [a, b, c], seq_len=20, batch_size=4),
-                            domain_names=["a", "b", "c"], n_perm=20)
+    res = moe.routing_stats(
+        model,
+        moe.text_batches(model, [a, b, c], seq_len=20, batch_size=4),
+        domain_names=["a", "b", "c"],
+        n_perm=20,
+    )
     assert res.summary["n_tokens"].iloc[0] == 100 + 20 + 3
 
 
@@ -257,23 +313,48 @@ def test_cli_moe_report(monkeypatch, tmp_path: Path):
     files = []
     for c in range(4):  # file c holds tokens of class c only
         f = tmp_path / f"class{c}.txt"
-        f.write_text("\n".join(" ".join(f"w{c + 4 * ((j * 3 + r) % 8)}" for j in range(16)) for r in range(12)))
+        f.write_text(
+            "\n".join(
+                " ".join(f"w{c + 4 * ((j * 3 + r) % 8)}" for j in range(16)) for r in range(12)
+            )
+        )
         files.append(f)
     _cli_model(monkeypatch, model)
     cfg = tmp_path / "m.json"
     cfg.write_text("{}")
-    args = ["moe", str(cfg), "--out", str(tmp_path / "rep"), "-q", "--device", "cpu", "--seq-len", "16", "--n-perm", "50"]
+    args = [
+        "moe",
+        str(cfg),
+        "--out",
+        str(tmp_path / "rep"),
+        "-q",
+        "--device",
+        "cpu",
+        "--seq-len",
+        "16",
+        "--n-perm",
+        "50",
+    ]
     for f in files:
         args += ["--text", str(f)]
     r = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     data = tmp_path / "rep" / "data"
     summary = pd.read_csv(data / "moe_summary.csv")
-    assert {"layer", "nmi_domain", "nmi_domain_baseline", "p_value", "nmi_token", "consecutive_same_top1",
-            "consecutive_random"} <= set(summary.columns)
+    assert {
+        "layer",
+        "nmi_domain",
+        "nmi_domain_baseline",
+        "p_value",
+        "nmi_token",
+        "consecutive_same_top1",
+        "consecutive_random",
+    } <= set(summary.columns)
     assert (summary["nmi_domain"] >= 0.95).all()
     dom = pd.read_csv(data / "moe_domain.csv")
-    assert {"layer", "expert", "domain", "share"} <= set(dom.columns) and set(dom["domain"]) == {f"class{c}" for c in range(4)}
+    assert {"layer", "expert", "domain", "share"} <= set(dom.columns) and set(dom["domain"]) == {
+        f"class{c}" for c in range(4)
+    }
     assert (data / "moe_load.csv").exists() and (data / "moe_ablation.csv").exists()
     figs = {p.name for p in (tmp_path / "rep" / "figures").iterdir()}
     assert {"moe_load.png", "moe_domain_l0.png", "moe_domain_l1.png"} <= figs
@@ -284,11 +365,15 @@ def test_cli_moe_report(monkeypatch, tmp_path: Path):
 def test_cli_dense_model_one_line(monkeypatch, tmp_path: Path):
     from analyses.app.cli import cli
 
-    dense = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=300, n_ctx=16)).eval()
+    dense = interp.HookedTransformer(
+        interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=300, n_ctx=16)
+    ).eval()
     _cli_model(monkeypatch, dense)
     cfg = tmp_path / "m.json"
     cfg.write_text("{}")
-    r = CliRunner().invoke(cli, ["moe", str(cfg), "--out", str(tmp_path / "rep"), "-q", "--device", "cpu"])
+    r = CliRunner().invoke(
+        cli, ["moe", str(cfg), "--out", str(tmp_path / "rep"), "-q", "--device", "cpu"]
+    )
     assert r.exit_code == 2
     lines = [x for x in r.output.strip().splitlines() if x]
     assert len(lines) == 1 and lines[0].startswith("error:") and "MoE" in lines[0]
@@ -301,8 +386,12 @@ def test_accumulator_memory_does_not_grow_with_the_corpus():
     model, _ = moe.planted_router_model(n_experts=4, d_vocab=32, n_layers=2, seed=0)
     sizes = []
     for n in (6, 60):
-        res = moe.routing_stats(model, moe.class_batches(32, 4, n_batches=n, batch_size=8, seq_len=32, seed=0),
-                                n_perm=0, reservoir=256)
+        res = moe.routing_stats(
+            model,
+            moe.class_batches(32, 4, n_batches=n, batch_size=8, seq_len=32, seed=0),
+            n_perm=0,
+            reservoir=256,
+        )
         assert res.summary["n_tokens"].iloc[0] == n * 8 * 32
         sizes.append(res.peak_accumulator_bytes)
     assert sizes[0] == sizes[1] > 0
@@ -321,10 +410,23 @@ def test_margin_baseline_is_chance_for_a_gaussian_router():
             w, idx = p.topk(k, -1)
             if renorm:
                 w = w / w.sum(-1, keepdim=True)
-            acc.update(0, logits, idx, w, torch.zeros(16, 256, dtype=torch.long), None, torch.ones(16, 256, dtype=torch.bool))
+            acc.update(
+                0,
+                logits,
+                idx,
+                w,
+                torch.zeros(16, 256, dtype=torch.long),
+                None,
+                torch.ones(16, 256, dtype=torch.bool),
+            )
         s = acc.result(n_perm=0).summary.iloc[0]
         for col in ("margin_top12", "near_tie_top12", "logit_gap_topk", "near_tie_topk"):
-            assert s[col] == pytest.approx(s[col + "_baseline"], abs=0.015), (renorm, col, s[col], s[col + "_baseline"])
+            assert s[col] == pytest.approx(s[col + "_baseline"], abs=0.015), (
+                renorm,
+                col,
+                s[col],
+                s[col + "_baseline"],
+            )
 
 
 def test_section_without_domains_uses_the_packaged_sample():
@@ -332,17 +434,29 @@ def test_section_without_domains_uses_the_packaged_sample():
     report section all the same (what `interp report MODEL` does for an MoE checkpoint)."""
     from analyses.app.sections import moe as section
 
-    cfg = interp.ModelConfig(n_layers=2, d_model=32, n_heads=2, d_vocab=300, n_ctx=64, n_experts=4,
-                             experts_per_token=2, d_mlp=32)
+    cfg = interp.ModelConfig(
+        n_layers=2,
+        d_model=32,
+        n_heads=2,
+        d_vocab=300,
+        n_ctx=64,
+        n_experts=4,
+        experts_per_token=2,
+        d_mlp=32,
+    )
     torch.manual_seed(0)
     model = interp.HookedTransformer(cfg).eval()
     assert section.is_moe(model)
-    sec = section.build(model, {"seed": 0, "n_perm": 20, "max_tokens": 2048, "ablation_tokens": 256}, no_progress)
+    sec = section.build(
+        model, {"seed": 0, "n_perm": 20, "max_tokens": 2048, "ablation_tokens": 256}, no_progress
+    )
     assert "moe_domain" not in sec.tables and "nmi_domain" not in sec.tables["moe_summary"]
     assert sec.tables["moe_summary"]["nmi_token"].notna().all()
     assert set(sec.tables["moe_ablation"]["domain"]) == {"all"}
     assert sec.findings and "moe_load" in sec.figures and "sample_text" in sec.data
-    dense = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=300, n_ctx=16))
+    dense = interp.HookedTransformer(
+        interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=300, n_ctx=16)
+    )
     assert not section.is_moe(dense)
 
 
@@ -354,7 +468,9 @@ def test_merged_shards_equal_one_pass():
     shards = [moe.RoutingAccumulator([0, 2], E, k, reservoir=10_000, seed=s) for s in (1, 2)]
     for b in range(6):
         tokens = torch.randint(0, 9, (2, 7), generator=torch.Generator().manual_seed(b))
-        dom = torch.full((2, 7), b % 3 if b < 4 else 4)  # the second shard sees a domain id the first never does
+        dom = torch.full(
+            (2, 7), b % 3 if b < 4 else 4
+        )  # the second shard sees a domain id the first never does
         valid = torch.ones(2, 7, dtype=torch.bool)
         for layer in (0, 2):
             logits, idx, w = _fake_routing(2, 7, E, k, 10 * b + layer)
@@ -374,12 +490,29 @@ def test_section_reads_the_training_task_of_a_trained_model():
     from analyses.app.sections import moe as section
 
     opts = {"seed": 0, "n_perm": 10, "max_tokens": 1024, "ablation_tokens": 256, "batch_size": 4}
-    dom, _, _ = itrain.train("domains", {"d_model": 32, "d_mlp": 32, "n_experts": 4}, steps=2, quiet=True,
-                             save_optimizer=False, batch_size=4)
+    dom, _, _ = itrain.train(
+        "domains",
+        {"d_model": 32, "d_mlp": 32, "n_experts": 4},
+        steps=2,
+        quiet=True,
+        save_optimizer=False,
+        batch_size=4,
+    )
     sec = section.build(dom.eval(), opts, no_progress)
-    assert "`domains` task stream" in sec.data and set(sec.tables["moe_domain"]["domain"]) == {"a", "b", "c", "d"}
+    assert "`domains` task stream" in sec.data and set(sec.tables["moe_domain"]["domain"]) == {
+        "a",
+        "b",
+        "c",
+        "d",
+    }
     assert set(sec.tables["moe_ablation"]["domain"]) == {"all", "a", "b", "c", "d"}
-    ind, _, _ = itrain.train("induction", {"d_model": 32, "attn_only": False, "n_experts": 4, "d_mlp": 32}, steps=2,
-                             quiet=True, save_optimizer=False, batch_size=4)
+    ind, _, _ = itrain.train(
+        "induction",
+        {"d_model": 32, "attn_only": False, "n_experts": 4, "d_mlp": 32},
+        steps=2,
+        quiet=True,
+        save_optimizer=False,
+        batch_size=4,
+    )
     sec = section.build(ind.eval(), opts, no_progress)
     assert "`induction`" in sec.data and "moe_domain" not in sec.tables

@@ -28,7 +28,9 @@ def test_domains_model_specialises_and_ablation_hits_its_domain(domains_model):
     model = domains_model
     task = itrain.task_from(model)
     names = [chr(ord("a") + d) for d in range(task.params["n_domains"])]
-    res = moe.routing_stats(model, itrain.domain_batches(model, 32, 8, seed=0), domain_names=names, n_perm=200, seed=0)
+    res = moe.routing_stats(
+        model, itrain.domain_batches(model, 32, 8, seed=0), domain_names=names, n_perm=200, seed=0
+    )
     s = res.summary
     assert len(s) == len(moe.moe_layers(model))
     # every MoE layer: NMI(expert; domain) beyond the whole permutation null
@@ -38,9 +40,13 @@ def test_domains_model_specialises_and_ablation_hits_its_domain(domains_model):
     # routing is mostly context-independent: domain tokens are disjoint vocabularies
     assert (s["top_expert_share"] > s["top_expert_share_baseline"]).all()
 
-    abl = moe.expert_ablation(model, itrain.domain_batches(model, 32, 4, seed=1), domain_names=names, max_tokens=8192)
+    abl = moe.expert_ablation(
+        model, itrain.domain_batches(model, 32, 4, seed=1), domain_names=names, max_tokens=8192
+    )
     summ = moe.ablation_summary(abl, res.experts).dropna(subset=["routing_expert"])
-    assert len(summ) >= len(names)  # at least one routing-tied expert per domain and layer on average
+    assert len(summ) >= len(
+        names
+    )  # at least one routing-tied expert per domain and layer on average
     own, other = summ["routing_expert_delta"], summ["routing_expert_delta_other"]
     # the domain's own expert costs that domain more than it costs the other domains on average,
     # for at least three quarters of the (layer, domain) pairs, and by a clear margin overall

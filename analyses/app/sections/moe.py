@@ -1,8 +1,9 @@
 """Report section and ``interp moe`` command: MoE expert specialisation (see :mod:`analyses.moe`).
 
 Thin by design: it picks the corpus (text files, one domain each, or a ``domains`` task
-stream), calls :func:`analyses.moe.routing_stats` and :func:`analyses.moe.expert_ablation`, and
-turns their frames into figures, findings and CSVs for the report writer.
+stream; see :mod:`analyses.app.sections._moe_corpus`), calls
+:func:`analyses.moe.routing_stats` and :func:`analyses.moe.expert_ablation`, and turns their
+frames into figures, findings and CSVs for the report writer.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from analyses.app.cli import (
 )
 from analyses.app.report import Section
 from analyses.app.sections import register
+from analyses.app.sections._moe_corpus import (
+    DEFAULT_ABLATION_TOKENS,
+    DEFAULT_SEQ_LEN,
+    _corpus,
+)
 
-DEFAULT_MAX_TOKENS = 32768  # routing corpus; a 10x larger one costs 10x time, same memory
-DEFAULT_ABLATION_TOKENS = 4096  # re-run once per expert
-DEFAULT_SEQ_LEN = 128
-MAX_HEATMAPS = 4  # expert x domain heatmaps drawn (first, last and evenly spaced layers); CSV has all
+# expert x domain heatmaps drawn (first, last and evenly spaced layers); the CSV has all
+MAX_HEATMAPS = 4
 MAX_ABLATION_JOBS = 128  # default ablation covers at most this many (layer, expert) pairs
 SHIPPED_MODEL = str(Path(__file__).resolve().parents[2] / "interp" / "data" / "domains_moe.pt")
 
@@ -43,41 +47,43 @@ SOURCE = (
     "ICML, sec. 4 (context-independent, token-id specialisation); Muennighoff et al. (2024), "
     "*OLMoE: Open Mixture-of-Experts Language Models*, arXiv:2409.02060, sec. 5 (domain and "
     "vocabulary specialisation, cross-layer co-activation); Shazeer et al. (2017), *Outrageously "
-    "Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer*, ICLR (top-k routing, load "
-    "CV); Fedus, Zoph and Shazeer (2022), *Switch Transformers*, JMLR (load balancing); Vinh, Epps "
-    "and Bailey (2010), *Information Theoretic Measures for Clusterings Comparison*, JMLR (normalised "
-    "and adjusted mutual information); Patefield (1981), *An Efficient Method of Generating Random "
-    "R x C Tables with Given Row and Column Totals*, Applied Statistics 30 (permutation nulls from "
-    "the margins); Michel, Levy and Neubig (2019), *Are Sixteen Heads Really Better than One?*, "
-    "NeurIPS (ablation protocol)."
+    "Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer*, ICLR (top-k routing, "
+    "load CV); Fedus, Zoph and Shazeer (2022), *Switch Transformers*, JMLR (load balancing); Vinh, "
+    "Epps and Bailey (2010), *Information Theoretic Measures for Clusterings Comparison*, JMLR "
+    "(normalised and adjusted mutual information); Patefield (1981), *An Efficient Method of "
+    "Generating Random R x C Tables with Given Row and Column Totals*, Applied Statistics 30 "
+    "(permutation nulls from the margins); Michel, Levy and Neubig (2019), *Are Sixteen Heads "
+    "Really Better than One?*, NeurIPS (ablation protocol)."
 )
 
 METHOD = (
-    "The corpus streams through the model batch by batch; the hooks `blocks.{l}.mlp.hook_router_logits`, "
-    "`hook_expert_indices` and `hook_expert_weights` of every MoE layer are reduced into fixed-size counts "
-    "(memory does not grow with the corpus). **Load**: share of tokens per expert as first choice and in "
-    "the top-k; coefficient of variation (baseline: the CV of uniformly random assignment, sqrt((E-1)/n)) "
-    "and max/mean; router entropy per token and of the aggregate load, divided by log E (1 = a router "
-    "that does not discriminate). **Domains** (Mixtral fig. 7): share = P(expert in top-k | domain) / k "
-    "(1/E under uniform routing); normalised mutual information NMI = I(first expert; domain) / "
-    "min(H(expert), H(domain)) (1 when one determines the other); per expert a specialisation index "
-    "KL(P(domain | expert) || P(domain)) in bits (MI is its load-weighted mean). Each is compared with "
-    "its permutation distribution (domain labels shuffled over tokens), sampled exactly as random "
-    "contingency tables with the observed margins (Patefield 1981), so no per-token pairs are kept; "
-    "p = (1 + #null >= observed) / (1 + n_perm); AMI = (I - E_null I) / (min H - E_null I). **Tokens** "
-    "(OpenMoE): NMI of first expert and token id over tokens seen at least `min_token_count` times, and "
-    "the share of a token's occurrences going to its most common expert (occurrence-weighted), both "
-    "against the same permutation null, which is the right chance level for rare tokens. "
-    "**Consecutive tokens** (Mixtral table 5): P(first expert of t = first expert of t+1) against "
-    "sum_e f_e^2 (independent draws from the measured load) and 1/E; P(top-k sets of t and t+1 "
-    "intersect) against all pairs of a uniform reservoir sample of routed tokens and against a uniform "
-    "router (1 - C(E-k,k)/C(E,k)). **Cross-layer**: NMI of first experts between every pair of MoE "
-    "layers, with its permutation baseline. **Margins**: w1 - w2 of the renormalised top-k weights and "
-    "the logit gap between the k-th and (k+1)-th expert, with near-tie rates, against a router with "
-    "i.i.d. Gaussian logits of the measured per-token spread. **Ablation**: one expert masked with "
-    "`model.set_expert_mask` (the router renormalises over the rest), next-token loss change per domain "
-    "(the domain of the predicted token); the expert routing ties most to a domain (highest lift "
-    "P(domain | expert) / P(domain)) is checked against the domain its removal hurts most."
+    "The corpus streams through the model batch by batch; the hooks "
+    "`blocks.{l}.mlp.hook_router_logits`, `hook_expert_indices` and `hook_expert_weights` of every "
+    "MoE layer are reduced into fixed-size counts (memory does not grow with the corpus). "
+    "**Load**: share of tokens per expert as first choice and in the top-k; coefficient of "
+    "variation (baseline: the CV of uniformly random assignment, sqrt((E-1)/n)) and max/mean; "
+    "router entropy per token and of the aggregate load, divided by log E (1 = a router that does "
+    "not discriminate). **Domains** (Mixtral fig. 7): share = P(expert in top-k | domain) / k (1/E "
+    "under uniform routing); normalised mutual information NMI = I(first expert; domain) / "
+    "min(H(expert), H(domain)) (1 when one determines the other); per expert a specialisation "
+    "index KL(P(domain | expert) || P(domain)) in bits (MI is its load-weighted mean). Each is "
+    "compared with its permutation distribution (domain labels shuffled over tokens), sampled "
+    "exactly as random contingency tables with the observed margins (Patefield 1981), so no "
+    "per-token pairs are kept; p = (1 + #null >= observed) / (1 + n_perm); AMI = (I - E_null I) / "
+    "(min H - E_null I). **Tokens** (OpenMoE): NMI of first expert and token id over tokens seen "
+    "at least `min_token_count` times, and the share of a token's occurrences going to its most "
+    "common expert (occurrence-weighted), both against the same permutation null, which is the "
+    "right chance level for rare tokens. **Consecutive tokens** (Mixtral table 5): P(first expert "
+    "of t = first expert of t+1) against sum_e f_e^2 (independent draws from the measured load) "
+    "and 1/E; P(top-k sets of t and t+1 intersect) against all pairs of a uniform reservoir sample "
+    "of routed tokens and against a uniform router (1 - C(E-k,k)/C(E,k)). **Cross-layer**: NMI of "
+    "first experts between every pair of MoE layers, with its permutation baseline. **Margins**: "
+    "w1 - w2 of the renormalised top-k weights and the logit gap between the k-th and (k+1)-th "
+    "expert, with near-tie rates, against a router with i.i.d. Gaussian logits of the measured "
+    "per-token spread. **Ablation**: one expert masked with `model.set_expert_mask` (the router "
+    "renormalises over the rest), next-token loss change per domain (the domain of the predicted "
+    "token); the expert routing ties most to a domain (highest lift P(domain | expert) / "
+    "P(domain)) is checked against the domain its removal hurts most."
 )
 
 
@@ -98,131 +104,6 @@ def is_moe(model: Any) -> bool:
                 and any(cfg.is_moe_layer(i) for i in range(cfg.n_layers)))
 
 
-def _domains_task(model: Any, spec: str | None) -> Any | None:
-    """The ``domains`` task to stream: named, a checkpoint path, or the model's own record."""
-    try:
-        from interp import train as itrain
-    except ImportError as e:  # pragma: no cover - training package missing
-        if spec:
-            raise CliError(f"--domains needs interp.train, which is unavailable ({e})") from None
-        return None
-    if spec is None:
-        try:
-            task = itrain.task_from(model)
-        except Exception:
-            return None
-        return task if isinstance(task, itrain.Domains) else None
-    if spec == "domains":
-        try:
-            task = itrain.task_from(model)
-            if isinstance(task, itrain.Domains):
-                return task
-        except Exception:
-            pass
-        return itrain.make_task("domains")
-    if Path(spec).suffix == ".pt" or Path(spec).exists():
-        if not Path(spec).exists():
-            raise CliError(f"--domains checkpoint not found: {spec}")
-        task = itrain.task_from(spec)
-    else:
-        if spec not in itrain.TASKS:
-            raise CliError(f"--domains must be 'domains' or a checkpoint trained on it, got {spec!r}")
-        task = itrain.make_task(spec)
-    if not isinstance(task, itrain.Domains):
-        raise CliError(f"--domains {spec!r} is the {task.name!r} task, not a domain stream; use 'domains'")
-    return task
-
-
-def _corpus(model: Any, opts: dict) -> tuple[Any, Any, list[str] | None, str]:
-    """(routing batches, ablation batches, domain names, description of the data)."""
-    cfg = model.cfg
-    bs = int(opts.get("batch_size") or 8)
-    max_tokens = int(opts.get("max_tokens") or DEFAULT_MAX_TOKENS)
-    abl_tokens = int(opts.get("ablation_tokens") or DEFAULT_ABLATION_TOKENS)
-    seed = int(opts.get("seed") or 0)
-    texts = [Path(p) for p in (opts.get("texts") or [])]
-    if texts and opts.get("domains"):
-        raise CliError("give either --text files or --domains, not both")
-    if texts:
-        seq = int(opts.get("seq_len") or DEFAULT_SEQ_LEN)
-        names = _unique([p.stem for p in texts])
-        def make(limit: int) -> Any:
-            return moe.text_batches(model, texts, seq_len=seq, batch_size=bs, max_tokens=limit)
-        desc = (f"{len(texts)} text file(s), one domain each ({', '.join(f'`{p.name}`' for p in texts)}), cut into "
-                f"sequences of {min(seq, cfg.n_ctx)} tokens taken round-robin; at most {max_tokens} tokens.")
-        make(0)  # missing/empty files fail now, before any slow work
-        if len(texts) == 1:  # one domain: no domain statistics
-            return _unlabelled(make(max_tokens)), _unlabelled(make(abl_tokens)), None, desc
-        return make(max_tokens), make(abl_tokens), names, desc
-    task = _domains_task(model, opts.get("domains"))
-    if task is not None:
-        from interp.train import domain_batches
-
-        if task.d_vocab > cfg.d_vocab:
-            raise CliError(f"the domains task has {task.d_vocab} tokens but the model's d_vocab is {cfg.d_vocab}; "
-                           "use the model trained on it")
-        if task.seq_len > cfg.n_ctx:
-            raise CliError(f"the domains task has sequences of {task.seq_len} tokens but n_ctx={cfg.n_ctx}")
-        per = bs * task.seq_len
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        names = [letters[d] for d in range(task.params["n_domains"])]
-        desc = (f"`domains` task stream ({task!r}): {task.params['n_domains']} token domains with their own "
-                f"sub-vocabularies and Markov grammars plus shared tokens, segments of mixed domains in each "
-                f"sequence; every token carries its domain label (BOS unlabelled). {math.ceil(max_tokens / per)} "
-                f"batches of {bs} x {task.seq_len} tokens, seed {seed}; ablation on a separate draw (seed {seed + 1}).")
-        return (domain_batches(task, bs, math.ceil(max_tokens / per), seed=seed),
-                domain_batches(task, bs, math.ceil(abl_tokens / per), seed=seed + 1), names, desc)
-    other = _other_task(model)
-    if other is not None:  # a model from `interp train` on another task: its word vocabulary cannot read English
-        import torch
-
-        def sample(n_tokens: int, s: int) -> Any:
-            gen = torch.Generator().manual_seed(s)
-            for _ in range(max(1, math.ceil(n_tokens / (bs * other.seq_len)))):
-                yield other.sample(bs, gen).tokens
-        desc = (f"fresh samples of the model's own training task `{other.name}` ({other!r}), seed {seed}; it has no "
-                "domains, so no domain statistics.")
-        return sample(max_tokens, seed), sample(abl_tokens, seed + 1), None, desc
-    if getattr(model, "tokenizer", None) is not None or cfg.d_vocab >= 256:
-        from importlib.resources import files
-
-        sample = files("analyses").joinpath("data/sample_text.txt")
-        seq = int(opts.get("seq_len") or 32)
-        desc = ("The packaged English sample (analyses/data/sample_text.txt, 40 sentences written for this "
-                "project): one domain, so no domain statistics; pass --text FILE (repeatable, one domain per "
-                "file) or --domains for those.")
-        return (_unlabelled(moe.text_batches(model, [sample], seq_len=seq, batch_size=bs, max_tokens=max_tokens)),
-                _unlabelled(moe.text_batches(model, [sample], seq_len=seq, batch_size=bs, max_tokens=abl_tokens)), None, desc)
-    raise CliError("this model has no tokenizer and a vocabulary under 256 ids; give --domains domains "
-                   "(a model trained on that task) so there are tokens to route")
-
-
-def _other_task(model: Any) -> Any | None:
-    """The non-domains training task recorded in a model from ``interp train``, if any."""
-    if not isinstance((getattr(model.cfg, "extra", None) or {}).get("task"), dict):
-        return None
-    try:
-        from interp.train import task_from
-
-        return task_from(model)
-    except Exception:
-        return None
-
-
-def _unlabelled(batches: Any) -> Any:
-    """The same batches without domain labels (a single-domain corpus has no domain statistics)."""
-    for b in batches:
-        yield {"tokens": b[0], "attention_mask": b[2] if len(b) > 2 else None}
-
-
-def _unique(names: list[str]) -> list[str]:
-    out, seen = [], {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
-    return out
-
-
 def _heat_layers(layers: list[int]) -> list[int]:
     if len(layers) <= MAX_HEATMAPS:
         return layers
@@ -236,7 +117,8 @@ def _ablation_layers(model: Any, spec: str | None) -> list[int]:
         try:
             chosen = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
-            raise CliError(f"--ablation-layers must be comma-separated layer indices, got {spec!r}") from None
+            raise CliError(f"--ablation-layers must be comma-separated layer indices, "
+                           f"got {spec!r}") from None
         bad = [x for x in chosen if x not in layers]
         if bad:
             raise CliError(f"--ablation-layers {bad} are not MoE layers; MoE layers: {layers}")
@@ -245,71 +127,150 @@ def _ablation_layers(model: Any, spec: str | None) -> list[int]:
     return _heat_layers(layers) if len(layers) > per else layers
 
 
-def _findings(res: moe.MoEResult, abl: pd.DataFrame | None, abl_sum: pd.DataFrame | None, min_count: int) -> list[str]:
+def _findings(res: moe.MoEResult, abl: pd.DataFrame | None, abl_sum: pd.DataFrame | None,
+              min_count: int) -> list[str]:
     s = res.summary
     out = []
     E, k = int(s["n_experts"].iloc[0]), int(s["top_k"].iloc[0])
-    out.append(f"Load over {int(s['n_tokens'].iloc[0])} tokens per layer, {E} experts, top-{k}: CV of top-k load "
-               f"{_fmt(s['cv_topk'].min())} to {_fmt(s['cv_topk'].max())} across layers (random uniform assignment: "
-               f"{_fmt(s['cv_random'].iloc[0])}); max/mean up to {_fmt(s['max_over_mean_topk'].max())}; per-token router "
-               f"entropy {_fmt(s['router_entropy'].mean())} of log E on average (1 = no preference).")
+    out.append(f"Load over {int(s['n_tokens'].iloc[0])} tokens per layer, {E} experts, top-{k}: "
+               f"CV of top-k load {_fmt(s['cv_topk'].min())} to {_fmt(s['cv_topk'].max())} across "
+               f"layers (random uniform assignment: {_fmt(s['cv_random'].iloc[0])}); max/mean up "
+               f"to {_fmt(s['max_over_mean_topk'].max())}; per-token router entropy "
+               f"{_fmt(s['router_entropy'].mean())} of log E on average (1 = no preference).")
     if "nmi_domain" in s and s["nmi_domain"].notna().any():
         sig = s[s["p_value"] <= 0.01]
         best = s.loc[s["nmi_domain"].idxmax()]
-        out.append(f"Domain specialisation: NMI(expert; domain) above its permutation baseline with p <= 0.01 in "
-                   f"{len(sig)} of {len(s)} MoE layers; strongest in layer {int(best['layer'])}: NMI "
-                   f"{_fmt(best['nmi_domain'])} vs {_fmt(best['nmi_domain_baseline'])} under shuffled labels "
-                   f"(95th percentile {_fmt(best['nmi_domain_p95'])}, {_p(best['p_value'])}, AMI {_fmt(best['ami_domain'])}).")
+        out.append(f"Domain specialisation: NMI(expert; domain) above its permutation baseline "
+                   f"with p <= 0.01 in {len(sig)} of {len(s)} MoE layers; strongest in layer "
+                   f"{int(best['layer'])}: NMI {_fmt(best['nmi_domain'])} vs "
+                   f"{_fmt(best['nmi_domain_baseline'])} under shuffled labels (95th percentile "
+                   f"{_fmt(best['nmi_domain_p95'])}, {_p(best['p_value'])}, "
+                   f"AMI {_fmt(best['ami_domain'])}).")
         ex = res.experts.dropna(subset=["p_value"])
         if len(ex):
             n_sig = int((ex["p_value"] <= 0.01).sum())
-            top = ex[ex["p_value"] <= 0.01].sort_values("spec_index_bits", ascending=False).head(3)
-            out.append(f"{n_sig} of {len(ex)} (layer, expert) pairs have a domain distribution different from the "
-                       f"corpus mix (p <= 0.01)" + ("." if top.empty else "; most specialised: ") + ", ".join(
-                           f"L{int(r.layer)}E{int(r.expert)} -> {r.top_domain} ({r.top_domain_share:.0%} of its tokens, "
-                           f"{r.spec_index_bits:.2f} bits vs {r.spec_index_baseline:.3f} null)" for r in top.itertuples()) + ("" if top.empty else "."))
+            top = (ex[ex["p_value"] <= 0.01]
+                   .sort_values("spec_index_bits", ascending=False).head(3))
+            out.append(f"{n_sig} of {len(ex)} (layer, expert) pairs have a domain distribution "
+                       f"different from the corpus mix (p <= 0.01)"
+                       + ("." if top.empty else "; most specialised: ") + ", ".join(
+                           f"L{int(r.layer)}E{int(r.expert)} -> {r.top_domain} "
+                           f"({r.top_domain_share:.0%} of its tokens, {r.spec_index_bits:.2f} "
+                           f"bits vs {r.spec_index_baseline:.3f} null)"
+                           for r in top.itertuples()) + ("" if top.empty else "."))
     if s["nmi_token"].notna().any():
         best = s.loc[s["nmi_token"].idxmax()]
-        out.append(f"Token-id specialisation (context-independent routing): NMI(expert; token) up to "
-                   f"{_fmt(best['nmi_token'])} (layer {int(best['layer'])}) vs {_fmt(best['nmi_token_baseline'])} "
-                   f"under permutation ({_p(best['token_p_value'])}); a token's most common expert takes "
-                   f"{_fmt(best['top_expert_share'])} of its occurrences vs {_fmt(best['top_expert_share_baseline'])} by "
-                   f"chance ({int(best['token_types_counted'])} token types seen >= {min_count} times).")
+        out.append(f"Token-id specialisation (context-independent routing): NMI(expert; token) "
+                   f"up to {_fmt(best['nmi_token'])} (layer {int(best['layer'])}) vs "
+                   f"{_fmt(best['nmi_token_baseline'])} under permutation "
+                   f"({_p(best['token_p_value'])}); a token's most common expert takes "
+                   f"{_fmt(best['top_expert_share'])} of its occurrences vs "
+                   f"{_fmt(best['top_expert_share_baseline'])} by chance "
+                   f"({int(best['token_types_counted'])} token types seen >= {min_count} times).")
     if s["consecutive_same_top1"].notna().any():
-        parts = ", ".join(f"L{int(r.layer)} {r.consecutive_same_top1:.0%} (random {r.consecutive_random:.0%})"
-                          for r in s.head(6).itertuples())
+        parts = ", ".join(f"L{int(r.layer)} {r.consecutive_same_top1:.0%} "
+                          f"(random {r.consecutive_random:.0%})" for r in s.head(6).itertuples())
         more = " ..." if len(s) > 6 else ""
-        out.append(f"Consecutive tokens share their first-choice expert: {parts}{more}; uniform router "
-                   f"{1 / E:.1%}. Top-{k} sets intersect: {_fmt(s['consecutive_overlap_topk'].mean())} on average vs "
+        out.append(f"Consecutive tokens share their first-choice expert: {parts}{more}; uniform "
+                   f"router {1 / E:.1%}. Top-{k} sets intersect: "
+                   f"{_fmt(s['consecutive_overlap_topk'].mean())} on average vs "
                    f"{_fmt(s['consecutive_overlap_random'].mean())} for independent tokens "
                    f"({_fmt(s['consecutive_overlap_uniform'].iloc[0])} uniform).")
     if len(res.cross_layer):
         c = res.cross_layer.sort_values("nmi", ascending=False).iloc[0]
-        out.append(f"Cross-layer routing agreement: highest NMI between first choices {_fmt(c['nmi'])} (layers "
-                   f"{int(c['layer_a'])} and {int(c['layer_b'])}; shuffled {_fmt(c['nmi_baseline'])}).")
+        out.append(f"Cross-layer routing agreement: highest NMI between first choices "
+                   f"{_fmt(c['nmi'])} (layers {int(c['layer_a'])} and {int(c['layer_b'])}; "
+                   f"shuffled {_fmt(c['nmi_baseline'])}).")
     if k >= 2 or k < E:
         out.append(f"Router margins: near ties between the top-2 weights (w1 - w2 < 0.05) in "
                    f"{_fmt(s['near_tie_top12'].mean())} of tokens (Gaussian-logit router "
-                   f"{_fmt(s['near_tie_top12_baseline'].mean())}); top-{k} selection decided by a logit gap under 0.1 "
-                   f"in {_fmt(s['near_tie_topk'].mean())} (baseline {_fmt(s['near_tie_topk_baseline'].mean())}).")
+                   f"{_fmt(s['near_tie_top12_baseline'].mean())}); top-{k} selection decided by a "
+                   f"logit gap under 0.1 in {_fmt(s['near_tie_topk'].mean())} "
+                   f"(baseline {_fmt(s['near_tie_topk_baseline'].mean())}).")
+    out += _ablation_findings(abl, abl_sum)
+    return out
+
+
+def _ablation_findings(abl: pd.DataFrame | None, abl_sum: pd.DataFrame | None) -> list[str]:
+    """Findings of the expert ablation: routing-tied experts against the domains they hurt, or
+    (without domains) the experts whose removal hurts most."""
+    out = []
     if abl_sum is not None and len(abl_sum):
         if "routing_expert_hurts_own_most" in abl_sum:
             ok = abl_sum.dropna(subset=["routing_expert_hurts_own_most"])
             n_ok = int(ok["routing_expert_hurts_own_most"].astype(bool).sum())
             own, other = ok["routing_expert_delta"], ok["routing_expert_delta_other"]
-            out.append(f"Ablation: for {n_ok} of {len(ok)} (layer, domain) pairs, removing the expert routing ties "
-                       f"most to the domain (highest lift) hurts that domain more than any other domain, and for "
-                       f"{int((own > other).sum())} of {len(ok)} more than the other domains' mean (on average "
-                       f"{own.mean():+.3f} nats/token on its own domain vs {other.mean():+.3f} on the others).")
+            out.append(f"Ablation: for {n_ok} of {len(ok)} (layer, domain) pairs, removing the "
+                       f"expert routing ties most to the domain (highest lift) hurts that domain "
+                       f"more than any other domain, and for {int((own > other).sum())} of "
+                       f"{len(ok)} more than the other domains' mean (on average "
+                       f"{own.mean():+.3f} nats/token on its own domain vs {other.mean():+.3f} on "
+                       f"the others).")
         top = abl_sum.sort_values("specificity", ascending=False).head(3)
         out.append("Most domain-specific ablations: " + ", ".join(
-            f"L{int(r.layer)}E{int(r.most_hurting_expert)} on {r.domain} ({r.delta:+.3f} nats vs {r.delta_other_domains:+.3f} "
-            f"on other domains)" for r in top.itertuples()) + ".")
+            f"L{int(r.layer)}E{int(r.most_hurting_expert)} on {r.domain} ({r.delta:+.3f} nats "
+            f"vs {r.delta_other_domains:+.3f} on other domains)" for r in top.itertuples()) + ".")
     elif abl is not None and len(abl):
         a = abl[abl["domain"] == "all"].sort_values("delta", ascending=False).head(3)
         out.append("Experts whose removal hurts most: " + ", ".join(
-            f"L{int(r.layer)}E{int(r.expert)} ({r.delta:+.3f} nats/token)" for r in a.itertuples()) + ".")
+            f"L{int(r.layer)}E{int(r.expert)} ({r.delta:+.3f} nats/token)"
+            for r in a.itertuples()) + ".")
     return out
+
+
+def _domain_figures(res: moe.MoEResult, names: list[str] | None, layers: list[int],
+                    tables: dict[str, pd.DataFrame], figures: dict[str, Any]) -> None:
+    """Domain tables, expert x domain heatmaps and the NMI bars (when the corpus has domains)."""
+    from analyses.app import plots
+
+    s = res.summary
+    tables["moe_domain"] = res.domain
+    tables["moe_experts"] = res.experts
+    for layer in _heat_layers(layers):
+        m = res.domain[res.domain["layer"] == layer].pivot(index="domain", columns="expert",
+                                                           values="share")
+        if names:
+            m = m.reindex([n for n in names if n in m.index])
+        m.index.name, m.columns.name = "domain", "expert"
+        figures[f"moe_domain_l{layer}"] = plots.heatmap(
+            m, title=f"Layer {layer}: share of each domain's top-k assignments per expert "
+                     f"(uniform {1 / m.shape[1]:.3f})",
+            cmap="viridis")
+    nmi = s.melt(id_vars="layer", value_vars=["nmi_domain", "nmi_domain_baseline"],
+                 var_name="measure", value_name="nmi")
+    nmi["measure"] = nmi["measure"].map({"nmi_domain": "observed",
+                                         "nmi_domain_baseline": "shuffled domains"})
+    figures["moe_nmi_domain"] = plots.bars(
+        nmi.assign(layer=nmi["layer"].astype(str)), "layer", "nmi", hue="measure",
+        title="NMI(expert; domain) against the permutation baseline")
+
+
+def _ablation(model: Any, opts: dict, abl_batches: Any, names: list[str] | None,
+              res: moe.MoEResult, progress: Any, tables: dict[str, pd.DataFrame],
+              figures: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Expert ablation, its summary against routing (with domains) and its heatmaps."""
+    from analyses.app import plots
+
+    abl_sum = None
+    abl_layers = _ablation_layers(model, opts.get("ablation_layers"))
+    abl = moe.expert_ablation(model, abl_batches, layers=abl_layers, domain_names=names,
+                              max_tokens=int(opts.get("ablation_tokens")
+                                             or DEFAULT_ABLATION_TOKENS),
+                              progress=progress)
+    tables["moe_ablation"] = abl
+    if names:
+        abl_sum = moe.ablation_summary(abl, res.experts)
+        tables["moe_ablation_summary"] = abl_sum
+        for layer in _heat_layers(abl_layers):
+            m = abl[(abl["layer"] == layer) & (abl["domain"] != "all")].pivot(
+                index="domain", columns="expert", values="delta")
+            m = m.reindex([n for n in names if n in m.index])
+            m.index.name, m.columns.name = "domain", "expert"
+            figures[f"moe_ablation_l{layer}"] = plots.heatmap(
+                m, title=f"Layer {layer}: loss change (nats/token) per domain when one expert "
+                         f"is masked",
+                cmap="RdBu_r", center=0, fmt=".2f")
+    return abl, abl_sum
 
 
 def build(model: Any, opts: dict, progress: Any) -> Section:
@@ -322,64 +283,45 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
     seed = int(opts.get("seed") or 0)
     batches, abl_batches, names, data = _corpus(model, opts)
     t0 = time.perf_counter()
-    res = moe.routing_stats(model, batches, domain_names=names, n_perm=int(opts.get("n_perm") or 200),
-                            min_token_count=int(opts.get("min_token_count") or 5), seed=seed, progress=progress)
+    res = moe.routing_stats(model, batches, domain_names=names,
+                            n_perm=int(opts.get("n_perm") or 200),
+                            min_token_count=int(opts.get("min_token_count") or 5), seed=seed,
+                            progress=progress)
     timings["routing"] = time.perf_counter() - t0
     s = res.summary
     tables: dict[str, pd.DataFrame] = {"moe_summary": s, "moe_load": res.load}
     figures: dict[str, Any] = {}
     layers = [int(x) for x in s["layer"]]
-    figures["moe_load"] = plots.bars(res.load.assign(layer=res.load["layer"].astype(str)), "expert", "share_topk",
-                                     hue="layer" if len(layers) <= 8 else None,
-                                     title=f"Top-{int(s['top_k'].iloc[0])} load per expert (uniform = {1 / int(s['n_experts'].iloc[0]):.3f})",
-                                     ylabel="share of top-k assignments")
-    figures["moe_load"].axes[0].axhline(1 / int(s["n_experts"].iloc[0]), ls="--", color="gray", lw=1)
+    uniform = 1 / int(s["n_experts"].iloc[0])
+    figures["moe_load"] = plots.bars(
+        res.load.assign(layer=res.load["layer"].astype(str)), "expert", "share_topk",
+        hue="layer" if len(layers) <= 8 else None,
+        title=f"Top-{int(s['top_k'].iloc[0])} load per expert (uniform = {uniform:.3f})",
+        ylabel="share of top-k assignments")
+    figures["moe_load"].axes[0].axhline(uniform, ls="--", color="gray", lw=1)
     if len(res.domain):
-        tables["moe_domain"] = res.domain
-        tables["moe_experts"] = res.experts
-        for layer in _heat_layers(layers):
-            m = res.domain[res.domain["layer"] == layer].pivot(index="domain", columns="expert", values="share")
-            if names:
-                m = m.reindex([n for n in names if n in m.index])
-            m.index.name, m.columns.name = "domain", "expert"
-            figures[f"moe_domain_l{layer}"] = plots.heatmap(
-                m, title=f"Layer {layer}: share of each domain's top-k assignments per expert (uniform {1 / m.shape[1]:.3f})",
-                cmap="viridis")
-        nmi = s.melt(id_vars="layer", value_vars=["nmi_domain", "nmi_domain_baseline"], var_name="measure",
-                     value_name="nmi")
-        nmi["measure"] = nmi["measure"].map({"nmi_domain": "observed", "nmi_domain_baseline": "shuffled domains"})
-        figures["moe_nmi_domain"] = plots.bars(nmi.assign(layer=nmi["layer"].astype(str)), "layer", "nmi", hue="measure",
-                                               title="NMI(expert; domain) against the permutation baseline")
+        _domain_figures(res, names, layers, tables, figures)
     tables["moe_tokens"] = (res.tokens.sort_values(["layer", "count"], ascending=[True, False])
                             .groupby("layer", sort=True).head(200).reset_index(drop=True))
     if len(res.cross_layer):
         tables["moe_cross_layer"] = res.cross_layer
     abl = abl_sum = None
-    if model.cfg.architecture == "decoder" and not opts.get("no_ablation") and model.cfg.experts_per_token < model.cfg.n_experts:
+    cfg = model.cfg
+    if (cfg.architecture == "decoder" and not opts.get("no_ablation")
+            and cfg.experts_per_token < cfg.n_experts):
         t0 = time.perf_counter()
-        abl_layers = _ablation_layers(model, opts.get("ablation_layers"))
-        abl = moe.expert_ablation(model, abl_batches, layers=abl_layers, domain_names=names,
-                                  max_tokens=int(opts.get("ablation_tokens") or DEFAULT_ABLATION_TOKENS), progress=progress)
+        abl, abl_sum = _ablation(model, opts, abl_batches, names, res, progress, tables, figures)
         timings["ablation"] = time.perf_counter() - t0
-        tables["moe_ablation"] = abl
-        if names:
-            abl_sum = moe.ablation_summary(abl, res.experts)
-            tables["moe_ablation_summary"] = abl_sum
-            for layer in _heat_layers(abl_layers):
-                m = abl[(abl["layer"] == layer) & (abl["domain"] != "all")].pivot(index="domain", columns="expert", values="delta")
-                m = m.reindex([n for n in names if n in m.index])
-                m.index.name, m.columns.name = "domain", "expert"
-                figures[f"moe_ablation_l{layer}"] = plots.heatmap(
-                    m, title=f"Layer {layer}: loss change (nats/token) per domain when one expert is masked",
-                    cmap="RdBu_r", center=0, fmt=".2f")
     timings["total"] = time.perf_counter() - t_all
     notes = []
-    if model.cfg.architecture != "decoder":
-        notes.append("Expert ablation is skipped: it measures next-token loss, and this model is an encoder.")
+    if cfg.architecture != "decoder":
+        notes.append("Expert ablation is skipped: it measures next-token loss, and this model is "
+                     "an encoder.")
     if not names:
         notes.append("The corpus has no domain labels, so there are no domain statistics.")
-    shown = [c for c in ["layer", "nmi_domain", "nmi_domain_baseline", "p_value", "nmi_token", "nmi_token_baseline",
-                         "consecutive_same_top1", "consecutive_random", "cv_topk", "router_entropy"] if c in s]
+    shown = [c for c in ["layer", "nmi_domain", "nmi_domain_baseline", "p_value", "nmi_token",
+                         "nmi_token_baseline", "consecutive_same_top1", "consecutive_random",
+                         "cv_topk", "router_entropy"] if c in s]
     tables["moe_summary"] = s[shown + [c for c in s.columns if c not in shown]]
     tables["moe_overview"] = s[shown]  # the inline view; moe_summary.csv has every column
     return Section(
@@ -391,12 +333,14 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
         findings=_findings(res, abl, abl_sum, int(opts.get("min_token_count") or 5)),
         tables=tables,
         figures=figures,
-        show_tables={"moe_overview": 32, **({"moe_ablation_summary": 20} if abl_sum is not None else {})},
+        show_tables={"moe_overview": 32,
+                     **({"moe_ablation_summary": 20} if abl_sum is not None else {})},
         timings=timings,
     )
 
 
-register("moe", title="MoE expert specialisation", build=build, applies=is_moe, default_model=SHIPPED_MODEL, order=40)
+register("moe", title="MoE expert specialisation", build=build, applies=is_moe,
+         default_model=SHIPPED_MODEL, order=40)
 
 
 @cli.command("moe")
@@ -404,8 +348,8 @@ register("moe", title="MoE expert specialisation", build=build, applies=is_moe, 
 @click.option("--text", "texts", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Text file to route, repeatable: each file is one domain (named by its stem).")
 @click.option("--domains", default=None, metavar="TASK",
-              help="Stream the 'domains' training task (or a .pt checkpoint trained on it) with per-token labels "
-                   "[default for models trained on it].")
+              help="Stream the 'domains' training task (or a .pt checkpoint trained on it) with "
+                   "per-token labels [default for models trained on it].")
 @click.option("--seq-len", type=click.IntRange(min=2), default=DEFAULT_SEQ_LEN, show_default=True,
               help="Tokens per sequence for --text.")
 @click.option("--n-perm", type=click.IntRange(min=0), default=200, show_default=True,
@@ -413,17 +357,20 @@ register("moe", title="MoE expert specialisation", build=build, applies=is_moe, 
 @click.option("--min-token-count", type=click.IntRange(min=1), default=5, show_default=True,
               help="Tokens seen fewer times are left out of the token statistics.")
 @click.option("--no-ablation", is_flag=True, help="Skip expert ablation.")
-@click.option("--ablation-tokens", type=click.IntRange(min=2), default=DEFAULT_ABLATION_TOKENS, show_default=True,
+@click.option("--ablation-tokens", type=click.IntRange(min=2), default=DEFAULT_ABLATION_TOKENS,
+              show_default=True,
               help="Tokens in the ablation corpus (re-run once per expert).")
 @click.option("--ablation-layers", default=None, metavar="L,L,...",
-              help=f"MoE layers to ablate [default: all when layers x experts <= {MAX_ABLATION_JOBS}, else 4 spread layers].")
+              help=f"MoE layers to ablate [default: all when layers x experts <= "
+                   f"{MAX_ABLATION_JOBS}, else 4 spread layers].")
 @click.option("--svg", is_flag=True, help="Also write SVG figures.")
 @common_options
 @click.pass_context
-def moe_cmd(ctx: click.Context, model: str, texts: tuple[Path, ...], domains: str | None, seq_len: int, n_perm: int,
-            min_token_count: int, no_ablation: bool, ablation_tokens: int, ablation_layers: str | None, svg: bool,
-            out: Path | None, batch_size: int, max_tokens: int | None, device: str, dtype: str, seed: int, quiet: bool,
-            force: bool) -> None:
+def moe_cmd(ctx: click.Context, model: str, texts: tuple[Path, ...], domains: str | None,
+            seq_len: int, n_perm: int, min_token_count: int, no_ablation: bool,
+            ablation_tokens: int, ablation_layers: str | None, svg: bool, out: Path | None,
+            batch_size: int, max_tokens: int | None, device: str, dtype: str, seed: int,
+            quiet: bool, force: bool) -> None:
     """MoE expert specialisation of MODEL: load, expert x domain and expert x token mutual
     information against permutation baselines, consecutive-token and cross-layer routing,
     router margins, expert ablation per domain (Mixtral sec. 5; OpenMoE sec. 4).
@@ -442,10 +389,11 @@ def moe_cmd(ctx: click.Context, model: str, texts: tuple[Path, ...], domains: st
             raise CliError(f"text file not found: {p}")
     out = prepare_out(ctx, out, force)
     m = load_model(model, device, dtype, seed=seed)
-    opts = {"model_source": model, "batch_size": batch_size, "max_tokens": max_tokens, "device": device,
-            "dtype": dtype, "seed": seed, "quiet": quiet, "svg": svg, "texts": list(texts), "domains": domains,
-            "seq_len": seq_len, "n_perm": n_perm, "min_token_count": min_token_count, "no_ablation": no_ablation,
+    opts = {"model_source": model, "batch_size": batch_size, "max_tokens": max_tokens,
+            "device": device, "dtype": dtype, "seed": seed, "quiet": quiet, "svg": svg,
+            "texts": list(texts), "domains": domains, "seq_len": seq_len, "n_perm": n_perm,
+            "min_token_count": min_token_count, "no_ablation": no_ablation,
             "ablation_tokens": ablation_tokens, "ablation_layers": ablation_layers}
     section = build(m, opts, progress_for(quiet))
-    write_report([section], out=out, force=force, model_source=model, model=m, seed=seed, ctx=ctx, svg=svg,
-                 quiet=quiet, title=f"interp moe: {model}")
+    write_report([section], out=out, force=force, model_source=model, model=m, seed=seed, ctx=ctx,
+                 svg=svg, quiet=quiet, title=f"interp moe: {model}")
