@@ -61,40 +61,51 @@ def parse_task_params(items: tuple[str, ...]) -> dict[str, Any]:
 @click.argument("task", metavar="TASK")
 @click.option("--config", "configs", multiple=True, metavar="PRESET|JSON|FILE",
               help=f"Model config over the task's default: a preset ({', '.join(PRESETS)}), "
-                   "a JSON file or an inline JSON object of ModelConfig fields; repeatable, applied in order.")
-@click.option("--positional", type=click.Choice(["none", "sinusoidal", "learned", "rope", "alibi", "relative"]),
-              default=None, help="Position encoding (overrides --config).")
+                   "a JSON file or an inline JSON object of ModelConfig fields; repeatable, "
+                   "applied in order.")
+@click.option("--positional", default=None, help="Position encoding (overrides --config).",
+              type=click.Choice(["none", "sinusoidal", "learned", "rope", "alibi", "relative"]))
 @click.option("--n-experts", type=click.IntRange(min=0), default=None,
               help="Experts per FFN layer (0 = dense; > 0 also turns attention-only off).")
-@click.option("--top-k", "experts_per_token", type=click.IntRange(min=1), default=None, help="Experts per token.")
+@click.option("--top-k", "experts_per_token", type=click.IntRange(min=1), default=None,
+              help="Experts per token.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Task parameter, e.g. --param n_subjects=100 (see the task's docstring); repeatable.")
+              help="Task parameter, e.g. --param n_subjects=100 (see the task's docstring); "
+                   "repeatable.")
 @click.option("--text-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Task 'text': the UTF-8 text file to train on.")
 @click.option("--tokenizer", type=click.Choice(["bytes", "gpt2"]), default=None,
               help="Task 'text': UTF-8 bytes (vocabulary 257) or GPT-2 BPE (offline files).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps [default: the task's].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sequences per step [default: the task's].")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate [default: the task's].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Optimizer steps [default: the task's].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Sequences per step [default: the task's].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate [default: the task's].")
 @click.option("--seed", type=int, default=None,
-              help="Seed for initial weights and data order [default: 0; a resumed run keeps its own].")
+              help="Seed for initial weights and data order [default: 0; a resumed run keeps its "
+                   "own].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint to write [default: checkpoints/<task>.pt].")
-@click.option("--resume", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Continue a checkpoint written with optimizer state (same task; --steps may be larger).")
+@click.option("--resume", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Continue a checkpoint written with optimizer state (same task; "
+                                 "--steps may be larger).")
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also save every N steps, so an interrupted run can --resume.")
-@click.option("--no-optimizer-state", is_flag=True, help="Smaller file without optimizer state (cannot resume).")
-@click.option("--device", default="cpu", show_default=True, help='Torch device: "cpu", "cuda", "cuda:1", ...')
+@click.option("--no-optimizer-state", is_flag=True,
+              help="Smaller file without optimizer state (cannot resume).")
+@click.option("--device", default="cpu", show_default=True,
+              help='Torch device: "cpu", "cuda", "cuda:1", ...')
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch threads (0 = torch's default).")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_experts: int | None,
               experts_per_token: int | None, params: tuple[str, ...], text_file: Path | None,
-              tokenizer: str | None, steps: int | None, batch_size: int | None, lr: float | None, seed: int,
-              out: Path | None, resume: Path | None, save_every: int, no_optimizer_state: bool, device: str,
-              threads: int, force: bool, quiet: bool) -> None:
+              tokenizer: str | None, steps: int | None, batch_size: int | None, lr: float | None,
+              seed: int, out: Path | None, resume: Path | None, save_every: int,
+              no_optimizer_state: bool, device: str, threads: int, force: bool,
+              quiet: bool) -> None:
     """Train a small model on TASK, a task with a known mechanism, and save a .pt checkpoint.
 
     \b
@@ -124,14 +135,7 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
 
     if task not in TASKS:
         raise CliError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    task_params = parse_task_params(params)
-    if text_file is not None or tokenizer is not None:
-        if task != "text":
-            raise CliError("--text-file and --tokenizer apply only to the 'text' task")
-        if text_file is not None:
-            task_params["path"] = str(text_file)
-        if tokenizer is not None:
-            task_params["tokenizer"] = tokenizer
+    task_params = _task_params(task, params, text_file, tokenizer)
     overrides = parse_config(configs)
     if positional is not None:
         overrides["positional"] = positional
@@ -141,7 +145,49 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
             overrides["attn_only"] = False
     if experts_per_token is not None:
         overrides["experts_per_token"] = experts_per_token
-    out = out if out is not None else Path("checkpoints") / f"{task}.pt"
+    out = _check_out(out if out is not None else Path("checkpoints") / f"{task}.pt", resume, force)
+    if resume is not None and (overrides or params):
+        raise CliError("--resume keeps the checkpoint's model config and task; drop "
+                       "--config/--positional/--n-experts/--param")
+    if threads:
+        torch.set_num_threads(threads)
+    if seed is None and resume is None:
+        seed = 0
+    command = " ".join(click.get_current_context().meta.get("interp.argv", [])) or None
+    try:
+        model, history, metrics = train(
+            task, overrides or None, task_params=task_params or None, out=out, resume=resume,
+            quiet=quiet, save_optimizer=not no_optimizer_state, command=command, steps=steps,
+            batch_size=batch_size, lr=lr, seed=seed, save_every=save_every, device=device,
+        )
+    except InterpError as e:
+        raise CliError(str(e)) from None
+    shown = {k: v for k, v in metrics.items()
+             if isinstance(v, float | int) and not isinstance(v, bool)}
+    summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in shown.items())
+    if not quiet:
+        click.echo(f"{task}: {model.param_count():,} parameters; {summary}", err=True)
+    click.echo(str(out))
+
+
+def _task_params(task: str, params: tuple[str, ...], text_file: Path | None,
+                 tokenizer: str | None) -> dict[str, Any]:
+    """``--param`` pairs, plus ``--text-file``/``--tokenizer`` (which only the text task takes)."""
+    task_params = parse_task_params(params)
+    if text_file is not None or tokenizer is not None:
+        if task != "text":
+            raise CliError("--text-file and --tokenizer apply only to the 'text' task")
+        if text_file is not None:
+            task_params["path"] = str(text_file)
+        if tokenizer is not None:
+            task_params["tokenizer"] = tokenizer
+    return task_params
+
+
+def _check_out(out: Path, resume: Path | None, force: bool) -> Path:
+    """Refuse, before training, a checkpoint path that is not a .pt file or would overwrite one
+    without ``--force`` (resuming into the same file is allowed)."""
     if out.suffix != ".pt":
         raise CliError(f"--out {str(out)!r} must end in .pt")
     same_file = resume is not None and out.expanduser().resolve() == resume.expanduser().resolve()
@@ -149,22 +195,4 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
         raise CliError(f"{out} already exists; use --force to replace it")
     if out.exists() and out.is_dir():
         raise CliError(f"{out} is a folder; --out must be a .pt file path")
-    if resume is not None and (overrides or params):
-        raise CliError("--resume keeps the checkpoint's model config and task; drop --config/--positional/--n-experts/--param")
-    if threads:
-        torch.set_num_threads(threads)
-    if seed is None and resume is None:
-        seed = 0
-    try:
-        model, history, metrics = train(
-            task, overrides or None, task_params=task_params or None, out=out, resume=resume, quiet=quiet,
-            save_optimizer=not no_optimizer_state, command=" ".join(click.get_current_context().meta.get("interp.argv", [])) or None,
-            steps=steps, batch_size=batch_size, lr=lr, seed=seed, save_every=save_every, device=device,
-        )
-    except InterpError as e:
-        raise CliError(str(e)) from None
-    shown = {k: v for k, v in metrics.items() if isinstance(v, float | int) and not isinstance(v, bool)}
-    summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-    if not quiet:
-        click.echo(f"{task}: {model.param_count():,} parameters; {summary}", err=True)
-    click.echo(str(out))
+    return out
