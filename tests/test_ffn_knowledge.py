@@ -23,26 +23,30 @@ from interp.train.tokenizers import WordTokenizer
 torch.set_num_threads(1)
 
 ARCHS = {
-    "llama": dict(positional="rope", norm="rmsnorm", act="swiglu", n_kv_heads=1, attn_qkv_bias=False, mlp_bias=False),
+    "llama": dict(positional="rope", norm="rmsnorm", act="swiglu", n_kv_heads=1,
+                  attn_qkv_bias=False, mlp_bias=False),
     "gpt2": dict(positional="learned", norm="layernorm", act="gelu"),
-    "neox": dict(positional="rope", norm="layernorm", act="gelu", parallel_attn_mlp=True, rotary_dim=4),
+    "neox": dict(positional="rope", norm="layernorm", act="gelu", parallel_attn_mlp=True,
+                 rotary_dim=4),
 }
 
 
-def random_model(arch: str = "llama", n_layers: int = 3, d_vocab: int = 24, seed: int = 0, std: float = 0.3):
+def random_model(arch: str = "llama", n_layers: int = 3, d_vocab: int = 24, seed: int = 0,
+                 std: float = 0.3):
     """A tiny random decoder with peaky outputs (large init) so every layer matters."""
     torch.manual_seed(seed)
-    cfg = interp.ModelConfig(n_layers=n_layers, d_model=16, n_heads=2, d_mlp=32, d_vocab=d_vocab, n_ctx=32,
-                             init_std=std, **ARCHS[arch])
+    cfg = interp.ModelConfig(n_layers=n_layers, d_model=16, n_heads=2, d_mlp=32, d_vocab=d_vocab,
+                             n_ctx=32, init_std=std, **ARCHS[arch])
     return interp.HookedTransformer(cfg).eval()
 
 
 def token_fact(tokens, span, answer, name="f", paraphrases=()) -> fk.PreparedFact:
-    return fk.PreparedFact(name=name, prompt=name, subject=name, answer=str(answer), answer_id=answer,
-                           tokens=tuple(tokens), subject_span=span, paraphrase_tokens=tuple(map(tuple, paraphrases)))
+    return fk.PreparedFact(name=name, prompt=name, subject=name, answer=str(answer),
+                           answer_id=answer, tokens=tuple(tokens), subject_span=span,
+                           paraphrase_tokens=tuple(map(tuple, paraphrases)))
 
 
-# --------------------------------------------------------------------------------------------- facts files
+# -------------------------------------------------------------------------------------- facts files
 def test_shipped_facts_are_valid() -> None:
     facts = fk.load_facts(fk.default_facts_path())
     assert len(facts) >= 60
@@ -54,7 +58,8 @@ def test_shipped_facts_are_valid() -> None:
 @pytest.mark.parametrize("line, needle", [
     ("{not json", "not valid JSON"),
     ('{"prompt": "The capital of France is", "subject": "France"}', "'answer'"),
-    ('{"prompt": "The capital of France is", "subject": "Spain", "answer": "Paris"}', "does not occur"),
+    ('{"prompt": "The capital of France is", "subject": "Spain", "answer": "Paris"}',
+     "does not occur"),
     ('{"prompt": "x y", "subject": "x", "answer": "z", "paraphrases": "x is"}', "paraphrases"),
     ('["prompt"]', "JSON object"),
 ])
@@ -77,19 +82,20 @@ def test_missing_and_empty_facts_files(tmp_path: Path) -> None:
 
 
 def test_models_without_unembedding_or_ffn_are_refused() -> None:
-    enc = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=10, n_ctx=8,
-                                                      architecture="encoder", has_unembed=False))
+    enc = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=10,
+                                                      n_ctx=8, architecture="encoder",
+                                                      has_unembed=False))
     with pytest.raises(InterpError, match="no unembedding"):
         fk.check_model(enc)
-    attn_only = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=10, n_ctx=8,
-                                                            attn_only=True))
+    attn_only = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2,
+                                                            d_vocab=10, n_ctx=8, attn_only=True))
     with pytest.raises(InterpError, match="no dense FFN"):
         fk.check_model(attn_only)
     with pytest.raises(InterpError, match="unembedding"):
         fk.kv_memories(enc, [])
 
 
-# --------------------------------------------------------------------------------------------- word-level trained model
+# ------------------------------------------------------------------------- word-level trained model
 FACTS = [  # a tiny world, written for this test
     ("the capital of avalon is", "avalon", "camelot", ["avalon has the capital"]),
     ("the capital of borea is", "borea", "frost", ["borea has the capital"]),
@@ -109,10 +115,13 @@ def word_model():
                    | {w for t in TEXT for w in t.split()})
     tok = WordTokenizer(["<bos>", "<pad>", *words], bos_token="<bos>", pad_token="<pad>")
     torch.manual_seed(0)
-    cfg = interp.ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, d_vocab=len(tok), n_ctx=16)
+    cfg = interp.ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, d_vocab=len(tok),
+                             n_ctx=16)
     model = interp.HookedTransformer(cfg, tokenizer=tok)
-    seqs = [p + " " + a for p, _, a, _ in FACTS] + [q + " " + a for _, _, a, ps in FACTS for q in ps] + TEXT
-    tokens, mask, _ = fk._pad([model.to_tokens(s)[0].tolist() for s in seqs], tok.pad_token_id, "cpu")
+    seqs = ([p + " " + a for p, _, a, _ in FACTS]
+            + [q + " " + a for _, _, a, ps in FACTS for q in ps] + TEXT)
+    tokens, mask, _ = fk._pad([model.to_tokens(s)[0].tolist() for s in seqs], tok.pad_token_id,
+                              "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(100):
         loss = model(tokens, attention_mask=mask, return_type="loss")
@@ -150,13 +159,14 @@ def test_logit_lens_ends_at_the_model_output(word_model, word_facts) -> None:
     assert ll[ll["layer"] == -1]["kl_to_final"].mean() > final["kl_to_final"].mean()
 
 
-# --------------------------------------------------------------------------------------------- integrated gradients
+# ----------------------------------------------------------------------------- integrated gradients
 def _zero_layer_prob(model, tokens, answer, layer) -> float:
     def zero(act, hook):
         act = act.clone()
         act[:, -1] = 0
         return act
-    logits = model.run_with_hooks(torch.tensor([tokens]), fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", zero)])
+    logits = model.run_with_hooks(torch.tensor([tokens]),
+                                  fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", zero)])
     return float(torch.softmax(logits[0, -1].float(), -1)[answer])
 
 
@@ -192,7 +202,7 @@ def test_integrated_gradients_right_rule_and_bad_input() -> None:
         fk.integrated_gradients(model, tokens, 3, rule="left")
 
 
-# --------------------------------------------------------------------------------------------- causal tracing
+# ----------------------------------------------------------------------------------- causal tracing
 def _naive_prob(model, clean, corrupted, noise, span, answer, hooks_at) -> float:
     """P(answer) with restorations done by plain hooks on a full forward (the reference)."""
     _, cache = model.run_with_cache(torch.tensor([clean]))
@@ -213,13 +223,16 @@ def _naive_prob(model, clean, corrupted, noise, span, answer, hooks_at) -> float
     return float(torch.softmax(logits[0, -1].float(), -1)[answer])
 
 
-@pytest.mark.parametrize("arch, merge", [("llama", True), ("gpt2", True), ("neox", False), ("llama", False)])
+@pytest.mark.parametrize("arch, merge", [("llama", True), ("gpt2", True), ("neox", False),
+                                         ("llama", False)])
 def test_fast_causal_trace_equals_naive_restoration(arch: str, merge: bool) -> None:
     model = random_model(arch, n_layers=4)
-    facts = [token_fact([0, 5, 6, 7, 2, 3], (1, 4), 9, "a"), token_fact([0, 8, 10, 12, 2, 3], (1, 4), 4, "b")]
+    facts = [token_fact([0, 5, 6, 7, 2, 3], (1, 4), 9, "a"),
+             token_fact([0, 8, 10, 12, 2, 3], (1, 4), 4, "b")]
     S, window = 2, 2
-    trace = fk.causal_trace(model, facts, n_samples=S, window=window, seed=3, corruptions=("noise",),
-                            single_kinds=("mlp", "attn"), merge_positions=merge, max_rows=40)
+    trace = fk.causal_trace(model, facts, n_samples=S, window=window, seed=3,
+                            corruptions=("noise",), single_kinds=("mlp", "attn"),
+                            merge_positions=merge, max_rows=40)
     std = fk._subject_embed_std(model, facts)
     noise = torch.randn((S, 3, 16), generator=torch.Generator().manual_seed(3)) * 3.0 * std
     f = facts[0]
@@ -233,10 +246,13 @@ def test_fast_causal_trace_equals_naive_restoration(arch: str, merge: bool) -> N
         else:
             w = 1 if r["kind"].endswith("_single") else window
             hook = "hook_mlp_out" if base == "mlp" else "hook_attn_out"
-            at = [(f"blocks.{j}.{hook}", r["position"]) for j in fk._window_layers(r["layer"], w, 4)]
-        ref = sum(_naive_prob(model, f.tokens, f.tokens, noise[s], f.subject_span, f.answer_id, at) for s in range(S)) / S
+            at = [(f"blocks.{j}.{hook}", r["position"])
+                  for j in fk._window_layers(r["layer"], w, 4)]
+        ref = sum(_naive_prob(model, f.tokens, f.tokens, noise[s], f.subject_span, f.answer_id, at)
+                  for s in range(S)) / S
         assert r["restored_prob"] == pytest.approx(ref, abs=1e-5), r.to_dict()
-    corrupt = sum(_naive_prob(model, f.tokens, f.tokens, noise[s], f.subject_span, f.answer_id, []) for s in range(S)) / S
+    corrupt = sum(_naive_prob(model, f.tokens, f.tokens, noise[s], f.subject_span, f.answer_id, [])
+                  for s in range(S)) / S
     assert rows["corrupt_prob"].iloc[0] == pytest.approx(corrupt, abs=1e-5)
     # restoring the whole stream after the last layer at the last position gives the clean output
     top = rows[(rows["kind"] == "resid") & (rows["layer"] == 3) & (rows["position"] == 5)].iloc[0]
@@ -245,7 +261,8 @@ def test_fast_causal_trace_equals_naive_restoration(arch: str, merge: bool) -> N
 
 def test_token_replacement_trace_equals_naive() -> None:
     model = random_model("llama", n_layers=3)
-    facts = [token_fact([0, 5, 6, 2, 3], (1, 3), 9, "a"), token_fact([0, 8, 10, 2, 3], (1, 3), 4, "b"),
+    facts = [token_fact([0, 5, 6, 2, 3], (1, 3), 9, "a"),
+             token_fact([0, 8, 10, 2, 3], (1, 3), 4, "b"),
              token_fact([0, 11, 12, 2, 3], (1, 3), 7, "c")]
     trace = fk.causal_trace(model, facts, n_samples=2, window=1, seed=5, corruptions=("replace",))
     subs = fk._replacements(facts[0], facts, 2, torch.Generator().manual_seed(5))
@@ -254,7 +271,8 @@ def test_token_replacement_trace_equals_naive() -> None:
     rows = trace[trace["fact"] == "a"]
     assert set(rows["kind"]) == {"resid", "mlp", "attn"} and (rows["n_samples"] == 2).all()
     for _, r in rows.sample(8, random_state=1).iterrows():
-        name = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}[r["kind"]]
+        name = {"resid": "hook_resid_post", "mlp": "hook_mlp_out",
+                "attn": "hook_attn_out"}[r["kind"]]
         ref = sum(_naive_prob(model, f.tokens, [0, *s, 2, 3], None, f.subject_span, f.answer_id,
                               [(f"blocks.{r['layer']}.{name}", r["position"])]) for s in subs) / 2
         assert r["restored_prob"] == pytest.approx(ref, abs=1e-5)
@@ -265,7 +283,8 @@ def test_trace_roles_window_and_average() -> None:
     assert list(fk._window_layers(5, 10, 48)) == list(range(0, 10))
     assert list(fk._window_layers(0, 3, 4)) == [0, 1]
     roles = [fk._position_role(p, (1, 4), 7) for p in range(1, 7)]
-    assert roles == ["subject_first", "subject_middle", "subject_last", "subsequent_first", "subsequent_further", "last"]
+    assert roles == ["subject_first", "subject_middle", "subject_last", "subsequent_first",
+                     "subsequent_further", "last"]
     long = token_fact(list(range(12)), (2, 7), 3)  # subject 2..6, further tokens 8..10
     assert fk._traced_positions(long, "roles") == [2, 4, 6, 7, 9, 11]
     assert fk._traced_positions(long, "all") == list(range(2, 12))
@@ -273,14 +292,16 @@ def test_trace_roles_window_and_average() -> None:
     facts = [token_fact([0, 5, 6, 2, 3], (1, 3), 9, "a"), token_fact([0, 8, 2, 3], (1, 2), 4, "b")]
     trace = fk.causal_trace(model, facts, n_samples=2, corruptions=("noise",))
     avg = fk.average_trace(trace)
-    one = avg[(avg["kind"] == "mlp") & (avg["role"] == "subject_last") & (avg["layer"] == 0)].iloc[0]
-    per_fact = trace[(trace["kind"] == "mlp") & (trace["role"] == "subject_last") & (trace["layer"] == 0)]
+    one = avg[(avg["kind"] == "mlp") & (avg["role"] == "subject_last")
+              & (avg["layer"] == 0)].iloc[0]
+    per_fact = trace[(trace["kind"] == "mlp") & (trace["role"] == "subject_last")
+                     & (trace["layer"] == 0)]
     assert one["aie"] == pytest.approx(per_fact["indirect_effect"].mean()) and one["n_facts"] == 2
     with pytest.raises(InterpError, match="trace kind"):
         fk.causal_trace(model, facts, kinds=("mlp", "ffn"))
 
 
-# --------------------------------------------------------------------------------------------- knowledge neurons
+# -------------------------------------------------------------------------------- knowledge neurons
 def test_knowledge_neurons_refine_and_edit(word_model, word_facts) -> None:
     ref = fk.refined_neurons(word_model, word_facts, steps=8)
     kn_all = fk.knowledge_neurons(word_model, word_facts, max_shared=None, refined=ref)
@@ -290,7 +311,8 @@ def test_knowledge_neurons_refine_and_edit(word_model, word_facts) -> None:
     assert (kn[kn["kept"]]["shared_with"] == 0).all() and (kn["share"] == 1.0).all()
     # the shared count is right for one neuron
     r = kn.iloc[0]
-    owners = [i for i, sel in enumerate(ref) if (r["layer"], r["neuron"]) in sel and word_facts[i].name != r["fact"]]
+    owners = [i for i, sel in enumerate(ref)
+              if (r["layer"], r["neuron"]) in sel and word_facts[i].name != r["fact"]]
     assert r["shared_with"] == len(owners)
     edits = fk.edit_knowledge_neurons(word_model, word_facts, kn_all, n_unrelated=3)
     assert set(edits["target"]) == {"self", "unrelated"}
@@ -307,7 +329,7 @@ def test_edit_hook_touches_only_chosen_neurons_at_last_position() -> None:
     assert out[0, 4, 1] == 0 and out[1, 2, 4] == 0 and out[0, 2, 4] == 1
 
 
-# --------------------------------------------------------------------------------------------- key-value memories
+# ------------------------------------------------------------------------------- key-value memories
 def test_topk_contexts_stream_equals_global_topk() -> None:
     torch.manual_seed(0)
     store = fk.TopKContexts([0], d_mlp=4, k=3, context=2)
@@ -327,14 +349,16 @@ def test_topk_contexts_stream_equals_global_topk() -> None:
     assert torch.equal(store.contexts[0], ctx[idx])
     # a window is the previous token, the token, then the next (-1 beyond the sequence)
     t = torch.tensor([[5, 6, 7]])
-    assert store.windows(t, torch.ones_like(t, dtype=torch.bool)).tolist() == [[-1, 5, 6], [5, 6, 7], [6, 7, -1]]
+    assert store.windows(t, torch.ones_like(t, dtype=torch.bool)).tolist() == [
+        [-1, 5, 6], [5, 6, 7], [6, 7, -1]]
 
 
 def test_kv_memories_match_brute_force(word_model) -> None:
     batches = list(fk.corpus_batches(word_model, TEXT, batch_size=3))
     kv = fk.kv_memories(word_model, batches, top_k=4, context=3)
     assert len(kv.neurons) == 2 * 64 and set(kv.agreement["layer"]) == {0, 1}
-    assert kv.agreement[["agreement_top1", "baseline_top1", "agreement_any", "baseline_any"]].le(1).all().all()
+    assert kv.agreement[["agreement_top1", "baseline_top1", "agreement_any",
+                         "baseline_any"]].le(1).all().all()
     # brute force: every activation of layer 1, neuron 7, BOS excluded
     best, where = -1e9, None
     for tokens, mask in batches:
@@ -344,7 +368,8 @@ def test_kv_memories_match_brute_force(word_model) -> None:
         if float(a.max()) > best:
             best = float(a.max())
             b, p = divmod(int(a.argmax()), a.shape[1])
-            where = tokens[b, max(1, p - 2):p + 1].tolist(), tokens[b, p + 1] if p + 1 < tokens.shape[1] and mask[b, p + 1] else None
+            where = (tokens[b, max(1, p - 2):p + 1].tolist(),
+                     tokens[b, p + 1] if p + 1 < tokens.shape[1] and mask[b, p + 1] else None)
     row = kv.neurons[(kv.neurons["layer"] == 1) & (kv.neurons["neuron"] == 7)].iloc[0]
     assert row["max_activation"] == pytest.approx(best, abs=1e-5)
     assert row["top_context"] == word_model.tokenizer.decode(where[0])
@@ -360,8 +385,9 @@ def test_kv_memories_match_brute_force(word_model) -> None:
 def test_agreement_is_one_when_values_predict_their_triggers() -> None:
     """A hand-built 1-layer model: neuron i fires on token i and its value writes token i + 1."""
     V = 8
-    cfg = interp.ModelConfig(n_layers=1, d_model=V, n_heads=1, d_mlp=V, d_vocab=V, n_ctx=8, act="relu",
-                             norm="none", positional="none", attn_qkv_bias=False, attn_out_bias=False, mlp_bias=False)
+    cfg = interp.ModelConfig(n_layers=1, d_model=V, n_heads=1, d_mlp=V, d_vocab=V, n_ctx=8,
+                             act="relu", norm="none", positional="none", attn_qkv_bias=False,
+                             attn_out_bias=False, mlp_bias=False)
     model = interp.HookedTransformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -378,7 +404,7 @@ def test_agreement_is_one_when_values_predict_their_triggers() -> None:
     assert kv.neurons["value_top"].str.split(" \\| ").str[0].tolist()[:3] == ["1", "2", "3"]
 
 
-# --------------------------------------------------------------------------------------------- a planted mechanism
+# ------------------------------------------------------------------------------ a planted mechanism
 @pytest.mark.slow
 def test_causal_tracing_finds_planted_subject_recall() -> None:
     """A knowledge-base model whose MLPs are switched off at the relation token (a permanent
@@ -390,8 +416,9 @@ def test_causal_tracing_finds_planted_subject_recall() -> None:
     tok = task.tokenizer
     relations = torch.tensor([tok.index[r] for r in task.relations])
     torch.manual_seed(0)
-    model = interp.HookedTransformer(interp.ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=128,
-                                                        d_vocab=len(tok), n_ctx=task.seq_len), tokenizer=tok)
+    model = interp.HookedTransformer(interp.ModelConfig(n_layers=2, d_model=32, n_heads=2,
+                                                        d_mlp=128, d_vocab=len(tok),
+                                                        n_ctx=task.seq_len), tokenizer=tok)
     seen = {}
     model.register_forward_pre_hook(lambda mod, args: seen.__setitem__("tokens", args[0]))
 
@@ -405,14 +432,16 @@ def test_causal_tracing_finds_planted_subject_recall() -> None:
     for _ in range(300):
         b = task.sample(64, gen)
         logits = model(b.tokens)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.labels.flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.labels.flatten(),
+                                                 ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
     known, _ = fk.known_facts(model, fk.prepare_facts(model, task.facts()))
     assert len(known) >= 100
-    avg = fk.average_trace(fk.causal_trace(model, fk.select_facts(known, 12), n_samples=3, corruptions=("noise",)))
+    avg = fk.average_trace(fk.causal_trace(model, fk.select_facts(known, 12), n_samples=3,
+                                           corruptions=("noise",)))
     mlp = avg[avg["kind"] == "mlp"]
     best = mlp.loc[mlp["aie"].idxmax()]
     assert best["role"].startswith("subject") and best["aie"] > 0.05, mlp
@@ -422,7 +451,7 @@ def test_causal_tracing_finds_planted_subject_recall() -> None:
     assert resid["aie"].max() > 0.3
 
 
-# --------------------------------------------------------------------------------------------- the knowledge model
+# ------------------------------------------------------------------------------ the knowledge model
 @pytest.fixture(scope="module")
 def knowledge():
     """The packaged ``knowledge`` checkpoint (interp.train), its known facts."""
@@ -444,7 +473,8 @@ def test_knowledge_model_strongest_mlp_effect_at_subject(knowledge) -> None:
     avg = fk.average_trace(fk.causal_trace(model, facts, n_samples=3, corruptions=("noise",)))
     mlp = avg[avg["kind"] == "mlp"]
     best = mlp.loc[mlp["aie"].idxmax()]
-    assert best["role"].startswith("subject"), mlp.pivot_table(index="role", columns="layer", values="aie", observed=True)
+    assert best["role"].startswith("subject"), mlp.pivot_table(index="role", columns="layer",
+                                                               values="aie", observed=True)
 
 
 @pytest.mark.slow
@@ -454,12 +484,13 @@ def test_knowledge_model_suppressing_neurons_is_specific(knowledge) -> None:
     # Dai et al.'s selection as the issue states it (0.2 x max, shared by >= 70% of prompts); the
     # task's facts have one prompt each, and max_shared=None keeps neurons other facts share too
     kn = fk.knowledge_neurons(model, facts, max_shared=None)
-    s = fk.summarize_edits(fk.edit_knowledge_neurons(model, known, kn)).set_index(["mode", "target"])
+    s = fk.summarize_edits(fk.edit_knowledge_neurons(model, known, kn)).set_index(
+        ["mode", "target"])
     assert s.loc[("suppress", "self"), "mean_rel_change"] <= -0.5, s
     assert s.loc[("suppress", "unrelated"), "mean_abs_rel_change"] < 0.1, s
 
 
-# --------------------------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------- command line
 def _invoke(*args):
     from click.testing import CliRunner
 
@@ -480,13 +511,14 @@ def test_cli_ffn_writes_the_report(tmp_path: Path, word_model, monkeypatch) -> N
 
     monkeypatch.setattr(section, "load_model", lambda *a, **k: word_model)
     facts = tmp_path / "facts.jsonl"
-    facts.write_text("".join(json.dumps({"prompt": p, "subject": s, "answer": a, "paraphrases": ps}) + "\n"
+    facts.write_text("".join(json.dumps({"prompt": p, "subject": s, "answer": a,
+                                         "paraphrases": ps}) + "\n"
                              for p, s, a, ps in FACTS))
     text = tmp_path / "text.txt"
     text.write_text("\n".join(TEXT))
     out = tmp_path / "rep"
-    r = _invoke("ffn", "word.pt", "--facts", facts, "--text", text, "--max-facts", 3, "--samples", 2,
-                "--ig-steps", 4, "--top-k", 3, "--out", out, "--quiet")
+    r = _invoke("ffn", "word.pt", "--facts", facts, "--text", text, "--max-facts", 3, "--samples",
+                2, "--ig-steps", 4, "--top-k", 3, "--out", out, "--quiet")
     assert r.exit_code == 0, (r.output, r.exception)
     import pandas as pd
 
@@ -505,13 +537,17 @@ def test_cli_ffn_bad_input(tmp_path: Path, word_model, monkeypatch) -> None:
     import analyses.app.sections.ffn as section
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "the capital of avalon is", "subject": "avalon", "answer": "camelot"}\n{oops\n')
+    bad.write_text('{"prompt": "the capital of avalon is", "subject": "avalon", '
+                   '"answer": "camelot"}\n{oops\n')
     _one_line_error(_invoke("ffn", "word.pt", "--facts", bad, "--out", tmp_path / "o1"), "line 2")
     nosubj = tmp_path / "nosubj.jsonl"
-    nosubj.write_text('{"prompt": "the capital of avalon is", "subject": "borea", "answer": "camelot"}\n')
-    _one_line_error(_invoke("ffn", "word.pt", "--facts", nosubj, "--out", tmp_path / "o2"), "does not occur")
-    enc = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=10, n_ctx=8,
-                                                      architecture="encoder", has_unembed=False))
+    nosubj.write_text('{"prompt": "the capital of avalon is", "subject": "borea", '
+                      '"answer": "camelot"}\n')
+    _one_line_error(_invoke("ffn", "word.pt", "--facts", nosubj, "--out", tmp_path / "o2"),
+                    "does not occur")
+    enc = interp.HookedTransformer(interp.ModelConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=10,
+                                                      n_ctx=8, architecture="encoder",
+                                                      has_unembed=False))
     monkeypatch.setattr(section, "load_model", lambda *a, **k: enc)
     _one_line_error(_invoke("ffn", "minilm", "--out", tmp_path / "o3"), "no unembedding")
     assert not (tmp_path / "o3").exists()
