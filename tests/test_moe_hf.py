@@ -1,6 +1,6 @@
 """Routing parity with transformers: tiny random Mixtral and OLMoE built offline, saved as
 Hugging Face folders, loaded through ``interp.load_pretrained``. Our router logits and top-k
-experts must equal transformers' for every token, so every metric of analyses/moe.py, which
+experts must equal transformers' for every token, so every metric of analyses/moe/, which
 reads only those hooks, holds for real MoE checkpoints of these families."""
 
 from __future__ import annotations
