@@ -1,9 +1,9 @@
 """Head taxonomy (analyses.heads, analyses.parses, interp heads).
 
 What is proved here:
-- planted heads (hand-set weights, tests/heads_planted.py) get exactly their labels: previous-token,
-  sink, uniform, duplicate-token and an induction circuit in a decoder, a fixed-offset (+2) head in a
-  bidirectional encoder;
+- planted heads (hand-set weights, tests/heads_planted.py) get exactly their labels:
+  previous-token, sink, uniform, duplicate-token and an induction circuit in a decoder, a
+  fixed-offset (+2) head in a bidirectional encoder;
 - every streamed score equals a brute-force computation from cached patterns, whatever the batching
   and padding (running sums are exact);
 - Clark et al.'s word-level syntax scores equal an independent loop implementation;
@@ -78,9 +78,13 @@ def test_unclassified_when_nothing_stands_out():
     cfg = interp.ModelConfig(n_layers=1, d_model=32, n_heads=4, d_vocab=50, n_ctx=64, init_std=0.02)
     model = interp.HookedTransformer(cfg).eval()
     res = H.analyze(model, n_random=8)
-    assert not res.heads["label"].isin(["induction", "positional", "previous-token", "duplicate-token"]).any()
-    never = H.Thresholds(positional=2, prev_token=2, induction=2, duplicate=2, sink=2, semantic=2, local=0,
-                         long_range=100, uniform=2)
+    assert (
+        not res.heads["label"]
+        .isin(["induction", "positional", "previous-token", "duplicate-token"])
+        .any()
+    )
+    never = H.Thresholds(positional=2, prev_token=2, induction=2, duplicate=2, sink=2, semantic=2,
+                         local=0, long_range=100, uniform=2)
     out = H.classify(res.heads, None, never)
     assert (out["label"] == "unclassified").all()
     assert out["confidence"].between(0, 1).all()
@@ -91,23 +95,29 @@ def test_unclassified_when_nothing_stands_out():
 
 def _random_decoder(seed: int = 0, **kw) -> interp.HookedTransformer:
     torch.manual_seed(seed)
-    cfg = interp.ModelConfig(**{"n_layers": 2, "d_model": 32, "n_heads": 4, "d_vocab": 40, "n_ctx": 64,
-                                "init_std": 0.3, **kw})
+    cfg = interp.ModelConfig(**{"n_layers": 2, "d_model": 32, "n_heads": 4, "d_vocab": 40,
+                                "n_ctx": 64, "init_std": 0.3, **kw})
     return interp.HookedTransformer(cfg).eval()
 
 
 def _patterns(model, tokens: torch.Tensor) -> np.ndarray:
     """[layer, head, q, k] of one unpadded sequence."""
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith("hook_pattern"), return_type=None)
-    return np.stack([cache["pattern", layer][0].numpy() for layer in range(model.cfg.n_layers)]).astype(np.float64)
+        _, cache = model.run_with_cache(
+            tokens[None], names_filter=lambda n: n.endswith("hook_pattern"), return_type=None
+        )
+    return np.stack(
+        [cache["pattern", layer][0].numpy() for layer in range(model.cfg.n_layers)]
+    ).astype(np.float64)
 
 
-def _brute_token_stats(model, seqs: list[torch.Tensor], vocab: H.VocabInfo, causal: bool) -> pd.DataFrame:
+def _brute_token_stats(
+    model, seqs: list[torch.Tensor], vocab: H.VocabInfo, causal: bool
+) -> pd.DataFrame:
     """The TokenStats scores by plain loops over sequences, queries and keys."""
     L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    acc = {k: np.zeros((L, Hn)) for k in ("prev", "prev_n", "top_m1", "top_n", "first", "punct", "q", "dist",
-                                          "udist", "entn", "rn")}
+    acc = {k: np.zeros((L, Hn)) for k in ("prev", "prev_n", "top_m1", "top_n", "first", "punct",
+                                          "q", "dist", "udist", "entn", "rn")}
     pairs = {}  # (layer, head) -> list of (bucket, a, s)
     modes = {}  # (layer, head) -> argmax offsets
     W = torch.nn.functional.normalize(model.W_E.detach().double(), dim=-1).numpy()
@@ -138,7 +148,9 @@ def _brute_token_stats(model, seqs: list[torch.Tensor], vocab: H.VocabInfo, caus
                         r = sum(p[q, k] for k in keys)
                         if r > 1e-4:
                             a = np.array([p[q, k] / r for k in keys])
-                            acc["dist"][layer, h] += sum(a[i] * abs(q - k) for i, k in enumerate(keys))
+                            acc["dist"][layer, h] += sum(
+                                a[i] * abs(q - k) for i, k in enumerate(keys)
+                            )
                             acc["udist"][layer, h] += np.mean([abs(q - k) for k in keys])
                             ent = -sum(x * math.log(x) for x in a if x > 0)
                             acc["entn"][layer, h] += ent / math.log(len(keys))
@@ -146,7 +158,9 @@ def _brute_token_stats(model, seqs: list[torch.Tensor], vocab: H.VocabInfo, caus
                     for k in keys:
                         if k != q and not sink[q] and not punct[ids[k]] and ids[k] != ids[q]:
                             b = max(-32, min(32, k - q))
-                            pairs.setdefault((layer, h), []).append((b, p[q, k], float(W[ids[q]] @ W[ids[k]])))
+                            pairs.setdefault((layer, h), []).append(
+                                (b, p[q, k], float(W[ids[q]] @ W[ids[k]]))
+                            )
     rows = []
     for layer in range(L):
         for h in range(Hn):
@@ -158,16 +172,22 @@ def _brute_token_stats(model, seqs: list[torch.Tensor], vocab: H.VocabInfo, caus
                 sem = float((ra * rs).sum() / math.sqrt((ra**2).sum() * (rs**2).sum()))
             else:
                 sem = np.nan
-            rows.append({"layer": layer, "head": h,
-                         "prev_token": acc["prev"][layer, h] / acc["prev_n"][layer, h],
-                         "top_offset_-1": acc["top_m1"][layer, h] / acc["top_n"][layer, h],
-                         "sink_first": acc["first"][layer, h] / acc["q"][layer, h],
-                         "punct": acc["punct"][layer, h] / acc["q"][layer, h],
-                         "mean_distance": acc["dist"][layer, h] / acc["rn"][layer, h],
-                         "distance_ratio": acc["dist"][layer, h] / acc["udist"][layer, h],
-                         "entropy_norm": acc["entn"][layer, h] / acc["rn"][layer, h],
-                         "semantic": sem,
-                         "mode_share": pd.Series(modes[(layer, h)]).value_counts().max() / acc["top_n"][layer, h]})
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": h,
+                    "prev_token": acc["prev"][layer, h] / acc["prev_n"][layer, h],
+                    "top_offset_-1": acc["top_m1"][layer, h] / acc["top_n"][layer, h],
+                    "sink_first": acc["first"][layer, h] / acc["q"][layer, h],
+                    "punct": acc["punct"][layer, h] / acc["q"][layer, h],
+                    "mean_distance": acc["dist"][layer, h] / acc["rn"][layer, h],
+                    "distance_ratio": acc["dist"][layer, h] / acc["udist"][layer, h],
+                    "entropy_norm": acc["entn"][layer, h] / acc["rn"][layer, h],
+                    "semantic": sem,
+                    "mode_share": pd.Series(modes[(layer, h)]).value_counts().max()
+                    / acc["top_n"][layer, h],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -189,13 +209,18 @@ def _padded_batches(seqs: list[torch.Tensor], batch_size: int) -> list[H.TokenBa
 def test_token_stats_equal_brute_force_under_any_batching(architecture):
     model = _random_decoder(architecture=architecture, has_unembed=architecture == "decoder")
     gen = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(1, 40, (int(n),), generator=gen) for n in torch.randint(5, 14, (7,), generator=gen)]
+    seqs = [
+        torch.randint(1, 40, (int(n),), generator=gen)
+        for n in torch.randint(5, 14, (7,), generator=gen)
+    ]
     for s in seqs:
         s[0] = 0  # a BOS-like special first token
     punct = torch.zeros(40, dtype=torch.bool)
     punct[[5, 6, 7]] = True
     vocab = H.VocabInfo(bos_id=0, special_ids=(0,), punct=punct)
-    ref = _brute_token_stats(model, seqs, vocab, causal=architecture == "decoder").set_index(["layer", "head"])
+    ref = _brute_token_stats(model, seqs, vocab, causal=architecture == "decoder").set_index(
+        ["layer", "head"]
+    )
     frames = []
     for bs in (1, 3, 7):  # padding differs with the batching; results may not
         acc = H.TokenStats(model, vocab)
@@ -203,8 +228,11 @@ def test_token_stats_equal_brute_force_under_any_batching(architecture):
         frames.append(acc.frame().set_index(["layer", "head"]))
     for f in frames:
         for col in ref.columns:
-            np.testing.assert_allclose(f[col].to_numpy(), ref[col].to_numpy(), rtol=1e-5, atol=1e-6, err_msg=col)
-        assert f["bos"].to_numpy() == pytest.approx(f["sink_first"].to_numpy())  # BOS is always first here
+            np.testing.assert_allclose(
+                f[col].to_numpy(), ref[col].to_numpy(), rtol=1e-5, atol=1e-6, err_msg=col
+            )
+        # BOS is always first here
+        assert f["bos"].to_numpy() == pytest.approx(f["sink_first"].to_numpy())
 
 
 def test_repeat_stats_equal_brute_force():
@@ -238,7 +266,12 @@ def test_copying_score_matches_full_vocabulary_circuit():
     got = H.copying_scores(model).set_index(["layer", "head"])["copying"]
     for layer, block in enumerate(model.blocks):
         for h in range(4):
-            full = (model.W_E * block.ln1.w) @ block.attn.W_V[h // 2] @ block.attn.W_O[h] @ (model.ln_final.w[:, None] * model.W_U)
+            full = (
+                (model.W_E * block.ln1.w)
+                @ block.attn.W_V[h // 2]
+                @ block.attn.W_O[h]
+                @ (model.ln_final.w[:, None] * model.W_U)
+            )
             ev = torch.linalg.eigvals(full.double().detach())
             assert got[(layer, h)] == pytest.approx(float(ev.sum().real / ev.abs().sum()), abs=1e-6)
 
@@ -269,7 +302,12 @@ def _brute_syntax(model, sentences, tok) -> pd.DataFrame:
     causal = model.cfg.architecture == "decoder"
     for s in sentences:
         text = s.text
-        enc = tok(text, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=not causal)
+        enc = tok(
+            text,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            add_special_tokens=not causal,
+        )
         starts, ends = s.spans
         p2w = []
         for (a, b), sp in zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True):
@@ -286,7 +324,9 @@ def _brute_syntax(model, sentences, tok) -> pd.DataFrame:
                     qp = [i for i, w in enumerate(p2w) if w == qw]
                     for kw in range(n):
                         kp = [i for i, w in enumerate(p2w) if w == kw]
-                        Wm[qw, kw] = np.mean([sum(P[layer, h, i, j] for j in kp) for i in qp]) if qp else 0
+                        Wm[qw, kw] = (
+                            np.mean([sum(P[layer, h, i, j] for j in kp) for i in qp]) if qp else 0
+                        )
                 for dep, head in enumerate(s.heads):
                     if head < 0:
                         continue
@@ -306,16 +346,23 @@ def _brute_syntax(model, sentences, tok) -> pd.DataFrame:
 @pytest.mark.parametrize("architecture", ["encoder", "decoder"])
 def test_syntax_scores_equal_loop_implementation(bert_tokenizer, architecture):
     torch.manual_seed(0)
-    cfg = interp.ModelConfig(n_layers=2, d_model=32, n_heads=2, d_vocab=bert_tokenizer.vocab_size, n_ctx=128,
-                             architecture=architecture, init_std=0.5, has_unembed=False)
+    cfg = interp.ModelConfig(n_layers=2, d_model=32, n_heads=2, d_vocab=bert_tokenizer.vocab_size,
+                             n_ctx=128, architecture=architecture, init_std=0.5,
+                             has_unembed=False)
     model = interp.HookedTransformer(cfg, tokenizer=bert_tokenizer).eval()
     model.prepend_bos = False
     sentences = list(parses.read_conllu(CONLLU))[:8]
     rel = H.RelationIndex()
     acc = H.SyntaxStats(model, rel)
-    H.scan(model, H.sentence_batches(model, sentences, batch_size=3, relations=rel, buffer=1), [acc])
+    H.scan(
+        model, H.sentence_batches(model, sentences, batch_size=3, relations=rel, buffer=1), [acc]
+    )
     got = acc.frame().set_index(["relation", "direction", "layer", "head"]).sort_index()
-    ref = _brute_syntax(model, sentences, bert_tokenizer).set_index(["relation", "direction", "layer", "head"]).sort_index()
+    ref = (
+        _brute_syntax(model, sentences, bert_tokenizer)
+        .set_index(["relation", "direction", "layer", "head"])
+        .sort_index()
+    )
     assert list(got.index) == list(ref.index)
     np.testing.assert_allclose(got["accuracy"].to_numpy(), ref["accuracy"].to_numpy())
     assert (got["n"].to_numpy() == ref["n"].to_numpy()).all()
@@ -326,9 +373,9 @@ def test_syntax_baseline_and_fixed_offset_head(bert_tokenizer):
     accuracy is the +1 offset's wherever that offset is the baseline (Clark et al.'s comparison)."""
     V = bert_tokenizer.vocab_size
     n_ctx = 64
-    cfg = interp.ModelConfig(n_layers=1, d_model=n_ctx, n_heads=1, d_head=n_ctx, d_vocab=V, n_ctx=n_ctx,
-                             architecture="encoder", positional="learned", attn_only=True, norm="none",
-                             has_unembed=False)
+    cfg = interp.ModelConfig(n_layers=1, d_model=n_ctx, n_heads=1, d_head=n_ctx, d_vocab=V,
+                             n_ctx=n_ctx, architecture="encoder", positional="learned",
+                             attn_only=True, norm="none", has_unembed=False)
     model = interp.HookedTransformer(cfg, tokenizer=bert_tokenizer).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -340,9 +387,17 @@ def test_syntax_baseline_and_fixed_offset_head(bert_tokenizer):
         a.W_K[0][torch.arange(n_ctx), torch.arange(n_ctx)] = 1.0
     sentences = list(parses.read_conllu(CONLLU))
     res = H.analyze(model, sentences=sentences, n_random=2)
-    det = res.syntax[(res.syntax["relation"] == "det") & (res.syntax["direction"] == "dependent->head")].iloc[0]
-    # every determiner in these sentences sits right before its noun except 'this year'/'the ...' with an adjective
-    offs = [h - d for s in sentences for d, (h, r) in enumerate(zip(s.heads, s.deprels, strict=True)) if r == "det"]
+    det = res.syntax[
+        (res.syntax["relation"] == "det") & (res.syntax["direction"] == "dependent->head")
+    ].iloc[0]
+    # every determiner in these sentences sits right before its noun except 'this year'/'the ...'
+    # with an adjective
+    offs = [
+        h - d
+        for s in sentences
+        for d, (h, r) in enumerate(zip(s.heads, s.deprels, strict=True))
+        if r == "det"
+    ]
     share_plus1 = np.mean([o == 1 for o in offs])
     assert det["baseline_offset"] == 1
     assert det["baseline_accuracy"] == pytest.approx(share_plus1)
@@ -358,14 +413,18 @@ def _line(i, form, head, rel, misc="_"):
 
 
 def test_conllu_multiword_tokens_and_spacing(tmp_path):
-    text = "\n".join([
-        "# sent_id = a",
-        "1-2\tdon't\t_\t_\t_\t_\t_\t_\t_\t_",
-        _line(1, "do", 3, "aux"), _line(2, "n't", 3, "advmod"), _line(3, "go", 0, "root", "SpaceAfter=No"),
-        "3.1\tgo\t_\t_\t_\t_\t_\t_\t_\t_",
-        _line(4, "!", 3, "punct"),
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# sent_id = a",
+            "1-2\tdon't\t_\t_\t_\t_\t_\t_\t_\t_",
+            _line(1, "do", 3, "aux"),
+            _line(2, "n't", 3, "advmod"),
+            _line(3, "go", 0, "root", "SpaceAfter=No"),
+            "3.1\tgo\t_\t_\t_\t_\t_\t_\t_\t_",
+            _line(4, "!", 3, "punct"),
+            "",
+        ]
+    )
     (s,) = parses.parse_conllu(text)
     assert s.text == "don't go!"
     assert s.heads == (2, 2, -1, 2)
@@ -373,14 +432,32 @@ def test_conllu_multiword_tokens_and_spacing(tmp_path):
     assert [s.text[a:b] for a, b in zip(starts, ends, strict=True)] == ["do", "n't", "go", "!"]
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (_line(1, "Hi", 0, "root") + "\n2\tthere\t_\t_\n", "line 2: expected 10 tab-separated fields, got 4"),
-    (_line(1, "Hi", 0, "root") + "\n" + _line(2, "x", "one", "dep") + "\n", "line 2: HEAD 'one' is not an integer"),
-    (_line(1, "Hi", 0, "root") + "\n" + _line(2, "x", 9, "dep") + "\n", "line 2: HEAD 9 of word 2 points past"),
-    (_line(1, "Hi", 0, "root") + "\n" + _line(3, "x", 1, "dep") + "\n", "line 2: word ID 3 out of sequence"),
-    ("# c\n" + _line(1, "Hi", 2, "dep") + "\n" + _line(2, "x", 1, "dep") + "\n", "line 2: the sentence has no root"),
-    ("# only a comment\n", "holds no sentences"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (
+            _line(1, "Hi", 0, "root") + "\n2\tthere\t_\t_\n",
+            "line 2: expected 10 tab-separated fields, got 4",
+        ),
+        (
+            _line(1, "Hi", 0, "root") + "\n" + _line(2, "x", "one", "dep") + "\n",
+            "line 2: HEAD 'one' is not an integer",
+        ),
+        (
+            _line(1, "Hi", 0, "root") + "\n" + _line(2, "x", 9, "dep") + "\n",
+            "line 2: HEAD 9 of word 2 points past",
+        ),
+        (
+            _line(1, "Hi", 0, "root") + "\n" + _line(3, "x", 1, "dep") + "\n",
+            "line 2: word ID 3 out of sequence",
+        ),
+        (
+            "# c\n" + _line(1, "Hi", 2, "dep") + "\n" + _line(2, "x", 1, "dep") + "\n",
+            "line 2: the sentence has no root",
+        ),
+        ("# only a comment\n", "holds no sentences"),
+    ],
+)
 def test_conllu_errors_name_the_line(tmp_path, bad, needle):
     path = tmp_path / "bad.conllu"
     path.write_text(bad, encoding="utf-8")
@@ -392,8 +469,12 @@ def test_conllu_errors_name_the_line(tmp_path, bad, needle):
 def test_align_pieces_from_offsets():
     """BPE offsets carrying the preceding space, a special token, and a piece that spans two
     syntactic words (GPT-2's "don" of "do|n't") all map to the right word."""
-    s = parses.Sentence(("Hi", "there", ",", "do", "n't"), (-1, 0, 0, 4, 0), ("root", "x", "punct", "aux", "x"),
-                        (True, False, True, False, True))
+    s = parses.Sentence(
+        ("Hi", "there", ",", "do", "n't"),
+        (-1, 0, 0, 4, 0),
+        ("root", "x", "punct", "aux", "x"),
+        (True, False, True, False, True),
+    )
     assert s.text == "Hi there, don't"
     starts, ends = s.spans
     offsets = np.array([[0, 0], [0, 2], [2, 8], [8, 9], [9, 13], [13, 15]])
@@ -426,7 +507,8 @@ def test_spacy_parses_map_to_ud():
     (s,) = list(parses.spacy_sentences(["Tom and Maria ate his apple."], nlp))
     rel = dict(zip(s.words, s.deprels, strict=True))
     assert rel["apple"] == "obj" and rel["his"] == "nmod:poss"
-    assert s.heads[s.words.index("and")] == s.words.index("Maria")  # UD: cc on the following conjunct
+    # UD: cc on the following conjunct
+    assert s.heads[s.words.index("and")] == s.words.index("Maria")
 
 
 # --------------------------------------------------------------------------- compare, inputs
@@ -458,9 +540,16 @@ def test_memory_state_does_not_grow_with_batches():
 
     def state_bytes(n):
         acc = H.TokenStats(model, vocab)
-        H.scan(model, list(H.random_batches(model, n_seqs=n, half_len=8, batch_size=1, vocab=vocab)), [acc])
-        return sum(v.numel() * v.element_size() for k, v in vars(acc).items()
-                   if isinstance(v, torch.Tensor) and k not in ("W_E",) and v.dtype == torch.float64)
+        H.scan(
+            model,
+            list(H.random_batches(model, n_seqs=n, half_len=8, batch_size=1, vocab=vocab)),
+            [acc],
+        )
+        return sum(
+            v.numel() * v.element_size()
+            for k, v in vars(acc).items()
+            if isinstance(v, torch.Tensor) and k not in ("W_E",) and v.dtype == torch.float64
+        )
 
     assert state_bytes(1) == state_bytes(10)
 
@@ -495,7 +584,8 @@ def test_cli_writes_heads_csv(planted_pt, tmp_path):
     r = invoke("heads", planted_pt, "--out", out, "--n-random", 8, "-q", "--layer", 1, "--head", 0)
     assert r.exit_code == 0, r.output
     df = pd.read_csv(out / "data" / "heads.csv")
-    for col in ("layer", "head", "label", "confidence", "prev_token", "induction", "copying", "sink", "semantic"):
+    for col in ("layer", "head", "label", "confidence", "prev_token", "induction", "copying",
+                "sink", "semantic"):
         assert col in df.columns
     assert labels(df) == heads_planted.DECODER_LABELS
     assert (out / "figures" / "heads_labels.png").is_file()
@@ -505,14 +595,27 @@ def test_cli_writes_heads_csv(planted_pt, tmp_path):
 def test_cli_bad_inputs(planted_pt, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n", encoding="utf-8")
-    assert_user_error(invoke("heads", planted_pt, "--text", empty, "--out", tmp_path / "a"), "empty")
+    assert_user_error(
+        invoke("heads", planted_pt, "--text", empty, "--out", tmp_path / "a"), "empty"
+    )
     bad = tmp_path / "bad.conllu"
     bad.write_text(_line(1, "Hi", 0, "root") + "\n2\tthere\n", encoding="utf-8")
-    assert_user_error(invoke("heads", planted_pt, "--conllu", bad, "--out", tmp_path / "b"), "line 2")
-    assert_user_error(invoke("heads", planted_pt, "--layer", 7, "--out", tmp_path / "c"), "Layer 7 is out of range")
-    assert_user_error(invoke("heads", planted_pt, "--layer", 0, "--head", 4, "--out", tmp_path / "d"),
-                      "Head 4 is out of range")
-    assert_user_error(invoke("heads", planted_pt, "--head", 1, "--out", tmp_path / "e"), "--head needs --layer")
+    assert_user_error(
+        invoke("heads", planted_pt, "--conllu", bad, "--out", tmp_path / "b"), "line 2"
+    )
+    assert_user_error(
+        invoke("heads", planted_pt, "--layer", 7, "--out", tmp_path / "c"),
+        "Layer 7 is out of range",
+    )
+    assert_user_error(
+        invoke("heads", planted_pt, "--layer", 0, "--head", 4, "--out", tmp_path / "d"),
+        "Head 4 is out of range",
+    )
+    assert_user_error(
+        invoke("heads", planted_pt, "--head", 1, "--out", tmp_path / "e"), "--head needs --layer"
+    )
     # a model that cannot read text: --conllu is refused with one line
-    assert_user_error(invoke("heads", planted_pt, "--conllu", CONLLU, "--out", tmp_path / "f"), "tokenizer")
+    assert_user_error(
+        invoke("heads", planted_pt, "--conllu", CONLLU, "--out", tmp_path / "f"), "tokenizer"
+    )
     assert not any((tmp_path / x).exists() for x in "abcdef")

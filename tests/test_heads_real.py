@@ -84,6 +84,11 @@ def test_positional_variants_side_by_side():
     models = {p: _shipped(f"induction_{p}") for p in ("sinusoidal", "learned", "rope", "alibi")}
     df = H.compare(models, n_random=16)
     assert list(dict.fromkeys(df["model"])) == list(models)
-    assert df.groupby("model").size().eq(models["learned"].cfg.n_layers * models["learned"].cfg.n_heads).all()
+    assert (
+        df.groupby("model")
+        .size()
+        .eq(models["learned"].cfg.n_layers * models["learned"].cfg.n_heads)
+        .all()
+    )
     assert set(df["positional_encoding"]) == {"sinusoidal", "learned", "rope", "alibi"}
     assert len(compare_figure(df).axes) == 4

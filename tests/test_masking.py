@@ -26,7 +26,9 @@ def tiny(seed: int = 0, **kw) -> interp.HookedTransformer:
     return interp.HookedTransformer(interp.ModelConfig(**base)).eval()
 
 
-def batches(n: int = 2, b: int = 3, t: int = 12, vocab: int = 64, seed: int = 1) -> list[torch.Tensor]:
+def batches(
+    n: int = 2, b: int = 3, t: int = 12, vocab: int = 64, seed: int = 1
+) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (b, t), generator=g) for _ in range(n)]
 
@@ -51,8 +53,11 @@ def test_causal_model_under_its_own_mask_changes_nothing():
 
 def test_soft_penalty_sweep_converges_monotonically_to_the_hard_causal_mask():
     model = tiny()
-    s = M.parse_strategies(["soft:0", "soft:0.5", "soft:1", "soft:2", "soft:4", "soft:8", "soft:16", "bidirectional"],
-                           model.cfg.mask, 12)
+    s = M.parse_strategies(
+        ["soft:0", "soft:0.5", "soft:1", "soft:2", "soft:4", "soft:8", "soft:16", "bidirectional"],
+        model.cfg.mask,
+        12,
+    )
     table, _ = M.compare_strategies(model, batches(), s)
     soft = table[table["strategy"] == "soft"].sort_values("parameter")
     kl = soft["kl"].to_numpy()
@@ -71,24 +76,34 @@ def test_soft_causal_mask_on_an_encoder_moves_from_baseline_to_hard_causal():
     assert soft["kl"].iloc[0] < 1e-12  # penalty 0: the encoder's own attention
     assert np.all(np.diff(soft["kl_to_hard"]) < 0)
     assert np.all(np.diff(soft["kl"]) > 0)
-    np.testing.assert_allclose(soft["kl"].iloc[-1], row(table, "causal")["kl"], rtol=1e-4)  # penalty 16 ~ hard
+    # penalty 16 ~ hard
+    np.testing.assert_allclose(soft["kl"].iloc[-1], row(table, "causal")["kl"], rtol=1e-4)
 
 
 def test_encoder_without_lm_head_reports_hidden_cosine_instead_of_kl():
     model = tiny(architecture="encoder", has_unembed=False)
-    table, heads = M.compare_strategies(model, batches(), M.parse_strategies(["causal", "soft:0", "soft:8"], model.cfg.mask, 12))
+    table, heads = M.compare_strategies(
+        model, batches(), M.parse_strategies(["causal", "soft:0", "soft:8"], model.cfg.mask, 12)
+    )
     assert table["kl"].isna().all() and table["loss"].isna().all()
     c = row(table, "causal")
     assert c["hidden_cos_delta"] > 1e-4 and c["mean_js"] > 0.01
     assert row(table, "soft:0")["hidden_cos_delta"] < 1e-12
-    assert row(table, "soft:8")["hidden_cos_delta_to_hard"] < row(table, "soft:0")["hidden_cos_delta_to_hard"]
+    assert (
+        row(table, "soft:8")["hidden_cos_delta_to_hard"]
+        < row(table, "soft:0")["hidden_cos_delta_to_hard"]
+    )
     # per head: which heads depend on the right side of the sentence
     assert set(heads.columns) >= {"layer", "head", "js", "entropy_delta", "distance_delta"}
 
 
 def test_window_of_one_attends_to_itself_only():
     model = tiny()
-    table, heads = M.compare_strategies(model, batches(), M.parse_strategies(["sliding_window:1", "block_sparse:1"], model.cfg.mask, 12))
+    table, heads = M.compare_strategies(
+        model,
+        batches(),
+        M.parse_strategies(["sliding_window:1", "block_sparse:1"], model.cfg.mask, 12),
+    )
     for label in ("sliding_window:1", "block_sparse:1"):
         r = row(table, label)
         assert abs(r["distance"]) < 1e-6 and abs(r["entropy"]) < 1e-6
@@ -96,21 +111,30 @@ def test_window_of_one_attends_to_itself_only():
 
 def test_temperature_below_one_sharpens_above_one_flattens():
     model = tiny()
-    table, _ = M.compare_strategies(model, batches(), M.parse_strategies(["temperature"], model.cfg.mask, 12))
+    table, _ = M.compare_strategies(
+        model, batches(), M.parse_strategies(["temperature"], model.cfg.mask, 12)
+    )
     t = table[table["strategy"] == "temperature"].set_index("parameter")["entropy_delta"]
     assert t[0.5] < t[0.8] < 0 < t[1.25] < t[2.0]
 
 
 def test_strategy_table_columns_and_streaming_average():
     model = tiny()
-    s = M.parse_strategies(["bidirectional", "prefix_lm:4", "strided:3", "token_mask"], model.cfg.mask, 12)
+    s = M.parse_strategies(
+        ["bidirectional", "prefix_lm:4", "strided:3", "token_mask"], model.cfg.mask, 12
+    )
     bs = batches(n=2)
     table, _ = M.compare_strategies(model, bs, s)
-    assert {"strategy", "parameter", "kl", "loss_delta", "mean_js", "entropy_delta", "distance_delta"} <= set(table.columns)
-    one = M.compare_strategies(model, [torch.cat(bs)], s)[0]  # one batch of everything = two streamed batches
+    assert {"strategy", "parameter", "kl", "loss_delta", "mean_js", "entropy_delta",
+            "distance_delta"} <= set(table.columns)
+    # one batch of everything = two streamed batches
+    one = M.compare_strategies(model, [torch.cat(bs)], s)[0]
     cols = ["kl", "loss", "mean_js", "entropy", "distance"]
-    pd.testing.assert_frame_equal(table[table["strategy"] != "token_mask"][cols].reset_index(drop=True),
-                                  one[one["strategy"] != "token_mask"][cols].reset_index(drop=True), rtol=1e-5)
+    pd.testing.assert_frame_equal(
+        table[table["strategy"] != "token_mask"][cols].reset_index(drop=True),
+        one[one["strategy"] != "token_mask"][cols].reset_index(drop=True),
+        rtol=1e-5,
+    )
 
 
 def test_token_masking_uses_mask_token_and_spares_special_tokens():
@@ -250,7 +274,9 @@ def trained() -> tuple[interp.HookedTransformer, list[M.LossBatch]]:
         y[flip] = torch.randint(0, V, (int(flip.sum()),), generator=g)
         return torch.cat([x, y], 1)
 
-    cfg = interp.ModelConfig(n_layers=2, d_model=48, n_heads=4, d_vocab=V, n_ctx=2 * half, attn_only=True, init_std=0.05)
+    cfg = interp.ModelConfig(
+        n_layers=2, d_model=48, n_heads=4, d_vocab=V, n_ctx=2 * half, attn_only=True, init_std=0.05
+    )
     model = interp.HookedTransformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
@@ -346,20 +372,30 @@ def run_cli(monkeypatch, model, *args):
 def test_cli_writes_the_report(monkeypatch, tmp_path: Path):
     model = tiny(d_vocab=256, n_ctx=64)
     out = tmp_path / "r"
-    res = run_cli(monkeypatch, model, "--seq-len", 16, "--max-tokens", 48, "--pruning-steps", 4, "--random-orders", 1,
-                  "--strategy", "bidirectional", "--strategy", "soft", "--out", out, "-q")
+    res = run_cli(monkeypatch, model, "--seq-len", 16, "--max-tokens", 48, "--pruning-steps", 4,
+                  "--random-orders", 1, "--strategy", "bidirectional", "--strategy", "soft",
+                  "--out", out, "-q")
     assert res.exit_code == 0, res.output
-    for f in ("mask_strategies.csv", "head_importance.csv", "pruning_curve.csv", "mask_strategy_heads.csv"):
+    for f in ("mask_strategies.csv", "head_importance.csv", "pruning_curve.csv",
+              "mask_strategy_heads.csv"):
         assert (out / "data" / f).exists(), f
-    for f in ("masking_strategies.png", "masking_head_importance.png", "masking_pruning_curves.png", "masking_soft_sweep.png"):
+    for f in ("masking_strategies.png", "masking_head_importance.png",
+              "masking_pruning_curves.png", "masking_soft_sweep.png"):
         assert (out / "figures" / f).exists(), f
     hi = pd.read_csv(out / "data" / "head_importance.csv")
-    assert {"layer", "head", "importance", "ablation_delta", "predicted_delta", "mean_ablation_delta"} <= set(hi.columns)
+    assert {"layer", "head", "importance", "ablation_delta", "predicted_delta",
+            "mean_ablation_delta"} <= set(hi.columns)
     assert "falls monotonically" in (out / "index.md").read_text()
 
 
-@pytest.mark.parametrize("spec, needle", [("bogus", "valid strategies"), ("sliding_window:0", "window of 0"),
-                                          ("soft:-2", "penalty must be >= 0")])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("bogus", "valid strategies"),
+        ("sliding_window:0", "window of 0"),
+        ("soft:-2", "penalty must be >= 0"),
+    ],
+)
 def test_cli_bad_strategy_exit_2(monkeypatch, tmp_path: Path, spec, needle):
     res = run_cli(monkeypatch, tiny(), "--strategy", spec, "--out", tmp_path / "x")
     assert res.exit_code == 2, res.output
