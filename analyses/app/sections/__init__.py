@@ -36,7 +36,8 @@ so topics can ``from analyses.app.cli import cli`` without an import cycle, and
 What a builder gets: ``model`` (an ``interp.HookedTransformer``, eval mode, on the chosen
 device), ``opts`` (a dict with keys ``model_source``, ``batch_size``, ``max_tokens``
 (None = the analysis' default), ``device``, ``dtype``, ``seed``, ``quiet``, ``svg``), and
-``progress(iterable, desc="", total=None)`` which wraps tqdm and is silent under --quiet.
+``progress(iterable, desc="", total=None)``, an :class:`interp.progress.Progress` (the tqdm
+bar of :func:`interp.progress.progress_bar`, silent under --quiet).
 ``interp report`` runs every registered section whose ``applies(model)`` is true, in
 ``order`` then key order, and writes them all into one report.
 """
