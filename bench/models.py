@@ -80,7 +80,7 @@ def _smollm2() -> tuple[Any, Any]:
 
     gguf = Path(builtin_path("smollm2-135m"))
     loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
+        gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32, trust_remote_code=False
     )
     # interp's reader of the same GGUF metadata (AutoTokenizer needs sentencepiece)
     tok = gguf_tokenizer(gguf)

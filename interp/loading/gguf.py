@@ -319,7 +319,7 @@ def gguf_tokenizer(path: Path) -> Any:
 
         try:
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 local_files_only=True)
+                                                 local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise InterpError(f"Cannot build the tokenizer stored in {str(path)!r}: {e}") from None
     try:

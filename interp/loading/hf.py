@@ -146,8 +146,9 @@ def hf_config_object(folder: Path, raw: dict[str, Any]) -> Any:
     """The transformers config object (its class supplies the defaults config.json omits)."""
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    try:  # never the folder's own code: config.json's fields are all interp reads
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                          trust_remote_code=False)
     except Exception as e:
         raise InterpError(f"transformers cannot read {str(folder / 'config.json')!r}: "
                           f"{_first_line(e)}") from None
@@ -237,8 +238,34 @@ def folder_tokenizer(folder: Path, model_type: str) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:  # trust_remote_code=False: transformers neither prompts nor runs the folder's code
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                             trust_remote_code=False)
     except Exception as e:
+        if code := tokenizer_code(folder):
+            raise InterpError(
+                f"The tokenizer in {str(folder)!r} exists only as code ({', '.join(code)}, named "
+                "by auto_map); interp never runs code from a model folder: give the folder a "
+                "tokenizer.json, or a tokenizer_class that transformers ships."
+            ) from None
         raise InterpError(f"Cannot load the tokenizer in {str(folder)!r}: "
                           f"{_first_line(e)}") from None
+
+
+def tokenizer_code(folder: Path) -> list[str]:
+    """The Python files a folder's ``auto_map`` names for its tokenizer (tokenizer_config.json
+    or config.json), e.g. ``["tokenization_evil.py"]``: what transformers would have to run."""
+    files: list[str] = []
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            raw = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
+        entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+        refs = entry if isinstance(entry, list) else [entry]
+        for ref in refs:
+            if isinstance(ref, str) and "." in ref:
+                module = ref.split("--")[-1].rsplit(".", 1)[0]
+                files.append(f"{module.replace('.', '/')}.py")
+    return sorted(set(files))
