@@ -38,7 +38,7 @@ from analyses.app.sections._moe_corpus import (
 # expert x domain heatmaps drawn (first, last and evenly spaced layers); the CSV has all
 MAX_HEATMAPS = 4
 MAX_ABLATION_JOBS = 128  # default ablation covers at most this many (layer, expert) pairs
-SHIPPED_MODEL = str(Path(__file__).resolve().parents[2] / "interp" / "data" / "domains_moe.pt")
+SHIPPED_MODEL = str(Path(__file__).resolve().parents[3] / "interp" / "data" / "domains_moe.pt")
 
 SOURCE = (
     "Jiang et al. (2024), *Mixtral of Experts*, arXiv:2401.04088, sec. 5 (expert x domain "
