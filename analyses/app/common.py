@@ -162,13 +162,15 @@ def load_model(source: str, device: str = "auto", dtype: str = "float32", *,
 
 
 def model_config(model: HookedTransformer) -> dict:
-    """The model's config as a plain dict (for run.json)."""
+    """The model's config as a plain dict (for run.json, the overview and ``interp info``):
+    its public fields; private bookkeeping (``ModelConfig._derived``) is not configuration."""
     cfg = getattr(model, "cfg", None)
     if cfg is None:
         return {}
     if dataclasses.is_dataclass(cfg):
-        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    return dict(vars(cfg))
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                if not f.name.startswith("_")}
+    return {k: v for k, v in vars(cfg).items() if not k.startswith("_")}
 
 
 # --------------------------------------------------------------------------- writing
