@@ -123,6 +123,12 @@ class Sentence:
 # --------------------------------------------------------------------------- CoNLL-U
 
 
+def _is_int(field: str) -> bool:
+    """A CoNLL-U integer: ASCII digits only. ``str.isdigit`` also accepts ``"²"`` (then
+    ``int()`` fails without file and line) and ``"٣"`` (which ``int()`` reads as 3)."""
+    return field.isascii() and field.isdigit()
+
+
 def _fail(name: str, line: int, what: str) -> InterpError:
     return InterpError(f"{name}, line {line}: {what}; fix the file (CoNLL-U has 10 tab-separated "
                        "fields per word line, sentences separated by a blank line).")
@@ -178,11 +184,11 @@ def _conllu_sentences(lines: Iterable[str], name: str) -> Iterator[Sentence]:
         no_space = "SpaceAfter=No" in misc.split("|")
         if "-" in ident:  # a multiword token: its surface form and spacing cover words a..b
             a, _, b = ident.partition("-")
-            if not (a.isdigit() and b.isdigit()) or int(b) < int(a) or int(a) != len(words) + 1:
+            if not (_is_int(a) and _is_int(b)) or int(b) < int(a) or int(a) != len(words) + 1:
                 raise _fail(name, lineno, f"bad multiword token range {ident!r}")
             mwt_start, mwt_end, mwt_form, mwt_space = int(a), int(b), form, not no_space
             continue
-        if not ident.isdigit():
+        if not _is_int(ident):
             raise _fail(name, lineno, f"word ID {ident!r} is not an integer")
         if int(ident) != len(words) + 1:
             raise _fail(name, lineno, f"word ID {ident} out of sequence (expected "
@@ -190,7 +196,7 @@ def _conllu_sentences(lines: Iterable[str], name: str) -> Iterator[Sentence]:
         if not words:
             start_line = lineno
         head, rel = cols[6], cols[7]
-        if not head.isdigit():
+        if not _is_int(head):
             raise _fail(name, lineno, f"HEAD {head!r} is not an integer")
         if int(head) == int(ident):
             raise _fail(name, lineno, f"word {ident} is its own head")

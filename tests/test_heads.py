@@ -456,6 +456,14 @@ def test_conllu_multiword_tokens_and_spacing(tmp_path):
             "line 2: the sentence has no root",
         ),
         ("# only a comment\n", "holds no sentences"),
+        # issue 24: str.isdigit() accepts these; int() then fails bare or reads "٣" as 3
+        ("\t".join(["\u00b2", "Hi", "_", "_", "_", "_", "0", "root", "_", "_"]) + "\n",
+         "line 1: word ID '\u00b2' is not an integer"),
+        (_line(1, "Hi", 0, "root") + "\n" + "\t".join(["2", "x", "_", "_", "_", "_", "\u0663",
+                                                       "dep", "_", "_"]) + "\n",
+         "line 2: HEAD '\u0663' is not an integer"),
+        ("\t".join(["1-\u00b2", "Hi", "_", "_", "_", "_", "_", "_", "_", "_"]) + "\n",
+         "line 1: bad multiword token range"),
     ],
 )
 def test_conllu_errors_name_the_line(tmp_path, bad, needle):
