@@ -86,17 +86,68 @@ def tokenizer_to_dict(tok: Any) -> dict[str, Any] | None:
                       "use a Hugging Face fast tokenizer or one from interp.train.tokenizers.")
 
 
+def _tokenizer_fields(d: dict[str, Any]) -> str:
+    """Check a stored tokenizer's fields have the types its kind needs; returns the kind.
+
+    A checkpoint is data from anywhere: a field of the wrong type must be a clear error, never
+    a ``KeyError`` or a silently different vocabulary (``list("abc")`` is three tokens)."""
+    kind = d.get("kind")
+
+    def need(ok: bool, field: str, want: str) -> None:
+        if not ok:
+            raise InterpError(f"field tokenizer.{field} (kind {kind!r}) is "
+                              f"{_short(d.get(field))}; it must be {want}")
+
+    def strs(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+    if kind == "hf_json":
+        need(isinstance(d.get("json"), str), "json", "the tokenizer.json text")
+        special = d.get("special", {})
+        need(isinstance(special, dict) and set(special) <= set(_SPECIAL_TOKENS)
+             and all(isinstance(v, str) for v in special.values()), "special",
+             "a map of special-token names to strings")
+        need(d.get("padding_side", "right") in ("left", "right"), "padding_side",
+             "'left' or 'right'")
+    elif kind == "wordpiece":
+        need(strs(d.get("vocab")), "vocab", "a list of strings")
+        need(isinstance(d.get("do_lower_case", True), bool), "do_lower_case", "true or false")
+    elif kind == "words":
+        tokens = d.get("tokens")
+        need(strs(tokens), "tokens", "a list of strings")
+        for field in ("bos_token", "pad_token"):
+            v = d.get(field)
+            need(v is None or (isinstance(v, str) and v in tokens), field,
+                 "None or one of the tokens")
+    elif not isinstance(kind, str):
+        raise InterpError(f"field tokenizer.kind is {_short(kind)}; it must be a string")
+    return kind
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def tokenizer_from_dict(d: dict[str, Any] | None) -> Any:
-    """Rebuild a tokenizer stored by :func:`tokenizer_to_dict`; None stays None."""
+    """Rebuild a tokenizer stored by :func:`tokenizer_to_dict`; None stays None. A malformed
+    entry is an InterpError naming the field."""
     if d is None:
         return None
-    kind = d.get("kind") if isinstance(d, dict) else None
+    if not isinstance(d, dict):
+        raise InterpError(f"field tokenizer is a {type(d).__name__}; it must be a dict or None")
+    kind = _tokenizer_fields(d)
     if kind == "hf_json":
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
-        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(d["json"]),
-                                      **d.get("special", {}))
+        try:
+            backend = Tokenizer.from_str(d["json"])
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InterpError(f"field tokenizer.json is not a valid tokenizer.json ({first})"
+                              ) from None
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, **d.get("special", {}))
         tok.padding_side = d.get("padding_side", "right")
         return tok
     if kind == "wordpiece":
@@ -176,24 +227,59 @@ def save_checkpoint(model: Any, path: str | Path, **metadata: Any) -> Path:
 # read
 # ---------------------------------------------------------------------------------------------
 def read_checkpoint(path: str | Path, *, mmap: bool = True) -> dict[str, Any]:
-    """The checkpoint dict, read safely (``weights_only=True``).
+    """The checkpoint dict, read safely (``weights_only=True``) and checked for the layout in
+    the module docstring.
 
     ``mmap=True`` memory-maps the tensors (loading a model copies what it needs, and reading
     only the metadata costs nothing); the trainer resumes with ``mmap=False`` so the optimizer
-    state it keeps is ordinary memory."""
+    state it keeps is ordinary memory. Legacy (non-zip) files cannot be mapped and are read."""
+    from interp.loading.torch_file import load_torch_file
+
     path = Path(path)
     if not path.is_file():
         raise InterpError(f"Checkpoint {str(path)!r} does not exist.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # truncated files, pickles with code, not a torch file at all
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InterpError(f"Cannot read checkpoint {str(path)!r} (truncated or not a torch "
-                          f"file?): {msg}") from None
+    ckpt = load_torch_file(path, what="Checkpoint", mmap=mmap)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
         raise InterpError(f"{str(path)!r} is not an interp checkpoint (no config/state_dict); "
                           "write one with interp.loading.save_checkpoint or `interp train`.")
+    problem = _layout_problem(ckpt)
+    if problem:
+        raise InterpError(f"Checkpoint {str(path)!r}: {problem}; the file is corrupt or not "
+                          "written by interp: re-save it with interp.save_checkpoint.")
     return ckpt
+
+
+def _layout_problem(ckpt: dict[str, Any]) -> str | None:
+    """What in ``ckpt`` breaks the layout of the module docstring, or None."""
+    if ckpt.get("format", FORMAT) != FORMAT:
+        return f"field format is {_short(ckpt['format'])}, not {FORMAT!r}"
+    version = ckpt.get("version", VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
+        return (f"field version is {_short(version)}; this interp reads versions 1 to "
+                f"{VERSION} (a newer file needs a newer interp)")
+    if not isinstance(ckpt["config"], dict):
+        return f"field config is a {type(ckpt['config']).__name__}, not a dict of config fields"
+    sd = ckpt["state_dict"]
+    if not isinstance(sd, dict):
+        return f"field state_dict is a {type(sd).__name__}, not a dict of named tensors"
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            return f"field state_dict[{_short(k)}] is a {type(v).__name__}, not a named tensor"
+    tok = ckpt.get("tokenizer")
+    if tok is not None and not isinstance(tok, dict):
+        return f"field tokenizer is a {type(tok).__name__}; it must be a dict or None"
+    if not isinstance(ckpt.get("metadata", {}), dict):
+        return f"field metadata is a {type(ckpt['metadata']).__name__}, not a dict"
+    return None
+
+
+def _tokenizer_of(ckpt: dict[str, Any], where: str) -> Any:
+    """The checkpoint's tokenizer, a malformed entry named as ``where``'s field."""
+    try:
+        return tokenizer_from_dict(ckpt.get("tokenizer"))
+    except InterpError as e:
+        raise InterpError(f"{where}: {str(e).rstrip('.')}; re-save it with a tokenizer "
+                          "interp can store.") from None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> Any:
@@ -203,9 +289,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cp
 
     try:
         cfg = ModelConfig.from_dict(ckpt["config"])
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise InterpError(f"Checkpoint config is invalid: {e}") from None
-    model = build_model(cfg, tokenizer=tokenizer_from_dict(ckpt.get("tokenizer")))
+    model = build_model(cfg, tokenizer=_tokenizer_of(ckpt, "Checkpoint"))
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise InterpError(f"Checkpoint weights do not match its config: missing {missing[:3]}, "
@@ -218,18 +304,20 @@ def load_checkpoint(path: str | Path, *, device: Any = None, dtype: torch.dtype 
     """Rebuild the model of an interp checkpoint with its tokenizer; metadata lands in
     ``model.checkpoint_metadata``. Config overrides (e.g. ``attn_kernel="eager"``) replace
     fields."""
-    from interp.loading._common import assemble
+    from interp.loading._common import assemble, naming
 
     ckpt = read_checkpoint(path)
+    where = f"Checkpoint {str(path)!r}"
     cfg_dict = dict(ckpt["config"])
     cfg_dict.update(config_overrides)
     try:
         cfg = ModelConfig.from_dict(cfg_dict)
-    except ValueError as e:
-        raise InterpError(f"Checkpoint {str(path)!r} has an invalid config: {e}") from None
-    model = assemble(cfg, dict(ckpt["state_dict"]),
-                     tokenizer=tokenizer_from_dict(ckpt.get("tokenizer")), device=device,
-                     dtype=dtype, source=f"checkpoint {Path(path).name}'s weights")
+    except (ValueError, TypeError) as e:
+        raise InterpError(f"{where} has an invalid config: {e}") from None
+    tokenizer = _tokenizer_of(ckpt, where)
+    with naming(Path(path), "Checkpoint"):
+        model = assemble(cfg, dict(ckpt["state_dict"]), tokenizer=tokenizer, device=device,
+                         dtype=dtype, source=f"checkpoint {Path(path).name}'s weights")
     model.checkpoint_metadata = ckpt.get(
         "metadata", {k: v for k, v in ckpt.items() if k not in ("state_dict", "config")})
     return model

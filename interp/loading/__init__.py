@@ -30,7 +30,7 @@ import torch
 from interp.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from interp.config import ModelConfig
 from interp.errors import InterpError
-from interp.loading._common import apply_overrides, assemble
+from interp.loading._common import apply_overrides, assemble, naming
 from interp.loading.families import FAMILIES, Family, get_family, supported_model_types
 
 __all__ = [
@@ -160,14 +160,15 @@ def from_config_json(path: Path, fields: dict[str, Any], *, seed: int | None = N
 
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InterpError(f"{str(path)!r} is not valid JSON: {str(e).splitlines()[0]}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InterpError(f"{str(path)!r} is not valid JSON: {first}") from None
     if isinstance(raw, dict) and "model_type" in raw:
         raise InterpError(f"{str(path)!r} is a transformers config.json; pass the folder that "
                           "holds it and its weights.")
     try:
         cfg = ModelConfig.from_dict(raw)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # ModelConfig names the field
         raise InterpError(f"{str(path)!r} is not a valid interp model config: {e}") from None
     cfg = apply_overrides(cfg, fields)
     with torch.random.fork_rng(devices=[]):
@@ -177,6 +178,19 @@ def from_config_json(path: Path, fields: dict[str, Any], *, seed: int | None = N
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype or torch.float32)
     return model.eval()
+
+
+def config_from_file(fam: Family, hf_config: Any, path: Path, what: str) -> ModelConfig:
+    """``fam.config_from_hf(hf_config)`` for a config read from ``path``: any problem (a
+    missing or impossible field) is one InterpError naming the file."""
+    with naming(path, what):
+        try:
+            return fam.config_from_hf(hf_config)
+        except (ValueError, TypeError) as e:  # InterpError passes through ``naming``
+            if isinstance(e, InterpError):
+                raise
+            raise InterpError(f"{what} {str(path)!r} cannot be mapped to a model config: {e}"
+                              ) from None
 
 
 def convert_hf(hf_config: Any, state_dict: Any, fields: dict[str, Any], *, tokenizer: Any = None,
@@ -196,16 +210,21 @@ def convert_hf(hf_config: Any, state_dict: Any, fields: dict[str, Any], *, token
 
 def from_hf_folder(folder: Path, fields: dict[str, Any], *, device: Any = None,
                    dtype: torch.dtype | None = None) -> Any:
-    """A Hugging Face checkpoint folder (config.json + safetensors / pytorch_model.bin)."""
+    """A Hugging Face checkpoint folder (config.json + safetensors / pytorch_model.bin); a
+    problem with a file names it (the folder for config and weights that disagree)."""
     from interp.loading.hf import folder_tokenizer, hf_config_object, read_config_json, read_weights
 
     raw = read_config_json(folder)
-    get_family(raw["model_type"])  # unsupported types fail before transformers parses anything
+    fam = get_family(raw["model_type"])  # unsupported types fail before transformers parses
     hf_config = hf_config_object(folder, raw)
-    weights = read_weights(folder)
-    tok = folder_tokenizer(folder, raw["model_type"])
-    model = convert_hf(hf_config, weights, fields, tokenizer=tok, device=device, dtype=dtype,
-                       source=f"folder {folder.name!r}")
+    cfg = apply_overrides(config_from_file(fam, hf_config, folder / "config.json", "Config file"),
+                          fields)
+    with naming(folder, "Folder"):
+        weights = read_weights(folder)
+        tok = folder_tokenizer(folder, raw["model_type"])
+        sd = fam.convert_state_dict(weights, cfg)
+        model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype,
+                         source=f"folder {folder.name!r}'s weights")
     _note_extra(model, source=str(folder))
     _note_dropped(model, weights)
     return model

@@ -9,8 +9,10 @@ assigned into them, so loading never holds a randomly initialised copy beside th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,9 +103,22 @@ def hf_get(hf: Any, name: str, default: Any = None) -> Any:
 def hf_require(hf: Any, name: str) -> Any:
     v = hf_get(hf, name)
     if v is None:
-        raise InterpError(f"config.json has no {name!r}; it is required for model_type "
+        raise InterpError(f"The config has no {name!r}; it is required for model_type "
                           f"{hf_get(hf, 'model_type')!r}.")
     return v
+
+
+@contextlib.contextmanager
+def naming(path: Path, what: str) -> Iterator[None]:
+    """Make every :class:`InterpError` raised inside name ``path`` (``what`` says what it is:
+    ``"Folder"``, ``"GGUF file"``), so a problem found deep in a converter ("missing tensor")
+    still says which file it is about; messages that name it already pass unchanged."""
+    try:
+        yield
+    except InterpError as e:
+        if str(path) in str(e):
+            raise
+        raise InterpError(f"{what} {str(path)!r}: {e}") from None
 
 
 HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration",
@@ -166,7 +181,7 @@ def make_config(**fields: Any) -> ModelConfig:
     """ModelConfig, with a config problem turned into one InterpError line."""
     try:
         return ModelConfig(**fields)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise InterpError(f"Cannot map this checkpoint's config: {e}") from None
 
 
@@ -220,6 +235,10 @@ def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer
         if tuple(v.shape) != tuple(own[k].shape):
             raise InterpError(f"Tensor {k!r} of the {source} has shape {list(v.shape)}, the model "
                               f"expects {list(own[k].shape)}.")
+        if own[k].is_floating_point() and not v.is_floating_point():
+            # an integer tensor would become an integer weight: a different model, not an error
+            raise InterpError(f"Tensor {k!r} of the {source} has dtype {v.dtype}; the model "
+                              "needs floating-point weights there.")
         fixed[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=copy)
     del state_dict
     model.load_state_dict(fixed, assign=True, strict=True)

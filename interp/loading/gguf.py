@@ -11,6 +11,9 @@ the model computes in float32 on the weights the file actually holds.
 Simple block formats (F32, F16, BF16, Q8_0, Q4_0, Q4_1) are dequantised by vectorised torch
 code, bit-identical to ``gguf.quants`` and ten times faster; others fall back to ``gguf.quants``.
 The parsed header and the tokenizer are cached per file in this process; weights are not.
+The header is validated against the format in :mod:`interp.loading.gguf_format`, and the
+metadata interp reads against the types and ranges of the spec's ``llama.*`` keys here, so a
+crafted file is one :class:`InterpError` naming the file and the GGUF key.
 """
 
 from __future__ import annotations
@@ -18,14 +21,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from interp.errors import InterpError
+from interp.loading.gguf_format import (
+    STRING,
+    GGUFFile,
+    TensorInfo,
+    meta_check,
+    meta_float,
+    meta_int,
+    meta_required,
+)
+
+__all__ = ["GGUFFile", "GGUFTensors", "TensorInfo", "hf_config_dict", "load_gguf", "open_gguf",
+           "reverse_permute"]
 
 #: GGUF general.architecture values we read (all use llama.cpp's Llama tensor names)
 SUPPORTED_ARCHS = ("llama",)
@@ -44,6 +60,9 @@ BLOCK_NAMES = {
 }
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
              "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+#: ggml's integer tensor types (I8, I16, I32, I64): never model weights
+_INTEGER_TYPES = frozenset({24, 25, 26, 27})
 
 
 def reverse_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -86,129 +105,29 @@ def _dequant_fast(raw: np.ndarray, qtype: int) -> torch.Tensor | None:
 def _hf_name(name: str) -> str | None:
     if name in TOP_NAMES:
         return TOP_NAMES[name]
-    if name.startswith("blk."):
-        _, i, rest = name.split(".", 2)
-        if rest in BLOCK_NAMES:
-            return f"model.layers.{i}.{BLOCK_NAMES[rest]}"
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK_NAMES:
+        return f"model.layers.{int(parts[1])}.{BLOCK_NAMES[parts[2]]}"
     return None
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-            11: "<q", 12: "<d"}
+_GGUF_BLOCK = {hf: gguf for gguf, hf in BLOCK_NAMES.items()}
+_GGUF_TOP = {hf: gguf for gguf, hf in TOP_NAMES.items()}
 
 
-class TensorInfo(NamedTuple):
-    name: str
-    dims: tuple[int, ...]  # GGUF order: fastest-varying first (ne0 = columns)
-    ggml_type: int
-    offset: int  # from the start of the data section
+def _gguf_names(message: str) -> str:
+    """A converter's message with Hugging Face tensor names put back as the file's GGUF names
+    (``'model.layers.1.mlp.up_proj.weight'`` -> ``'blk.1.ffn_up.weight'``)."""
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name in _GGUF_TOP:
+            return repr(_GGUF_TOP[name])
+        block = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        if block and block.group(2) in _GGUF_BLOCK:
+            return repr(f"blk.{block.group(1)}.{_GGUF_BLOCK[block.group(2)]}")
+        return m.group(0)
 
-
-class GGUFFile:
-    """A GGUF file's metadata and tensor table, parsed directly (the format is a short header of
-    key-value pairs and tensor descriptors, then aligned tensor data).
-
-    Parsing here rather than with ``gguf.GGUFReader`` matters: the reader builds a numpy view per
-    array element, which takes ~10 s on SmolLM2's 49k-token vocabulary; this takes ~0.2 s.
-    Every read is bounds-checked, so a truncated file is one clear error."""
-
-    def __init__(self, path: Path):
-        import struct
-
-        self.path = path
-        if path.stat().st_size:
-            mm = np.memmap(path, dtype=np.uint8, mode="r")
-        else:
-            mm = np.zeros(0, np.uint8)
-        buf = memoryview(mm)  # the header only; tensor data is read with pread (see raw)
-        size = len(buf)
-        pos = 0
-
-        def need(n: int) -> None:
-            if pos + n > size:
-                raise InterpError(f"GGUF file {str(path)!r} is truncated ({size} bytes; its "
-                                  "header runs past the end).")
-
-        def scalar(fmt: str) -> Any:
-            nonlocal pos
-            n = struct.calcsize(fmt)
-            need(n)
-            v = struct.unpack_from(fmt, buf, pos)[0]
-            pos += n
-            return v
-
-        def string() -> str:
-            nonlocal pos
-            n = scalar("<Q")
-            need(n)
-            v = bytes(buf[pos:pos + n]).decode("utf-8", errors="replace")
-            pos += n
-            return v
-
-        def value(vtype: int) -> Any:
-            if vtype in _SCALARS:
-                return scalar(_SCALARS[vtype])
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                etype, n = scalar("<I"), scalar("<Q")
-                return [value(etype) for _ in range(n)]
-            raise InterpError(f"GGUF file {str(path)!r} has an unknown value type {vtype} "
-                              "(corrupt file?).")
-
-        need(4)
-        if bytes(buf[:4]) != b"GGUF":
-            raise InterpError(f"{str(path)!r} is not a GGUF file (no GGUF magic bytes).")
-        pos = 4
-        version = scalar("<I")
-        if version not in (2, 3):
-            raise InterpError(f"GGUF version {version} of {str(path)!r} is not supported (2 or 3).")
-        n_tensors, n_kv = scalar("<Q"), scalar("<Q")
-        self.metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            self.metadata[key] = value(scalar("<I"))
-        self.tensors: list[TensorInfo] = []
-        for _ in range(n_tensors):
-            name = string()
-            n_dims = scalar("<I")
-            dims = tuple(scalar("<Q") for _ in range(n_dims))
-            self.tensors.append(TensorInfo(name, dims, scalar("<I"), scalar("<Q")))
-        align = int(self.metadata.get("general.alignment", 32))
-        self.data_start = (pos + align - 1) // align * align
-        for t in self.tensors:
-            end = self.data_start + t.offset + self._nbytes(t)
-            if end > size:
-                raise InterpError(f"GGUF file {str(path)!r} is truncated: tensor {t.name!r} ends "
-                                  f"at byte {end}, the file has {size}.")
-
-    @staticmethod
-    def _nbytes(t: TensorInfo) -> int:
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-        try:
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t.ggml_type)]
-        except (ValueError, KeyError):
-            raise InterpError(f"GGUF tensor {t.name!r} has an unknown type "
-                              f"{t.ggml_type}.") from None
-        n = int(np.prod(t.dims)) if t.dims else 1
-        return n // block * type_size
-
-    def raw(self, t: TensorInfo) -> np.ndarray:
-        """The tensor's bytes as uint8 [*rows, row_bytes] (what ``gguf.quants.dequantize`` takes),
-        read with ``os.pread``: no mapping keeps the file's pages resident after loading."""
-        n = self._nbytes(t)
-        data = np.empty(n, dtype=np.uint8)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [memoryview(data)], self.data_start + t.offset)
-        finally:
-            os.close(fd)
-        if got != n:
-            raise InterpError(f"GGUF file {str(self.path)!r} ended while reading tensor "
-                              f"{t.name!r}.")
-        rows = tuple(reversed(t.dims[1:]))
-        return data.reshape(*rows, -1) if rows else data
+    return re.sub(r"'((?:model|lm_head)\.[\w.]+)'", sub, message)
 
 
 def open_gguf(path: Path) -> GGUFFile:
@@ -224,39 +143,86 @@ def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
     return reader.metadata.get(key, default)
 
 
-def hf_config_dict(reader: GGUFFile) -> dict[str, Any]:
-    """The transformers-style config a GGUF file's metadata describes."""
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise InterpError(f"GGUF architecture {arch!r} is not supported; "
-                          f"supported: {', '.join(SUPPORTED_ARCHS)}.")
-    a = f"{arch}."
-    required = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
-    req = {k: _field(reader, a + k) for k in required}
-    missing = [k for k, v in req.items() if v is None]
-    if missing:
-        raise InterpError(f"GGUF metadata lacks {', '.join(a + m for m in missing)}; "
-                          "the file is incomplete.")
-    names = {t.name for t in reader.tensors}
-    n_heads = int(req["attention.head_count"])
-    d = int(req["embedding_length"])
-    vocab = _field(reader, a + "vocab_size")
+def _vocab_size(reader: GGUFFile, a: str) -> int:
+    """``{arch}.vocab_size``, else the length of ``tokenizer.ggml.tokens`` (equal if both)."""
+    tokens = reader.metadata.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        meta_check(reader, isinstance(tokens, list) and all(isinstance(t, str) for t in tokens),
+                   "key 'tokenizer.ggml.tokens' must be an array of strings")
+    vocab = meta_int(reader, a + "vocab_size")
+    if vocab is not None and tokens is not None:
+        meta_check(reader, vocab == len(tokens), f"key '{a}vocab_size' is {vocab} but "
+                   f"'tokenizer.ggml.tokens' has {len(tokens)} entries")
     if vocab is None:
-        tokens = reader.metadata.get("tokenizer.ggml.tokens")
-        vocab = len(tokens) if tokens is not None else None
+        meta_check(reader, bool(tokens), f"neither '{a}vocab_size' nor 'tokenizer.ggml.tokens' "
+                   "gives the vocabulary size")
+        vocab = len(tokens)
+    return vocab
+
+
+def _unsupported_keys(reader: GGUFFile, a: str) -> None:
+    """Keys that would change the model in ways interp does not implement: refused, since
+    ignoring them would load a silently different model."""
+    scaling = reader.metadata.get(a + "rope.scaling.type")
+    meta_check(reader, scaling in (None, "none"), f"key '{a}rope.scaling.type' is {scaling!r}; "
+               "scaled RoPE is not supported")
+    factor = reader.metadata.get(a + "rope.scaling.factor")
+    meta_check(reader, factor in (None, 0.0, 1.0), f"key '{a}rope.scaling.factor' is "
+               f"{factor!r}; scaled RoPE is not supported")
+    experts = reader.metadata.get(a + "expert_count", 0)
+    meta_check(reader, experts in (0, 1), f"key '{a}expert_count' is {experts!r}; mixture-of-"
+               "experts GGUF files are not supported")
+
+
+def hf_config_dict(reader: GGUFFile) -> dict[str, Any]:
+    """The transformers-style config a GGUF file's metadata describes, every key it reads
+    checked for type and range (the spec's LLaMA section: ``llama.context_length``,
+    ``embedding_length``, ``block_count``, ``feed_forward_length``,
+    ``attention.head_count`` and ``attention.layer_norm_rms_epsilon`` are required)."""
+    arch = _field(reader, "general.architecture")
+    if reader.types.get("general.architecture") != STRING or arch not in SUPPORTED_ARCHS:
+        raise InterpError(f"GGUF architecture {arch!r} (key 'general.architecture') of "
+                          f"{str(reader.path)!r} is not supported; supported: "
+                          f"{', '.join(SUPPORTED_ARCHS)}.")
+    a = f"{arch}."
+    meta_required(reader, tuple(a + k for k in (
+        "block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+        "context_length", "attention.layer_norm_rms_epsilon")))
+    n_heads = meta_int(reader, a + "attention.head_count")
+    d = meta_int(reader, a + "embedding_length")
+    n_kv = meta_int(reader, a + "attention.head_count_kv", default=n_heads)
+    meta_check(reader, n_heads % n_kv == 0, f"key '{a}attention.head_count' ({n_heads}) is not "
+               f"a multiple of '{a}attention.head_count_kv' ({n_kv})")
+    head_dim = meta_int(reader, a + "attention.key_length")
+    if head_dim is None:
+        meta_check(reader, d % n_heads == 0, f"key '{a}embedding_length' ({d}) is not a multiple "
+                   f"of '{a}attention.head_count' ({n_heads}) and '{a}attention.key_length' "
+                   "is not given")
+        head_dim = d // n_heads
+    meta_check(reader, head_dim % 2 == 0, f"the head size {head_dim} (from '{a}embedding_length' "
+               "and 'attention.head_count' or 'attention.key_length') must be even for RoPE")
+    for key in ("attention.value_length", "rope.dimension_count"):
+        v = meta_int(reader, a + key, default=head_dim)
+        meta_check(reader, v == head_dim, f"key '{a}{key}' is {v}, not the head size {head_dim}; "
+                   "only full-width RoPE with equal key and value sizes is supported")
+    _unsupported_keys(reader, a)
+    bos = "tokenizer.ggml.add_bos_token"
+    meta_check(reader, bos not in reader.metadata or reader.types[bos] == 7,
+               f"key {bos!r} must be a BOOL")
+    names = {t.name for t in reader.tensors}
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "num_hidden_layers": int(req["block_count"]),
+        "num_hidden_layers": meta_int(reader, a + "block_count"),
         "hidden_size": d,
-        "intermediate_size": int(req["feed_forward_length"]),
+        "intermediate_size": meta_int(reader, a + "feed_forward_length"),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", n_heads)),
-        "head_dim": int(_field(reader, a + "attention.key_length", d // n_heads)),
-        "vocab_size": int(vocab) if vocab is not None else None,
-        "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
-        "rope_theta": float(_field(reader, a + "rope.freq_base", 10000.0)),
-        "rms_norm_eps": float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-6)),
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "vocab_size": _vocab_size(reader, a),
+        "max_position_embeddings": meta_int(reader, a + "context_length"),
+        "rope_theta": meta_float(reader, a + "rope.freq_base", default=10000.0),
+        "rms_norm_eps": meta_float(reader, a + "attention.layer_norm_rms_epsilon"),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
     }
@@ -269,11 +235,15 @@ class GGUFTensors(Mapping):
         self._reader, self._cfg, self._path = reader, config, path
         self._by_name: dict[str, TensorInfo] = {}
         for t in reader.tensors:
-            hf = _hf_name(t.name)
-            if hf is None:
-                self._by_name[t.name] = t  # unknown names surface as unexpected tensors
-            else:
-                self._by_name[hf] = t
+            if t.ggml_type in _INTEGER_TYPES:  # a cast to float would load a different model
+                raise InterpError(f"GGUF tensor {t.name!r} in {str(path)!r} has integer ggml_type "
+                                  f"{t.ggml_type}; model weights are float or quantised floats.")
+            hf = _hf_name(t.name) or t.name  # unknown names surface as unexpected tensors
+            if hf in self._by_name:
+                raise InterpError(f"GGUF file {str(path)!r} has tensors "
+                                  f"{self._by_name[hf].name!r} and {t.name!r}, which are the "
+                                  "same weight; a file holds each weight once.")
+            self._by_name[hf] = t
 
     def __getitem__(self, key: str) -> torch.Tensor:
         from gguf import dequantize
@@ -290,10 +260,15 @@ class GGUFTensors(Mapping):
         except Exception as e:
             raise InterpError(f"Cannot dequantise GGUF tensor {t.name!r} ({qtype.name}) in "
                               f"{str(self._path)!r}: {e}") from None
+        heads = None
         if key.endswith("self_attn.q_proj.weight"):
-            out = reverse_permute(out, self._cfg["num_attention_heads"])
+            heads = self._cfg["num_attention_heads"]
         elif key.endswith("self_attn.k_proj.weight"):
-            out = reverse_permute(out, self._cfg["num_key_value_heads"])
+            heads = self._cfg["num_key_value_heads"]
+        if heads is not None:
+            if out.shape[0] % (2 * heads):  # the converter's shape check names the tensor
+                return out
+            out = reverse_permute(out, heads)
         return out
 
     def __iter__(self) -> Iterator[str]:
@@ -359,7 +334,7 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from interp.loading._common import apply_overrides, assemble
+    from interp.loading._common import apply_overrides, assemble, naming
     from interp.loading.families import get_family
 
     path = Path(path)
@@ -368,13 +343,23 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
     reader = _header(*key)
     hf = hf_config_dict(reader)
     fam = get_family(hf["model_type"])
-    cfg = fam.config_from_hf(hf)
+    with naming(path, "GGUF file"):
+        try:
+            cfg = fam.config_from_hf(hf)
+        except (ValueError, TypeError) as e:  # checked keys make this a last resort
+            if isinstance(e, InterpError):
+                raise
+            raise InterpError(f"its metadata does not give a valid model: {e}") from None
     cfg = dataclasses.replace(cfg, extra={**cfg.extra, "source": str(path)})
     cfg = apply_overrides(cfg, fields)
-    sd = fam.convert_state_dict(GGUFTensors(reader, hf, path), cfg)
-    tok_json, special = _tokenizer_state(*key)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok_json), **special)
-    model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype,
-                     source=f"GGUF file {path.name!r}")
+    with naming(path, "GGUF file"):
+        try:
+            sd = fam.convert_state_dict(GGUFTensors(reader, hf, path), cfg)
+        except InterpError as e:
+            raise InterpError(_gguf_names(str(e))) from None
+        tok_json, special = _tokenizer_state(*key)
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok_json), **special)
+        model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype,
+                         source=f"GGUF file {path.name!r}")
     model.prepend_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", True))
     return model

@@ -3,123 +3,32 @@
 A folder holds ``config.json`` and weights as ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``) or ``pytorch_model.bin`` (read with ``torch.load(weights_only=
 True)`` only: a pickle from a stranger must not run code). Safetensors files are read tensor
-by tensor (:class:`SafetensorsDict`), so the whole file is never held twice.
+by tensor (:class:`SafetensorsDict`, validated against the format in
+:mod:`interp.loading.safetensors`), so the whole file is never held twice. ``config.json``'s
+fields are type-checked (:mod:`interp.loading.config_json`) before transformers or a converter
+sees them.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from interp.errors import InterpError
+from interp.loading.config_json import check_config_fields
+from interp.loading.safetensors import SafetensorsDict, SafetensorsFile
+from interp.loading.torch_file import load_torch_file
+
+__all__ = ["WEIGHT_FILES", "SafetensorsDict", "SafetensorsFile", "folder_tokenizer",
+           "hf_config_object", "read_config_json", "read_weights", "tokenizer_code",
+           "wordpiece_tokenizer"]
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-class SafetensorsFile:
-    """One safetensors file: its header parsed and checked against the file size up front, each
-    tensor read on request straight into its own buffer (``os.pread``).
-
-    The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
-    byte offsets), then the raw tensor bytes. Reading tensor by tensor rather than memory-mapping
-    keeps exactly one copy of each weight in the process: a mapping would add the file's pages to
-    the resident set for as long as any weight still pointed into it (measured: 1.6x the fp32
-    size after use for a 0.5 GB checkpoint, against 1.0x here)."""
-
-    def __init__(self, path: Path):
-        import struct
-
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise InterpError(f"Safetensors file {str(path)!r} is truncated ({size} bytes, "
-                                  "no header).")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise InterpError(f"Safetensors file {str(path)!r} is truncated or corrupt: its "
-                                  f"header claims {n} bytes, the file has {size}.")
-            try:
-                header = json.loads(f.read(n).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise InterpError(f"Safetensors file {str(path)!r} has a corrupt header: "
-                                  f"{_first_line(e)}") from None
-        header.pop("__metadata__", None)
-        self.base = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype = _ST_DTYPES[e["dtype"]]
-                begin, end = (int(x) for x in e["data_offsets"])
-                shape = tuple(int(x) for x in e["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise InterpError(f"Safetensors file {str(path)!r}: tensor {name!r} has an "
-                                  "unreadable header entry.") from None
-            if self.base + end > size:
-                raise InterpError(f"Safetensors file {str(path)!r} is truncated: tensor {name!r} "
-                                  f"ends at byte {self.base + end}, the file has {size}.")
-            numel = 1
-            for d in shape:
-                numel *= d
-            if (end - begin) != numel * torch.empty((), dtype=dtype).element_size():
-                raise InterpError(f"Safetensors file {str(path)!r}: tensor {name!r} has "
-                                  f"{end - begin} bytes for shape {list(shape)}.")
-            self.entries[name] = (dtype, shape, begin, end)
-
-    def read(self, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = self.entries[name]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        if end > begin:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                view, done = memoryview(buf.numpy()), 0
-                while done < end - begin:
-                    got = os.preadv(fd, [view[done:]], self.base + begin + done)
-                    if got <= 0:
-                        raise InterpError(f"Safetensors file {str(self.path)!r} ended while "
-                                          f"reading tensor {name!r}.")
-                    done += got
-            finally:
-                os.close(fd)
-        return buf.view(dtype).reshape(shape)
-
-
-class SafetensorsDict(Mapping):
-    """A read-only mapping name -> tensor over one or more safetensors files (shards), reading
-    each tensor only when asked; every file's header is validated when the mapping is made."""
-
-    def __init__(self, files: list[Path]):
-        self._where: dict[str, SafetensorsFile] = {}
-        for f in files:
-            if not f.is_file():
-                raise InterpError(f"Weights file {str(f)!r} listed in the index does not exist; "
-                                  "the checkpoint is incomplete.")
-            st = SafetensorsFile(f)
-            for k in st.entries:
-                self._where[k] = st
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key].read(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
 
 def _first_line(e: BaseException) -> str:
@@ -128,17 +37,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def read_config_json(folder: Path) -> dict[str, Any]:
+    """``config.json`` as a dict: a JSON object with a string ``model_type`` whose fields interp
+    reads have the right types (a wrong one names the file and the field)."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise InterpError(f"Folder {str(folder)!r} has no config.json; a Hugging Face checkpoint "
                           "folder needs config.json plus model.safetensors or pytorch_model.bin.")
     try:
         d = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
         raise InterpError(f"{str(cfg_path)!r} is not valid JSON: {_first_line(e)}") from None
     if not isinstance(d, dict) or "model_type" not in d:
         raise InterpError(f"{str(cfg_path)!r} has no 'model_type'; it is not a transformers "
                           "config.")
+    check_config_fields(d, cfg_path)
     return d
 
 
@@ -176,30 +88,37 @@ def read_weights(folder: Path) -> Mapping[str, torch.Tensor]:
 
 
 def _shards(index: Path) -> list[Path]:
+    """The shard files an index's ``weight_map`` (tensor name -> file name) lists: plain file
+    names in the index's own folder, never a path that leads elsewhere."""
     try:
         wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, RecursionError, KeyError, TypeError) as e:
         raise InterpError(f"Shard index {str(index)!r} is unreadable (no weight_map): "
                           f"{_first_line(e)}") from None
+    if not isinstance(wm, dict) or not wm:
+        raise InterpError(f"Shard index {str(index)!r} field weight_map must be a non-empty "
+                          "object of tensor name -> shard file name.")
+    for name, file in wm.items():
+        if (not isinstance(file, str) or not file or Path(file).name != file
+                or file in (".", "..")):
+            raise InterpError(f"Shard index {str(index)!r} field weight_map[{name!r}] is "
+                              f"{file!r}; it must be the name of a file in the same folder.")
     return [index.parent / f for f in sorted(set(wm.values()))]
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` (or shard): a dict of named tensors, read safely."""
     if not path.is_file():
         raise InterpError(f"Weights file {str(path)!r} does not exist; the checkpoint is "
                           "incomplete.")
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:
-        raise InterpError(f"Cannot read {str(path)!r} safely (truncated, corrupt, or a pickle "
-                          f"with code?): {_first_line(e)}") from None
+    sd = load_torch_file(path, what="Weights file")
     if not isinstance(sd, dict):
-        raise InterpError(f"{str(path)!r} does not hold a state dict.")
+        raise InterpError(f"Weights file {str(path)!r} holds a {type(sd).__name__}, not a state "
+                          "dict (a dict of named tensors).")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise InterpError(f"Weights file {str(path)!r} entry {k!r} is a "
+                              f"{type(v).__name__}; a state dict maps names to tensors.")
     return sd
 
 
