@@ -67,7 +67,7 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[str]:
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             for alias in node.names:
-                # "from pkg import mod" imports the module pkg.mod; "from mod import name" imports mod
+                # "from pkg import mod" imports module pkg.mod; "from mod import name" imports mod
                 yield f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
         stack.extend(ast.iter_child_nodes(node))
 
@@ -105,7 +105,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 colour[path.pop()] = 2
                 iters.pop()
             elif colour.get(nxt, 2) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif colour.get(nxt) == 0:
                 colour[nxt] = 1
                 path.append(nxt)
@@ -145,7 +145,7 @@ def test_module_size(module: str) -> None:
 
 def test_long_functions_say_why() -> None:
     bad = []
-    for module, path in MODULES.items():
+    for path in MODULES.values():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -153,4 +153,6 @@ def test_long_functions_say_why() -> None:
                 doc = ast.get_docstring(node) or ""
                 if n > MAX_FUNCTION_LINES and "Long because" not in doc:
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
-    assert not bad, "functions over 80 lines without 'Long because' in the docstring:\n" + "\n".join(bad)
+    assert not bad, (
+        "functions over 80 lines without 'Long because' in the docstring:\n" + "\n".join(bad)
+    )

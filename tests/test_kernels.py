@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import interp
-from interp.perf import kernels
 from interp.config import ModelConfig
+from interp.perf import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.onednn_linear_available(), reason="this PyTorch build has no oneDNN linear op")
+pytestmark = pytest.mark.skipif(
+    not kernels.onednn_linear_available(), reason="this PyTorch build has no oneDNN linear op"
+)
 
 
 @pytest.fixture
@@ -102,7 +104,9 @@ def test_switch_off_and_vmap_fall_back(calls):
 def test_environment_variable_turns_it_off():
     env = {**os.environ, "INTERP_CPU_LINEAR": "aten"}
     code = "from interp.perf import kernels; print(kernels.uses_onednn_linear())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -110,8 +114,18 @@ def test_model_forward_agrees_with_mkl_and_uses_onednn(calls):
     """A whole GQA/SwiGLU/RoPE decoder: the oneDNN forward and the F.linear forward agree to
     float32 rounding, every projection and the unembedding went through oneDNN, and the
     gradient path (training) still runs F.linear."""
-    cfg = ModelConfig(n_layers=2, d_model=48, n_heads=4, n_kv_heads=2, d_mlp=96, d_vocab=97, n_ctx=32,
-                      positional="rope", norm="rmsnorm", act="swiglu")
+    cfg = ModelConfig(
+        n_layers=2,
+        d_model=48,
+        n_heads=4,
+        n_kv_heads=2,
+        d_mlp=96,
+        d_vocab=97,
+        n_ctx=32,
+        positional="rope",
+        norm="rmsnorm",
+        act="swiglu",
+    )
     torch.manual_seed(0)
     model = interp.HookedTransformer(cfg).eval()
     tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
