@@ -5,7 +5,8 @@ they all take live here so no command re-invents them:
 
 - :func:`model_argument` (optional ``MODEL``) and :func:`common_options` (``--out
   --batch-size --max-tokens --device --dtype --seed --quiet --force``);
-- :func:`prepare_out`, which fails on a bad ``--out`` before any slow work;
+- :func:`prepare_out`, which fails on a bad ``--out`` before any slow work and holds the
+  folder's lock until the command ends (so a second run on it fails at once);
 - :func:`resolve_device` and :func:`load_model`, MODEL in eval mode where it was asked for;
 - :func:`write_report`, sections into one report folder, with no machine path in it.
 
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from analyses.app.errors import CliError
+from analyses.app.outdir import out_lock
 from analyses.app.paths import scrub_paths, shown_in_text, shown_path
 from analyses.app.report import Report, ReportError, Section
 
@@ -97,10 +99,14 @@ def default_out(ctx: click.Context, out: Path | None) -> Path:
 
 def prepare_out(ctx: click.Context, out: Path | None, force: bool) -> Path:
     """Resolve ``--out`` and fail now, before any slow work, if the report could not be
-    written there: an existing folder without ``--force``, or no writable place for it."""
+    written there: no writable place for it, another run writing it, or an existing folder
+    without ``--force``.
+
+    Takes the folder's lock (:func:`analyses.app.outdir.out_lock`) and holds it until the
+    command's context closes, so of two runs on one ``--out`` only one gets past this
+    point, with or without ``--force``; the "already exists" check is made under the lock.
+    """
     path = default_out(ctx, out).expanduser().absolute()
-    if path.exists() and not force:
-        raise ReportError(f"{path} already exists; use --force to replace it")
     if path.exists() and not path.is_dir():
         raise ReportError(f"{path} exists and is not a folder")
     parent = path.parent
@@ -108,6 +114,9 @@ def prepare_out(ctx: click.Context, out: Path | None, force: bool) -> Path:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ReportError(f"cannot write to {path.parent}: {parent} is not a writable folder")
+    ctx.with_resource(out_lock(path))
+    if path.exists() and not force:
+        raise ReportError(f"{path} already exists; use --force to replace it")
     return path
 
 

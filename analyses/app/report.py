@@ -14,7 +14,11 @@ gapped machine (no external URL anywhere, so nothing can fail to load or leak a 
 
 Atomicity: :meth:`Report.write` builds everything in a hidden temporary folder next to
 the target and renames it into place at the end, so an interrupted or failing run
-(Ctrl-C, a plotting error, a full disk) leaves either the previous report or nothing.
+(Ctrl-C, SIGTERM, a plotting error, a full disk) leaves either the previous report or
+nothing, and removes its temporary folder. The write holds a lock on the target, so two
+runs on one folder cannot both write it, and signals wait while folders are renamed; a
+SIGKILLed run's temporary folder is removed by the next run on that folder
+(:mod:`analyses.app.outdir`).
 
 Determinism: the same sections give byte-identical ``index.md``, ``index.html``, CSVs and
 PNGs; only ``run.json`` carries the date and timings.
@@ -47,6 +51,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analyses.app.outdir import ReportError, out_lock, pause_point, signals_held, swap_folders
 from analyses.app.paths import scrub_paths, shown_argv, shown_path
 from analyses.app.render import markdown_to_html, render_html, render_markdown
 
@@ -58,13 +63,6 @@ VERSIONED_PACKAGES = (
     "matplotlib", "seaborn", "click",
 )
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class ReportError(ValueError):
-    """A report cannot be written as asked (existing folder, bad names, unwritable place).
-
-    The message is one line, meant to be shown to a user as is.
-    """
 
 
 @dataclass
@@ -192,28 +190,39 @@ class Report:
         """Write the report folder atomically and return its path.
 
         Refuses an existing ``out_dir`` unless ``force``, in which case the old folder is
-        replaced only once the new one is complete. Figures are closed after saving.
+        replaced only once the new one is complete. The lock on ``out_dir`` is held
+        throughout (and the "already exists" check made under it), so a concurrent run on
+        the same folder fails rather than being silently replaced. Figures are closed after
+        saving.
         """
         out_dir = Path(out_dir).expanduser().absolute()
-        if out_dir.exists() and not force:
-            raise ReportError(f"{out_dir} already exists; use --force to replace it")
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ReportError(f"{out_dir} exists and is not a folder")
-        try:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        except OSError as e:
-            raise ReportError(
-                f"cannot write to {out_dir.parent}: {e.strerror or e}"
-            ) from e
-        try:
-            self._write_into(tmp, svg=svg)
-            self._swap_into_place(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._close_figures()
-            raise
+        with out_lock(out_dir):
+            if out_dir.exists() and not force:
+                raise ReportError(f"{out_dir} already exists; use --force to replace it")
+            if out_dir.exists() and not out_dir.is_dir():
+                raise ReportError(f"{out_dir} exists and is not a folder")
+            pause_point("locked")
+            tmp: Path | None = None
+            try:
+                with signals_held():  # the folder is made and ``tmp`` names it, or neither
+                    tmp = self._make_temp(out_dir)
+                self._write_into(tmp, svg=svg)
+                pause_point("renaming")
+                self._swap_into_place(tmp, out_dir)
+            except BaseException:
+                with signals_held():
+                    if tmp is not None:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                self._close_figures()
+                raise
         return out_dir
+
+    @staticmethod
+    def _make_temp(out_dir: Path) -> Path:
+        try:
+            return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        except OSError as e:
+            raise ReportError(f"cannot write to {out_dir.parent}: {e.strerror or e}") from e
 
     def _close_figures(self) -> None:
         import matplotlib.pyplot as plt
@@ -228,18 +237,7 @@ class Report:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            old.rmdir()
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)  # put the previous report back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        swap_folders(tmp, out_dir)
 
     def _write_into(self, root: Path, *, svg: bool) -> None:
         from analyses.app.plots import save_figure
@@ -251,6 +249,8 @@ class Report:
             for name, df in section.tables.items():
                 keep_index = not isinstance(df.index, pd.RangeIndex) or df.index.name is not None
                 df.to_csv(root / "data" / f"{name}.csv", index=keep_index, lineterminator="\n")
+        pause_point("writing")
+        for section in self.sections:
             for name, fig in section.figures.items():
                 save_figure(fig, root / "figures" / name, svg=svg)
                 pngs[name] = (root / "figures" / f"{name}.png").read_bytes()
