@@ -5,11 +5,10 @@ missing file, an unknown device, an existing report folder. :data:`USER_ERRORS` 
 exception types that mean "the input was wrong" (anything else is a bug and keeps its
 traceback); :func:`one_line` and :func:`describe` turn such an exception into the one line a
 user reads. :class:`CliError` is what command code raises itself for the same purpose.
-:class:`Interrupted` is how a stop signal (SIGINT, SIGTERM, SIGHUP) reaches the code that
-cleans up: a :class:`KeyboardInterrupt` that remembers its signal, for the exit code.
+Stop signals (Ctrl-C, SIGTERM) are not errors: see :mod:`analyses.app.signals`.
 
-This module is imported by the command line before anything heavy (see
-:func:`analyses.app.cli.main`), so it imports only click and the standard library.
+Light on purpose (click and the standard library): the command group imports it before
+torch, pandas and matplotlib load.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import click
 
 from analyses.app.outdir import ReportError
 
-__all__ = ["USER_ERRORS", "CliError", "Interrupted", "describe", "one_line"]
+__all__ = ["USER_ERRORS", "CliError", "describe", "one_line"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ReportError)
 
@@ -47,22 +46,3 @@ class CliError(click.ClickException):
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"error: {one_line(self.format_message())}", err=True)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal, raised by the command line's handler where the program was.
-
-    A :class:`KeyboardInterrupt` so everything that cleans up after Ctrl-C (the report
-    writer's temporary folder, the ``--out`` lock, progress bars) does the same for SIGTERM
-    and SIGHUP. :attr:`exit_code` is the shell's convention, 128 + the signal number: 130
-    for SIGINT (Ctrl-C), 143 for SIGTERM, 129 for SIGHUP, so a supervisor or ``timeout``
-    sees which signal stopped the run.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum

@@ -18,17 +18,18 @@ holds what makes that safe when several runs, signals or a crash meet it:
   ``.DIR.tmp-*`` and ``.DIR.old-*`` folders, which can only be left by dead runs (a live
   one would hold the lock); if a run died between the two renames of the fallback swap,
   DIR is missing and its previous report, ``.DIR.old-*``, is put back first.
-- **Signals held** (:func:`signals_held`): SIGINT, SIGTERM and SIGHUP wait while the
-  rename and the clean-up run, so a signal never strands a report half-way between names.
+- **Signals held** (:func:`analyses.app.signals.signals_held`): SIGINT, SIGTERM and
+  SIGHUP wait while folders are renamed or removed, so a signal never strands a report
+  half-way between two names.
 - **Atomic replace** (:func:`swap_folders`): ``renameat2(RENAME_EXCHANGE)`` on Linux swaps
   the new and the previous report in one step, so DIR holds a complete report at every
   instant, even under SIGKILL or a power cut; elsewhere two renames, undone on error.
 - **A test hook** (:func:`pause_point`): ``INTERP_TEST_PAUSE_AT=<point>`` makes the writer
   stop at a named point so tests can land signals there (see ``tests/test_signals.py``).
 
-Nothing here runs at import time: no handler is installed and no file is touched until a
-report is written. Only the standard library is used, so the command line can import this
-(through :mod:`analyses.app.errors`) before its heavy imports.
+Nothing here runs at import time: no file is touched until a report is written. Standard
+library only, so the command line's error handling can name :class:`ReportError` before
+its heavy imports.
 """
 
 from __future__ import annotations
@@ -39,26 +40,20 @@ import errno
 import os
 import re
 import shutil
-import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no flock; runs go ahead unlocked
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ReportError", "clean_stale", "out_lock", "pause_point", "signals_held",
-           "swap_folders"]
+from analyses.app.signals import signals_held
 
-# The signals a user or a supervisor sends to stop a run politely (SIGKILL cannot be held).
-HELD_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
-)
+__all__ = ["ReportError", "clean_stale", "out_lock", "pause_point", "swap_folders"]
 
 
 class ReportError(ValueError):
@@ -67,40 +62,6 @@ class ReportError(ValueError):
 
     The message is one line, meant to be shown to a user as is.
     """
-
-
-# --------------------------------------------------------------------------- signals held
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Run the body with SIGINT/SIGTERM/SIGHUP held back, then deliver what arrived.
-
-    Used around renames and clean-up, which must not stop half-way. Python handles signals
-    in the main thread only, so elsewhere there is nothing to hold. The handlers are swapped
-    for a recorder rather than the signals blocked (``pthread_sigmask``) because the kernel
-    delivers a blocked signal to any other thread (torch starts several), and Python would
-    still run the handler in the main thread.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-
-    def record(signum: int, frame: FrameType | None) -> None:
-        arrived.append(signum)
-
-    previous = {}
-    try:
-        for sig in HELD_SIGNALS:
-            if signal.getsignal(sig) is not None:  # None: a handler Python cannot put back
-                previous[sig] = signal.signal(sig, record)
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(arrived):
-            signal.raise_signal(sig)  # now handled as it would have been (e.g. KeyboardInterrupt)
 
 
 # --------------------------------------------------------------------------- the lock

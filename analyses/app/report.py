@@ -51,9 +51,10 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analyses.app.outdir import ReportError, out_lock, pause_point, signals_held, swap_folders
+from analyses.app.outdir import ReportError, out_lock, pause_point, swap_folders
 from analyses.app.paths import scrub_paths, shown_argv, shown_path
 from analyses.app.render import markdown_to_html, render_html, render_markdown
+from analyses.app.signals import signals_held
 
 __all__ = ["Report", "ReportError", "Section", "markdown_to_html"]
 
