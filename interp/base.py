@@ -39,16 +39,30 @@ from interp.perf.memory import recording
 from interp.positions import RelativePositionBias, alibi_bias, alibi_slopes, rope_cos_sin
 from interp.state import AttentionOverride
 
-ReturnType = Literal["logits", "loss", "both", "hidden"] | None
-RETURN_TYPES = ("logits", "loss", "both", "hidden", None)
+#: What a forward returns. ``"auto"`` (the default) is ``"logits"`` for a model with an
+#: unembedding and ``"hidden"`` (the final residual, after the final norm) for one without, as
+#: transformers' ``BertModel`` returns ``last_hidden_state``; ``None`` returns nothing (for
+#: hooks only).
+ReturnType = Literal["auto", "logits", "loss", "both", "hidden"] | None
+RETURN_TYPES = ("auto", "logits", "loss", "both", "hidden", None)
 
 
 def check_return_type(return_type: Any) -> None:
     if return_type not in RETURN_TYPES:
         raise InterpError(
-            "return_type must be 'logits', 'loss', 'both', 'hidden' or None, "
+            "return_type must be 'auto', 'logits', 'loss', 'both', 'hidden' or None, "
             f"got {return_type!r}."
         )
+
+
+def resolve_return_type(return_type: Any, has_unembed: bool) -> ReturnType:
+    """``return_type`` checked, with ``"auto"`` made concrete: a bare encoder's natural
+    output is its hidden states, so a plain ``model(tokens)`` answers instead of raising;
+    asking such a model for logits or a loss explicitly still raises."""
+    check_return_type(return_type)
+    if return_type == "auto":
+        return "logits" if has_unembed else "hidden"
+    return return_type
 
 
 def _shape_or_type(x: Any) -> Any:
@@ -247,7 +261,11 @@ class HookedBase(Interventions, HookedRootModule):
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache | dict]:
         """As TransformerLens, but returns an ``ActivationCache`` (TL 4.3 returns a plain dict).
-        Hook names given as a string or list must exist (TL would silently cache nothing)."""
+        Hook names given as a string or list must exist (TL would silently cache nothing).
+
+        The first value is the forward's output: by default (``return_type="auto"``) logits,
+        or the final hidden states [batch, pos, d_model] for a model without an unembedding
+        (a bare encoder such as ``minilm``); pass ``return_type=`` to choose."""
         kwargs["names_filter"] = cache_names_filter(
             self.hook_dict, kwargs.get("names_filter"), self.use_attn_result
         )

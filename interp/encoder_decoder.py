@@ -15,7 +15,7 @@ from jaxtyping import Float, Int
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-from interp.base import HookedBase, ReturnType, check_return_type
+from interp.base import HookedBase, ReturnType, resolve_return_type
 from interp.components.block import Block
 from interp.components.context import AttnContext
 from interp.components.embeddings import Unembed
@@ -99,7 +99,7 @@ class HookedEncoderDecoder(HookedBase):
         tokens: Int[torch.Tensor, "batch pos"],
         decoder_input: Int[torch.Tensor, "batch dec_pos"] | None = None,
         attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-        return_type: ReturnType = "logits",
+        return_type: ReturnType = "auto",
         *,
         decoder_attention_mask: Int[torch.Tensor, "batch dec_pos"] | None = None,
         labels: Int[torch.Tensor, "batch dec_pos"] | None = None,
@@ -109,8 +109,10 @@ class HookedEncoderDecoder(HookedBase):
         """(input tokens, decoder input tokens) -> decoder logits [batch, dec_pos, d_vocab].
 
         With ``labels`` and no ``decoder_input``, the decoder input is the labels shifted right
-        after ``cfg.extra['decoder_start_token_id']`` (0 by default), as in T5."""
-        check_return_type(return_type)
+        after ``cfg.extra['decoder_start_token_id']`` (0 by default), as in T5.
+        ``return_type="auto"`` (the default) gives logits, or the decoder's final hidden
+        states [batch, dec_pos, d_model] when the model has no unembedding."""
+        return_type = resolve_return_type(return_type, hasattr(self, "unembed"))
         if decoder_input is None:
             if labels is None:
                 raise InterpError(
@@ -132,7 +134,10 @@ class HookedEncoderDecoder(HookedBase):
         if return_type == "hidden":
             return x
         if not hasattr(self, "unembed"):
-            raise InterpError("This model has no unembedding; use return_type='hidden'.")
+            raise InterpError(
+                "This model has no unembedding; use return_type='hidden' (the default) for its "
+                "final states."
+            )
         scale = self.cfg.logit_scale
         logits = self.unembed(x * scale if scale != 1.0 else x)
         if return_type == "logits":

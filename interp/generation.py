@@ -96,7 +96,7 @@ class DecoderGeneration:
         cache = KVCache(self.cfg.n_layers) if use_cache else None
         out = tokens
         mask = attention_mask
-        logits = model(tokens, attention_mask=mask, past_kv=cache)
+        logits = model(tokens, attention_mask=mask, past_kv=cache, return_type="logits")
         done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         for _ in range(max_new_tokens):
             nxt = _next_token(logits[:, -1].float(), temperature, top_k, gen)
@@ -109,7 +109,7 @@ class DecoderGeneration:
             if eos_token_id is not None and bool(done.all()):
                 break
             if cache is not None:
-                logits = model(nxt[:, None], past_kv=cache)
+                logits = model(nxt[:, None], past_kv=cache, return_type="logits")
             else:
-                logits = model(out, attention_mask=mask)
+                logits = model(out, attention_mask=mask, return_type="logits")
         return model.to_string(out[0]) if as_text else out

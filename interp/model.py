@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
-from interp.base import HookedBase, ReturnType, check_return_type
+from interp.base import HookedBase, ReturnType, resolve_return_type
 from interp.components.block import Block
 from interp.components.embeddings import MLMHead, Unembed
 from interp.components.norms import make_norm
@@ -79,7 +79,7 @@ class HookedTransformer(DecoderGeneration, HookedBase):
         self,
         tokens: Int[torch.Tensor, "batch pos"],
         attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-        return_type: ReturnType = "logits",
+        return_type: ReturnType = "auto",
         *,
         token_type_ids: Int[torch.Tensor, "batch pos"] | None = None,
         labels: Int[torch.Tensor, "batch pos"] | None = None,
@@ -90,6 +90,10 @@ class HookedTransformer(DecoderGeneration, HookedBase):
     ) -> Any:
         """tokens [batch, pos] -> logits [batch, pos, d_vocab] (or loss, both, hidden, None).
 
+        ``return_type`` defaults to ``"auto"``: logits when the model has an unembedding, the
+        final hidden states [batch, pos, d_model] (after the final norm) when it has none (a
+        bare encoder such as ``minilm``, like transformers' ``BertModel``). Asking such a model
+        for ``"logits"``, ``"loss"`` or ``"both"`` raises.
         ``attention_mask`` is the tokenizer's (1 = token, 0 = padding). ``labels`` defaults to
         the next token for decoders (padding ignored); encoders need ``labels`` for a loss
         (-100 = ignored, as in MLM). ``past_kv`` appends to a :class:`KVCache` for generation.
@@ -98,7 +102,7 @@ class HookedTransformer(DecoderGeneration, HookedBase):
         """
         start_at_layer = self._layer_index("start_at_layer", start_at_layer)
         stop_at_layer = self._layer_index("stop_at_layer", stop_at_layer)
-        check_return_type(return_type)
+        return_type = resolve_return_type(return_type, hasattr(self, "unembed"))
         tokens = self._check_tokens(tokens)
         B, T = tokens.shape
         token_type_ids = self._check_token_types(token_type_ids, tokens)
@@ -196,7 +200,7 @@ class HookedTransformer(DecoderGeneration, HookedBase):
         if not hasattr(self, "unembed"):
             raise InterpError(
                 "This model has no unembedding (a bare encoder); use return_type='hidden' "
-                "for its final states."
+                "(the default) for its final states."
             )
         if self.cfg.logit_scale != 1.0:
             x = x * self.cfg.logit_scale

@@ -152,8 +152,9 @@ def test_bad_call_arguments() -> None:
     with raises("needs a decoder"):
         enc.generate(GOOD, max_new_tokens=2)
     bare = make(architecture="encoder", has_unembed=False)
-    with raises("no unembedding"):
-        bare(GOOD)
+    for asked in ("logits", "loss", "both"):
+        with raises("no unembedding"):
+            bare(GOOD, return_type=asked, labels=GOOD)
     assert bare(GOOD, return_type="hidden").shape == (1, 3, 16)
 
 
@@ -185,3 +186,34 @@ def test_bad_model_construction() -> None:
         HookedTransformer(ModelConfig(**BASE, architecture="encoder_decoder"))
     with raises("architecture='encoder_decoder'"):
         HookedEncoderDecoder(ModelConfig(**BASE))
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder", "encoder_decoder"])
+def test_default_return_type_follows_the_unembedding(arch: str) -> None:
+    """A model without an unembedding answers with its final hidden states by default (as
+    transformers' BertModel); one with an unembedding answers with logits. run_with_cache
+    follows the same default."""
+    args = (GOOD, GOOD) if arch == "encoder_decoder" else (GOOD,)
+    bare = make(architecture=arch, has_unembed=False)
+    hidden = bare(*args, return_type="hidden")
+    assert hidden.shape == (1, 3, 16)
+    torch.testing.assert_close(bare(*args), hidden)
+    out, cache = bare.run_with_cache(*args)
+    torch.testing.assert_close(out, hidden)
+    assert len(cache) > 0
+    torch.testing.assert_close(bare(*args, return_type="auto"), hidden)
+    with raises("no unembedding"):
+        bare(*args, return_type="logits")
+    with raises("no unembedding"):
+        bare.run_with_cache(*args, return_type="logits")
+    full = make(architecture=arch)
+    torch.testing.assert_close(full(*args), full(*args, return_type="logits"))
+    assert full(*args).shape == (1, 3, 20)
+    assert full.run_with_cache(*args)[0].shape == (1, 3, 20)
+
+
+def test_generate_refuses_a_decoder_without_unembedding() -> None:
+    """generate needs logits: it must not sample from hidden states now that they are a bare
+    model's default output."""
+    with raises("no unembedding"):
+        make(has_unembed=False).generate(GOOD, max_new_tokens=1)

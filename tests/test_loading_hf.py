@@ -228,7 +228,7 @@ def test_bert_model_without_head(tmp_path: Path) -> None:
         ours = model(tokens, attention_mask=mask, return_type="hidden")
     assert (ours - ref)[mask.bool()].abs().max() <= ATOL
     with pytest.raises(InterpError, match="no unembedding"):
-        model(tokens)
+        model(tokens, return_type="logits")
 
 
 T5_VARIANTS = {
