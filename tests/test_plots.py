@@ -144,3 +144,55 @@ def test_save_figure_downscales_and_closes(tmp_path: Path) -> None:
     assert not plt.fignum_exists(fig.number)
     with Image.open(tmp_path / "wide.png") as im:
         assert max(im.size) <= plots.MAX_PNG_PIXELS + 1
+
+
+# ------------------------------------------------------------- `interp plot` on an encoder
+
+
+def _titles(fig: Figure) -> str:
+    """Every title drawn on a figure (suptitle and axes titles), one string."""
+    parts = [fig._suptitle.get_text()] if fig._suptitle is not None else []
+    return " | ".join(parts + [ax.get_title() for ax in fig.axes])
+
+
+def test_plot_titles_name_model_layer_and_head() -> None:
+    from analyses.app.plot_cmd import _figures
+
+    pats = causal_patterns(1, 4, 6, 6)
+    toks = TOKENS[:6]
+    figs, scope = _figures(pats, toks, "minilm", "a text", 2, 3, n_layers=6, n_heads=4)
+    fig = figs["pattern_L2H3"]
+    assert "minilm, layer 2, head 3" in _titles(fig), _titles(fig)
+    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+    assert scope == "layer 2, head 3"
+    figs, _ = _figures(pats, toks, "minilm", "a text", 2, None, n_layers=6, n_heads=4)
+    fig = figs["pattern_L2"]
+    assert "minilm, layer 2, heads 0-3" in _titles(fig)
+    assert all(f"L2H{h}" in _titles(fig) for h in range(4))
+    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+
+
+def test_interp_plot_on_a_bare_encoder(tmp_path: Path) -> None:
+    """An encoder without an unembedding (like MiniLM) plots a layer's heads and one head;
+    before, the forward behind the plot raised 'no unembedding'."""
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from analyses.app.cli import cli
+
+    cfg = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_vocab": 300, "n_ctx": 64,
+           "architecture": "encoder", "has_unembed": False}
+    path = tmp_path / "bare.json"
+    path.write_text(json.dumps(cfg))
+    for extra, stem in ((["--layer", "1"], "pattern_L1"),
+                        (["--layer", "1", "--head", "2"], "pattern_L1H2")):
+        out = tmp_path / stem
+        result = CliRunner().invoke(cli, ["plot", str(path), "--text", "abcab", *extra,
+                                          "--out", str(out), "-q", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        with Image.open(out / "figures" / f"{stem}.png") as im:
+            assert min(im.size) > 200
+        table = pd.read_csv(out / "data" / "patterns.csv", keep_default_na=False)
+        assert table.query("k > q")["weight"].max() > 0  # bidirectional: sees the right side

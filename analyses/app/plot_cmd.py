@@ -119,7 +119,11 @@ def _tokenize(model: HookedTransformer, text: str) -> tuple[torch.Tensor, list[s
 
 
 def _patterns(m: HookedTransformer, tokens: torch.Tensor, layers: list[int]) -> np.ndarray:
-    """The attention patterns of ``layers`` on one text, ``[layer, head, q, k]`` float32."""
+    """The attention patterns of ``layers`` on one text, ``[layer, head, q, k]`` float32.
+
+    The forward's own output is not used; its default return type is what every model can
+    give (logits, or the hidden states of a bare encoder such as ``minilm``).
+    """
     import numpy as np
     import torch
 
@@ -137,11 +141,11 @@ def _figures(pats: np.ndarray, str_tokens: list[str], name: str, text: str,
     short = text if len(text) <= 60 else text[:57] + "..."
     if head is not None:
         figure = plots.head_pattern(pats[0, head], str_tokens,
-                                    title=f"{name} L{layer}H{head}: {short!r}")
+                                    title=f"{name}, layer {layer}, head {head}: {short!r}")
         return {f"pattern_L{layer}H{head}": figure}, f"layer {layer}, head {head}"
     if layer is not None:
         figure = plots.head_grid(pats[0], str_tokens, layer=layer,
-                                 title=f"{name} layer {layer}: {short!r}")
+                                 title=f"{name}, layer {layer}, heads 0-{n_heads - 1}: {short!r}")
         return {f"pattern_L{layer}": figure}, f"layer {layer}, all {n_heads} heads"
     figure = plots.layer_head_grid(pats, str_tokens,
                                    title=f"{name}, every layer and head: {short!r}")

@@ -226,7 +226,7 @@ def head_grid(
         else:
             ax.set_yticks([])
     if mappable is not None:
-        fig.colorbar(mappable, ax=axes, shrink=0.6, label="attention weight")
+        fig.colorbar(mappable, ax=axes, shrink=0.6, pad=0.01, label="attention weight")
     fig.suptitle(_wrap(fig, title))
     return fig
 
@@ -268,7 +268,7 @@ def layer_head_grid(
             if h == 0:
                 ax.set_ylabel(f"L{layer}", fontsize=8, rotation=0, ha="right", va="center")
     if mappable is not None:
-        fig.colorbar(mappable, ax=axes, shrink=0.5, label="attention weight")
+        fig.colorbar(mappable, ax=axes, shrink=0.5, pad=0.01, label="attention weight")
     fig.suptitle(_wrap(fig, title))
     return fig
 
