@@ -174,7 +174,13 @@ def from_config_json(path: Path, fields: dict[str, Any], *, seed: int | None = N
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(int(seed))
-        model = build_model(cfg)
+        try:
+            model = build_model(cfg)
+        except (MemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "alloc" not in str(e):
+                raise
+            raise InterpError(f"The model of {str(path)!r} does not fit in memory; reduce its "
+                              "sizes (n_layers, d_model, d_mlp, d_vocab, n_ctx).") from None
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype or torch.float32)
     return model.eval()
@@ -215,7 +221,8 @@ def from_hf_folder(folder: Path, fields: dict[str, Any], *, device: Any = None,
     from interp.loading.hf import folder_tokenizer, hf_config_object, read_config_json, read_weights
 
     raw = read_config_json(folder)
-    fam = get_family(raw["model_type"])  # unsupported types fail before transformers parses
+    with naming(folder / "config.json", "Config file"):
+        fam = get_family(raw["model_type"])  # unsupported types fail before transformers parses
     hf_config = hf_config_object(folder, raw)
     cfg = apply_overrides(config_from_file(fam, hf_config, folder / "config.json", "Config file"),
                           fields)

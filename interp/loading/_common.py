@@ -215,6 +215,20 @@ def _fill_computed_buffers(model: nn.Module) -> None:
                 module.register_buffer(name, value, persistent=False)
 
 
+def _check_counts(cfg: ModelConfig, n_tensors: int, source: str) -> None:
+    """Refuse a config whose layer or expert count the weights cannot possibly fill (each layer
+    and each expert has at least one tensor) before building it: building even on the meta
+    device takes time per module, so a crafted ``n_layers`` of 2**31 would hang the load."""
+    layers = cfg.n_layers + (cfg.n_decoder_layers or 0)
+    least = layers
+    if cfg.n_experts and layers <= n_tensors:
+        least += cfg.n_experts * sum(1 for i in range(cfg.n_layers) if cfg.is_moe_layer(i))
+    if least > n_tensors:
+        raise InterpError(f"The {source} hold {n_tensors} tensors, fewer than the {least} that "
+                          f"the config's {layers} layers and {cfg.n_experts} experts need at "
+                          "least; the config does not match the weights.")
+
+
 def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer: Any = None,
              device: Any = None, dtype: torch.dtype | None = None,
              source: str = "converted weights", copy: bool = False) -> Any:
@@ -222,6 +236,7 @@ def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer
 
     ``copy=True`` when the tensors belong to someone else (an in-memory transformers model), so
     the two models never share storage."""
+    _check_counts(cfg, len(state_dict), source)
     model = _build_on_meta(cfg)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]

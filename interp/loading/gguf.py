@@ -238,7 +238,12 @@ class GGUFTensors(Mapping):
             if t.ggml_type in _INTEGER_TYPES:  # a cast to float would load a different model
                 raise InterpError(f"GGUF tensor {t.name!r} in {str(path)!r} has integer ggml_type "
                                   f"{t.ggml_type}; model weights are float or quantised floats.")
-            hf = _hf_name(t.name) or t.name  # unknown names surface as unexpected tensors
+            hf = _hf_name(t.name)
+            if hf is None:  # not left to the converter: it ignores some names (inv_freq)
+                raise InterpError(f"GGUF file {str(path)!r} has tensor {t.name!r}, which is not "
+                                  "a Llama tensor interp knows (token_embd, output_norm, output, "
+                                  "blk.N.attn_*/ffn_*); the file does not match its "
+                                  "architecture.")
             if hf in self._by_name:
                 raise InterpError(f"GGUF file {str(path)!r} has tensors "
                                   f"{self._by_name[hf].name!r} and {t.name!r}, which are the "

@@ -61,9 +61,10 @@ def hf_config_object(folder: Path, raw: dict[str, Any]) -> Any:
     try:  # never the folder's own code: config.json's fields are all interp reads
         return AutoConfig.from_pretrained(str(folder), local_files_only=True,
                                           trust_remote_code=False)
-    except Exception as e:
-        raise InterpError(f"transformers cannot read {str(folder / 'config.json')!r}: "
-                          f"{_first_line(e)}") from None
+    except Exception as e:  # transformers validates field types; its message names the field
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise InterpError(f"transformers cannot read {str(folder / 'config.json')!r}: {detail} "
+                          "(correct that field, or remove it to use the default).") from None
 
 
 def read_weights(folder: Path) -> Mapping[str, torch.Tensor]:
