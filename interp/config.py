@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from interp.config_checks import (
+    MAX_MODULES,
     REQUIRED_SIZES,
     check_architecture,
     check_attention_kernel,
     check_choices,
     check_flags,
+    check_mask_parameters,
     check_moe,
     check_norms,
     check_numbers,
@@ -110,7 +112,8 @@ def _has_experts(c: ModelConfig) -> bool:
 
 def _moe_layers(c: ModelConfig) -> tuple[int, ...] | None:
     n_stack = c.n_decoder_layers if c.architecture == "encoder_decoder" else c.n_layers
-    if not _has_experts(c) or isinstance(n_stack, bool) or not isinstance(n_stack, int):
+    if (not _has_experts(c) or isinstance(n_stack, bool) or not isinstance(n_stack, int)
+            or n_stack > MAX_MODULES):
         return None  # a bad n_decoder_layers is reported by check_architecture
     return tuple(range(n_stack))
 
@@ -279,8 +282,8 @@ class ModelConfig:
         check_numbers(self)
         self._set("extra", _as_extra(self.extra))
         self._set("mask", _as_mask(self.mask))
-        for check in (check_architecture, check_positions, check_norms, check_attention_kernel,
-                      check_moe, check_unembedding):
+        for check in (check_mask_parameters, check_architecture, check_positions, check_norms,
+                      check_attention_kernel, check_moe, check_unembedding):
             check(self)
         if self.moe_layers is not None:
             self._set("moe_layers", tuple(sorted(set(self.moe_layers))))

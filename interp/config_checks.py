@@ -8,9 +8,12 @@ them changes the config (derivation and normalisation live in :mod:`interp.confi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from interp.masks import MaskSpec
 
 if TYPE_CHECKING:
     from interp.config import ModelConfig
@@ -23,8 +26,30 @@ FLAGS = (
     "rope_interleaved", "embed_norm", "final_norm", "norm_bias", "attn_qkv_bias",
     "attn_out_bias", "mlp_bias", "unembed_bias", "router_renormalize", "shared_expert_gate",
 )
-POSITIVE_NUMBERS = ("rope_base", "norm_eps", "attn_temperature", "logit_scale", "init_std")
+#: positive scalars: field -> (smallest, largest or None, why the bounds). A bound is where
+#: float32 arithmetic under- or overflows at forward time, or where larger values change nothing
+POSITIVE_NUMBERS: dict[str, tuple[float, float | None, str]] = {
+    "rope_base": (0.0, None, ""),
+    "norm_eps": (0.0, None, ""),
+    "init_std": (0.0, 1.0, "weights are drawn from N(0, init_std**2); GPT-2 uses 0.02, and a "
+                 "larger std overflows float activations within a few layers"),
+    "logit_scale": (0.0, 1e4, "it multiplies the final residual; T5 uses d_model**-0.5"),
+    "attn_temperature": (1e-4, 1e4, "the scores are divided by it; outside 1e-4..1e4 the "
+                         "softmax is one-hot or flat, and the scaled scores under- or overflow"),
+}
+#: loss weights: >= 0, at most this (Switch uses 0.01, ST-MoE's z-loss 0.001)
 LOSS_COEFS = ("moe_aux_loss_coef", "router_z_loss_coef")
+MAX_LOSS_COEF = 1e4
+#: attn_scale's range (default 1/sqrt(d_head), T5 1.0); outside it the scores under- or overflow
+ATTN_SCALE_RANGE = (1e-4, 1e4)
+#: exp(-1e4) is 0 in every float type, so a larger soft penalty is the hard mask
+MAX_SOFT_MASK_PENALTY = 1e4
+#: mask parameters (window, block, stride, prefix) are compared with int64 positions
+MAX_MASK_PARAMETER = 2**63 - 1
+#: layers of a stack and experts of a layer are each a Python module (kilobytes of objects and
+#: a Python step in every forward, whatever their width); the largest models have ~100 layers
+#: and ~256 experts
+MAX_MODULES = 10_000
 
 
 def positive_int(name: str, value: Any) -> None:
@@ -37,15 +62,42 @@ def _is_number(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, int | float)
 
 
+def _is_finite(v: Any) -> bool:
+    """A real number that is a finite float (an int past float's range is not)."""
+    try:
+        return _is_number(v) and math.isfinite(v)
+    except OverflowError:  # an int beyond 1.8e308
+        return False
+
+
+def _in_range(name: str, v: Any, lo: float, hi: float | None, why: str, what: str) -> None:
+    """``v`` is a finite number with ``lo < v <= hi`` (``lo <= v`` when ``lo`` is not 0)."""
+    if not _is_finite(v) or (v <= lo if lo == 0 else v < lo):
+        raise ValueError(f"{name} must be {what}, got {v!r}.")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be at most {hi:g} ({why}), got {v!r}.")
+
+
 def _is_count(v: Any) -> bool:
     """An int >= 0 (a bool is not a count)."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def module_count(name: str, value: Any) -> None:
+    """A positive int of at most :data:`MAX_MODULES` (a count of layers or experts)."""
+    positive_int(name, value)
+    if value > MAX_MODULES:
+        raise ValueError(
+            f"{name}={value} is more than {MAX_MODULES:,}: each is a Python module of its own "
+            "(the largest models have ~100 layers, ~256 experts); use fewer."
+        )
 
 
 def check_required_sizes(cfg: ModelConfig) -> None:
     """The five sizes every derivation starts from; checked before anything is derived."""
     for name in REQUIRED_SIZES:
         positive_int(name, getattr(cfg, name))
+    module_count("n_layers", cfg.n_layers)
 
 
 def check_widths(cfg: ModelConfig) -> None:
@@ -77,36 +129,49 @@ def check_flags(cfg: ModelConfig) -> None:
 
 def check_numbers(cfg: ModelConfig) -> None:
     """Scalars and counts; fields that matter only for some variants are still type-checked,
-    so a typo never hides."""
-    for name in POSITIVE_NUMBERS:
-        v = getattr(cfg, name)
-        if not _is_number(v) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {v!r}.")
+    so a typo never hides. Each scalar is bounded where float32 would overflow at run time."""
+    for name, (lo, hi, why) in POSITIVE_NUMBERS.items():
+        what = "a positive finite number" if lo == 0 else f"a finite number >= {lo:g}"
+        _in_range(name, getattr(cfg, name), lo, hi, why, what)
     for name in LOSS_COEFS:
         v = getattr(cfg, name)
-        if not _is_number(v) or not math.isfinite(v) or v < 0:
+        if not _is_finite(v) or v < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}.")
-    s = cfg.attn_scale
-    if s is not None and (not _is_number(s) or not math.isfinite(s) or s <= 0):
-        raise ValueError(
-            f"attn_scale must be a positive number (or None for 1/sqrt(d_head)), got {s!r}."
-        )
-    p = cfg.soft_mask_penalty
-    if p is not None and (not _is_number(p) or math.isnan(p) or p < 0):
-        raise ValueError(
-            f"soft_mask_penalty must be >= 0 (a finite penalty on masked keys), got {p!r}; "
-            "use None for a hard mask."
-        )
+        if v > MAX_LOSS_COEF:
+            raise ValueError(f"{name} must be at most {MAX_LOSS_COEF:g} (a loss weight; Switch "
+                             f"uses 0.01), got {v!r}.")
+    if cfg.attn_scale is not None:
+        lo, hi = ATTN_SCALE_RANGE
+        _in_range("attn_scale", cfg.attn_scale, lo, hi,
+                  "it multiplies the scores; the default is 1/sqrt(d_head), T5 uses 1.0",
+                  f"a number in {lo:g}..{hi:g} (or None for 1/sqrt(d_head))")
+    _check_penalty(cfg.soft_mask_penalty)
     if not _is_count(cfg.n_token_types):
         raise ValueError(f"n_token_types must be an integer >= 0, got {cfg.n_token_types!r}.")
     for name in ("relative_buckets", "relative_max_distance", "experts_per_token"):
         positive_int(name, getattr(cfg, name))
 
 
+def _check_penalty(p: Any) -> None:
+    """A soft-mask penalty is None (a hard mask) or a finite number in 0..1e4."""
+    if p is None:
+        return
+    if not _is_number(p) or p != p or p < 0:  # p != p: NaN (an int too large for isnan)
+        raise ValueError(
+            f"soft_mask_penalty must be >= 0 (a finite penalty on masked keys), got {p!r}; "
+            "use None for a hard mask."
+        )
+    if not _is_finite(p) or p > MAX_SOFT_MASK_PENALTY:
+        raise ValueError(
+            f"soft_mask_penalty must be at most {MAX_SOFT_MASK_PENALTY:g}, got {p!r}: exp(-1e4) "
+            "is already 0 in every float type, so a larger penalty is the hard mask; use None."
+        )
+
+
 def check_architecture(cfg: ModelConfig) -> None:
     """Decoder layers exist only in an encoder-decoder, whose decoder is causal."""
     if cfg.architecture == "encoder_decoder":
-        positive_int("n_decoder_layers", cfg.n_decoder_layers)
+        module_count("n_decoder_layers", cfg.n_decoder_layers)
         if not cfg.mask.is_causal:
             raise ValueError(
                 "An encoder-decoder's decoder must use the causal mask (its encoder is always "
@@ -131,10 +196,54 @@ def check_positions(cfg: ModelConfig) -> None:
             f"rotary_dim applies only to positional='rope' (got positional={cfg.positional!r}); "
             "remove it."
         )
-    if cfg.positional == "relative" and cfg.relative_buckets < 4:
+    if cfg.positional == "relative":
+        _check_relative_buckets(cfg)
+
+
+def _check_relative_buckets(cfg: ModelConfig) -> None:
+    """T5's buckets: half of each direction's buckets are exact offsets, the rest logarithmic
+    from there up to ``relative_max_distance``, which must lie beyond the exact range (else the
+    logarithmic bucket ids come out negative or infinite: Raffel et al. 2020, sec. 2.1)."""
+    if cfg.relative_buckets < 4:
         raise ValueError(
             "relative_buckets must be at least 4 (half exact, half logarithmic, per direction)."
         )
+    # a causal stack (any encoder-decoder's decoder) gives all buckets to the past; a
+    # bidirectional one splits them between past and future (positions.RelativePositionBias)
+    causal = cfg.architecture == "encoder_decoder" or cfg.mask.is_causal
+    exact = cfg.relative_buckets // 2 if causal else cfg.relative_buckets // 4
+    if cfg.relative_max_distance <= exact:
+        stack = "a causal stack" if causal else "a bidirectional stack, half per direction"
+        raise ValueError(
+            f"relative_max_distance={cfg.relative_max_distance} must exceed the {exact} exact "
+            f"offsets of relative_buckets={cfg.relative_buckets} ({stack}); set "
+            f"relative_max_distance > {exact} (T5: 32 buckets, 128) or use fewer buckets."
+        )
+    if cfg.relative_max_distance > MAX_MASK_PARAMETER:
+        raise ValueError(
+            f"relative_max_distance must be at most 2**63 - 1 (positions are int64), got "
+            f"{cfg.relative_max_distance!r}."
+        )
+
+
+def check_mask_parameters(cfg: ModelConfig) -> None:
+    """Every parameter of every mask in the tree (window, block, stride, prefix) is an int, not
+    a bool, that int64 positions can be compared with."""
+    stack = [cfg.mask]
+    while stack:
+        mask = stack.pop()
+        if not dataclasses.is_dataclass(mask):
+            continue  # a user's own MaskSpec: its parameters are its business
+        for f in dataclasses.fields(mask):
+            v = getattr(mask, f.name)
+            if isinstance(v, MaskSpec):
+                stack.append(v)
+            elif isinstance(v, bool) or not isinstance(v, int) or v > MAX_MASK_PARAMETER:
+                leaf = str(mask).partition("(")[0]
+                raise ValueError(
+                    f"mask {mask}: its {f.name} must be an integer of at most 2**63 - 1 "
+                    f"(positions are int64), got {v!r}; pass e.g. '{leaf}:4'."
+                )
 
 
 def check_norms(cfg: ModelConfig) -> None:
@@ -191,6 +300,7 @@ def check_moe(cfg: ModelConfig) -> None:
             f"n_shared_experts must be an integer >= 0, got {cfg.n_shared_experts!r}."
         )
     if cfg.n_experts:
+        module_count("n_experts", cfg.n_experts)
         _check_experts(cfg)
         return
     if cfg.n_shared_experts:

@@ -21,6 +21,7 @@ from interp.components.context import AttnContext
 from interp.components.embeddings import Unembed
 from interp.components.norms import make_norm
 from interp.config import ModelConfig
+from interp.config_memory import allocation_errors
 from interp.errors import InterpError
 from interp.generation import KVCache, cache_is_exact
 from interp.hooks import hp
@@ -44,6 +45,12 @@ class HookedEncoderDecoder(HookedBase):
                 "HookedEncoderDecoder needs a ModelConfig with architecture='encoder_decoder'."
             )
         self.cfg = cfg
+        with allocation_errors(cfg):  # "this model needs N GB", not an allocator traceback
+            self._build(cfg)
+        self.tokenizer = tokenizer
+
+    def _build(self, cfg: ModelConfig) -> None:
+        """Every module and parameter of the model, initialised."""
         self._build_embeddings(cfg)
         self.hook_decoder_embed = HookPoint()  # [batch, pos, d_model]
         if hasattr(self, "pos_embed"):
@@ -64,7 +71,6 @@ class HookedEncoderDecoder(HookedBase):
         if cfg.has_unembed:
             self.unembed = Unembed(cfg, self.embed if cfg.tie_embeddings else None)
         self._finish()
-        self.tokenizer = tokenizer
 
     def _own_mask(self) -> MaskSpec:
         """The decoder's self-attention mask without an override: causal."""

@@ -22,6 +22,7 @@ from interp.components.block import Block
 from interp.components.embeddings import MLMHead, Unembed
 from interp.components.norms import make_norm
 from interp.config import ModelConfig
+from interp.config_memory import allocation_errors
 from interp.encoder_decoder import HookedEncoderDecoder
 from interp.errors import InterpError
 from interp.generation import DecoderGeneration, KVCache
@@ -52,6 +53,12 @@ class HookedTransformer(DecoderGeneration, HookedBase):
                 "architecture='encoder_decoder' is built by interp.HookedEncoderDecoder."
             )
         self.cfg = cfg
+        with allocation_errors(cfg):  # "this model needs N GB", not an allocator traceback
+            self._build(cfg)
+        self.tokenizer = tokenizer
+
+    def _build(self, cfg: ModelConfig) -> None:
+        """Every module and parameter of the model, initialised."""
         self._build_embeddings(cfg)
         if cfg.positional == "relative":
             self.rel_bias = RelativePositionBias(
@@ -73,7 +80,6 @@ class HookedTransformer(DecoderGeneration, HookedBase):
                 self.mlm_head = MLMHead(cfg)
             self.unembed = Unembed(cfg, self.embed if cfg.tie_embeddings else None)
         self._finish()
-        self.tokenizer = tokenizer
 
     def forward(
         self,

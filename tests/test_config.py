@@ -323,3 +323,65 @@ def test_load_pretrained_with_n_ctx_override() -> None:
     tokens = torch.tensor([[1, 510, 2111, 314, 253, 3457, 30]])
     with torch.no_grad():
         torch.testing.assert_close(short(tokens), default(tokens), rtol=0, atol=0)
+
+
+# --- issue 24: values that used to construct and then fail at forward time are refused ---
+
+REFUSED = [  # (changes to BASE, a word the one-line message must contain)
+    (dict(positional="relative", relative_buckets=32, relative_max_distance=16),
+     "relative_max_distance"),  # causal: 16 exact offsets, so the log buckets went negative
+    (dict(positional="relative", relative_buckets=32, relative_max_distance=8,
+          mask="bidirectional"), "relative_max_distance"),  # 8 exact offsets per direction
+    (dict(positional="relative", relative_max_distance=10**400), "relative_max_distance"),
+    (dict(mask="causal&sliding_window:" + str(10**30)), "window"),
+    (dict(mask="prefix_lm:" + str(2**63)), "prefix"),
+    (dict(mask={"name": "block_sparse", "args": [True]}), "block"),
+    (dict(mask={"op": "and", "a": {"name": "causal"},
+                "b": {"name": "strided", "args": [10**30]}}), "stride"),
+    (dict(mask="sliding_window:abc"), "sliding_window"),
+    (dict(soft_mask_penalty=1e300), "soft_mask_penalty"),
+    (dict(soft_mask_penalty=10**400), "soft_mask_penalty"),
+    (dict(soft_mask_penalty=float("inf")), "soft_mask_penalty"),
+    (dict(attn_temperature=1e300), "attn_temperature"),
+    (dict(attn_temperature=1e-300), "attn_temperature"),
+    (dict(attn_scale=1e-300), "attn_scale"),
+    (dict(attn_scale=1e300), "attn_scale"),
+    (dict(logit_scale=3.5e38), "logit_scale"),
+    (dict(init_std=1e300), "init_std"),
+    (dict(rope_base=10**400), "rope_base"),
+    (dict(norm_eps=10**400), "norm_eps"),
+    (dict(moe_aux_loss_coef=1e300, **MOE), "moe_aux_loss_coef"),
+    (dict(router_z_loss_coef=10**400, **MOE), "router_z_loss_coef"),
+    (dict(n_layers=10**15), "n_layers"),
+    (dict(MOE, n_layers=10**15), "n_layers"),  # deriving moe_layers was a MemoryError
+    (dict(architecture="encoder_decoder", n_decoder_layers=10**15), "n_decoder_layers"),
+    (dict(MOE, n_experts=10**7), "n_experts"),
+    (dict(n_ctx=8.0), "n_ctx"),
+    (dict(d_model=True), "d_model"),
+]
+
+
+@pytest.mark.parametrize("changes,word", REFUSED, ids=[str(i) for i in range(len(REFUSED))])
+def test_values_that_cannot_run_are_refused_with_one_line(changes: dict[str, Any],
+                                                          word: str) -> None:
+    with pytest.raises(ValueError) as info:
+        ModelConfig(**{**BASE, **changes})
+    msg = str(info.value)
+    assert word in msg and "\n" not in msg, msg
+    assert type(info.value) is ValueError  # not an OverflowError or MemoryError
+
+
+ACCEPTED = [  # the bounds are where running breaks, not stricter: these stay valid
+    dict(positional="relative", relative_buckets=32, relative_max_distance=17),
+    dict(positional="relative", relative_buckets=32, relative_max_distance=9,
+         architecture="encoder", mask="bidirectional"),
+    dict(positional="relative", relative_buckets=8, relative_max_distance=16),
+    dict(mask="causal&sliding_window:" + str(2**63 - 1)),
+    dict(soft_mask_penalty=1e4), dict(attn_temperature=1e-4), dict(attn_scale=1e4),
+    dict(init_std=1.0), dict(rope_base=1e300), dict(norm_eps=1.0), dict(n_layers=2),
+]
+
+
+@pytest.mark.parametrize("changes", ACCEPTED, ids=[str(i) for i in range(len(ACCEPTED))])
+def test_values_at_the_bounds_still_construct(changes: dict[str, Any]) -> None:
+    ModelConfig(**{**BASE, **changes})
