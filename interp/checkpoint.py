@@ -230,9 +230,11 @@ def read_checkpoint(path: str | Path, *, mmap: bool = True) -> dict[str, Any]:
     """The checkpoint dict, read safely (``weights_only=True``) and checked for the layout in
     the module docstring.
 
-    ``mmap=True`` memory-maps the tensors (loading a model copies what it needs, and reading
-    only the metadata costs nothing); the trainer resumes with ``mmap=False`` so the optimizer
-    state it keeps is ordinary memory. Legacy (non-zip) files cannot be mapped and are read."""
+    ``mmap=True`` memory-maps the tensors (loading a model copies what it needs); the trainer
+    resumes with ``mmap=False`` so the optimizer state it keeps is ordinary memory. Legacy
+    (non-zip) files cannot be mapped and are read. Before torch sees a zip file, its records
+    are checked against their CRC-32 (:func:`interp.loading.torch_file.check_zip`): one read
+    of the file, so that a damaged byte is an error rather than a different model."""
     from interp.loading.torch_file import load_torch_file
 
     path = Path(path)
