@@ -9,9 +9,10 @@ up, inside that error handling, so a Ctrl-C while they load is an ordinary inter
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
@@ -20,6 +21,40 @@ from analyses.app.errors import USER_ERRORS, describe, one_line
 from analyses.app.signals import Interrupted
 
 __all__ = ["InterpGroup", "cli"]
+
+
+class _Stopped(Exception):
+    """A Ctrl-C or stop signal carried past click's own handling of it.
+
+    Click meets a :class:`KeyboardInterrupt` with a blank line on stderr and replaces it by
+    ``Abort``, which loses the signal (SIGTERM would exit 130, not 143) and adds a line to
+    the one-line contract; not a KeyboardInterrupt, so click lets it through.
+    """
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__("interrupted")
+        self.interrupt = interrupt
+
+
+@contextlib.contextmanager
+def _past_click() -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise _Stopped(e) from e
+
+
+def _interrupted(exc: BaseException | None, *, line_ended: bool = False) -> int:
+    """Say ``interrupted`` (one line) and return the exit code, 128 + the signal number.
+
+    On a terminal, Ctrl-C leaves the echoed ``^C`` on the current line: end that line first
+    (unless click already did), so the message stands on its own line there too.
+    """
+    code = exc.exit_code if isinstance(exc, Interrupted) else 130
+    if code == 130 and not line_ended and sys.stderr.isatty():
+        click.echo(err=True)
+    click.echo("interrupted", err=True)
+    return code
 
 
 class InterpGroup(click.Group):
@@ -55,10 +90,15 @@ class InterpGroup(click.Group):
 
     def make_context(self, info_name: str | None, args: list[str],
                      parent: click.Context | None = None, **extra: Any) -> click.Context:
-        ctx = super().make_context(info_name, list(args), parent=parent, **extra)
+        with _past_click():  # --help lists the commands: the heavy imports run here
+            ctx = super().make_context(info_name, list(args), parent=parent, **extra)
         # Keep the raw command line for run.json / the report header.
         ctx.meta.setdefault("interp.argv", ["interp", *args])
         return ctx
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _past_click():
+            return super().invoke(ctx)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
@@ -78,9 +118,12 @@ class InterpGroup(click.Group):
             return rv if isinstance(rv, int) else 0
         except click.exceptions.Exit as e:
             return e.exit_code
-        except (click.exceptions.Abort, KeyboardInterrupt) as e:
-            click.echo("interrupted", err=True)
-            return e.exit_code if isinstance(e, Interrupted) else 130
+        except _Stopped as e:
+            return _interrupted(e.interrupt)
+        except click.exceptions.Abort as e:  # click's, for a Ctrl-C outside invoke()
+            return _interrupted(e.__cause__, line_ended=True)
+        except KeyboardInterrupt as e:
+            return _interrupted(e)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             click.echo(f"error: {one_line(e.format_message())}{hint}", err=True)

@@ -193,7 +193,7 @@ def _leftovers(out_dir: Path, kind: str) -> list[Path]:
     except OSError:
         return []
     return [Path(e.path) for e in entries
-            if pattern.match(e.name) and e.is_dir(follow_symlinks=False)]
+            if pattern.match(e.name) and (e.is_symlink() or e.is_dir(follow_symlinks=False))]
 
 
 def clean_stale(out_dir: Path) -> None:
@@ -202,12 +202,12 @@ def clean_stale(out_dir: Path) -> None:
     A run that died between the two renames of the fallback swap left no ``out_dir`` and its
     previous report as ``.DIR.old-*``: that report is put back first (the newest, if several).
     """
-    olds = sorted(_leftovers(out_dir, "old"), key=lambda p: p.stat().st_mtime)
+    olds = sorted(_leftovers(out_dir, "old"), key=lambda p: p.lstat().st_mtime)
     with signals_held():
         if olds and not os.path.lexists(out_dir):
             os.rename(olds.pop(), out_dir)
         for folder in [*olds, *_leftovers(out_dir, "tmp")]:
-            shutil.rmtree(folder, ignore_errors=True)
+            _remove(folder)
 
 
 # --------------------------------------------------------------------------- the swap
@@ -232,6 +232,14 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _remove(path: Path) -> None:
+    """Remove a folder, or the symlink that stood at ``--out`` (never what it points to)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def swap_folders(new: Path, out_dir: Path) -> None:
     """Put the complete folder ``new`` at ``out_dir``, replacing what is there.
 
@@ -244,7 +252,7 @@ def swap_folders(new: Path, out_dir: Path) -> None:
             return
         if _exchange(new, out_dir):  # ``new`` now holds the previous report
             pause_point("swapped")
-            shutil.rmtree(new, ignore_errors=True)
+            _remove(new)
             return
         old = out_dir.parent / f".{out_dir.name}.old-{new.name[-8:]}"
         os.rename(out_dir, old)
@@ -254,7 +262,7 @@ def swap_folders(new: Path, out_dir: Path) -> None:
             os.rename(old, out_dir)  # put the previous report back
             raise
         pause_point("swapped")
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
 
 
 # --------------------------------------------------------------------------- test hook
