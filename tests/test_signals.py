@@ -343,3 +343,72 @@ def test_ctrl_c_right_after_spawn_prints_no_traceback(tmp_path: Path, model: Pat
         pytest.skip("the signal landed inside Python's own start-up (site import)")
     assert (rc, lines) in ((-signal.SIGINT, []), (130, ["interrupted"])), (rc, lines)
     assert names(tmp_path / "x") == []
+
+
+# --------------------------------------------------------------------------- the guard, in-process
+# Branches the real runs above do not reach on this machine: cheap, no subprocess.
+
+
+def _tiny_report() -> Any:
+    import pandas as pd
+
+    from analyses.app.report import Report, Section
+
+    report = Report("t", model_source="m", model_config={}, seed=0, command=["interp", "x"])
+    report.add(Section(key="s", title="S", method="m", source="s", data="d",
+                       tables={"s": pd.DataFrame({"x": [1]})}))
+    return report
+
+
+def test_a_lock_held_elsewhere_refuses_with_one_line(tmp_path: Path) -> None:
+    """flock is per open file: a lock taken through another descriptor (as another process
+    would) refuses the write, names the folder, and leaves that lock alone."""
+    import fcntl
+
+    from analyses.app.report import ReportError
+
+    lock = tmp_path / ".rep.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"4242\n")
+        with pytest.raises(ReportError, match="another interp run") as info:
+            _tiny_report().write(tmp_path / "rep")
+        assert "(pid 4242)" in str(info.value) and "\n" not in str(info.value)
+        assert lock.exists() and not (tmp_path / "rep").exists()
+    finally:
+        os.close(fd)
+    _tiny_report().write(tmp_path / "rep")  # released: the next write goes ahead
+    assert names(tmp_path) == ["rep"]
+
+
+def test_fallback_swap_and_recovery_of_a_run_killed_between_renames(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without RENAME_EXCHANGE the previous report is renamed aside, then the new one in:
+    nothing stays aside. A run killed between the two renames left DIR missing and the
+    previous report as .DIR.old-*: the next run puts it back before anything else."""
+    from analyses.app import outdir
+
+    monkeypatch.setattr(outdir, "_exchange", lambda a, b: False)
+    out = tmp_path / "rep"
+    _tiny_report().write(out)
+    _tiny_report().write(out, force=True)
+    assert names(tmp_path) == ["rep"]
+    previous = snapshot(out)
+    # the state a SIGKILL between the two renames leaves
+    out.rename(tmp_path / ".rep.old-abcd1234")
+    (tmp_path / ".rep.tmp-efgh5678").mkdir()
+    with outdir.out_lock(out):
+        assert names(tmp_path) == [".rep.lock", "rep"]
+    assert names(tmp_path) == ["rep"]
+    assert snapshot(out) == previous
+
+
+def test_missing_parents_are_made_for_the_lock_and_removed_if_nothing_was_written(
+        tmp_path: Path) -> None:
+    from analyses.app import outdir
+
+    out = tmp_path / "a" / "b" / "rep"
+    with outdir.out_lock(out):
+        assert (tmp_path / "a" / "b" / ".rep.lock").exists()
+    assert names(tmp_path) == []
