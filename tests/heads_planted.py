@@ -2,7 +2,8 @@
 
 Each model's residual stream is a direct sum of one-hot subspaces (token, position, "previous
 token", output), and every head's W_Q/W_K/W_V/W_O is written into the core's storage through
-the per-head views, so what each head attends to is known exactly.
+the per-head views, so what each head attends to is known exactly. :func:`offset_model` is
+the positional-only variant: one head per relative offset, any vocabulary.
 """
 
 from __future__ import annotations
@@ -132,3 +133,42 @@ DECODER_LABELS = {
     (1, 3): "uniform",
 }
 ENCODER_LABELS = {(0, 0): "positional", (0, 1): "uniform", (0, 2): "sink", (0, 3): "previous-token"}
+
+
+def offset_model(offsets: tuple[int, ...], *, architecture: str = "encoder", n_ctx: int = N,
+                 d_vocab: int = V, tokenizer=None, mask: str | None = None
+                 ) -> interp.HookedTransformer:
+    """One attention layer, head h a pure positional head: query i attends key i + offsets[h]
+    wherever that key exists and is visible (all but e^-30 of its mass), and spreads evenly
+    where it does not (edge rows: no such key, padding, or outside the mask).
+
+    Only positions are read (the residual stream is the one-hot position, token embeddings are
+    zero), so any vocabulary works: ``d_vocab`` / ``tokenizer`` give the model a real one (e.g.
+    MiniLM's, for text with [CLS]/[SEP])."""
+    cfg = interp.ModelConfig(
+        n_layers=1,
+        d_model=n_ctx,
+        n_heads=len(offsets),
+        d_head=n_ctx,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        architecture=architecture,
+        positional="learned",
+        attn_only=True,
+        norm="none",
+        has_unembed=architecture == "decoder",
+        attn_out_bias=False,
+        **({} if mask is None else {"mask": mask}),
+    )
+    model = interp.HookedTransformer(cfg, tokenizer=tokenizer)
+    _zero(model)
+    beta = 30.0 * math.sqrt(n_ctx)
+    with torch.no_grad():
+        model.pos_embed.W_pos.copy_(torch.eye(n_ctx))
+        attn = model.blocks[0].attn
+        for h, o in enumerate(offsets):
+            for i in range(n_ctx):
+                if 0 <= i + o < n_ctx:
+                    attn.W_Q[h][i, i + o] = beta
+            attn.W_K[h][torch.arange(n_ctx), torch.arange(n_ctx)] = 1.0
+    return model.eval()

@@ -116,8 +116,8 @@ def _brute_token_stats(
 ) -> pd.DataFrame:
     """The TokenStats scores by plain loops over sequences, queries and keys."""
     L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    acc = {k: np.zeros((L, Hn)) for k in ("prev", "prev_n", "top_m1", "top_n", "first", "punct",
-                                          "q", "dist", "udist", "entn", "rn")}
+    acc = {k: np.zeros((L, Hn)) for k in ("prev", "prev_n", "top_m1", "top_m1_n", "top_n",
+                                          "first", "punct", "q", "dist", "udist", "entn", "rn")}
     pairs = {}  # (layer, head) -> list of (bucket, a, s)
     modes = {}  # (layer, head) -> argmax offsets
     W = torch.nn.functional.normalize(model.W_E.detach().double(), dim=-1).numpy()
@@ -142,7 +142,11 @@ def _brute_token_stats(
                     if keys:  # the positional argmax runs over non-sink keys
                         acc["top_n"][layer, h] += 1
                         best = keys[int(np.argmax(p[q, keys]))]
-                        acc["top_m1"][layer, h] += int(best == q - 1)
+                        # Voita's share at -1 is over the real queries whose key q-1 the
+                        # argmax may pick (not a special token's row, q-1 a non-sink key)
+                        if ids[q] not in special and q - 1 in keys:
+                            acc["top_m1_n"][layer, h] += 1
+                            acc["top_m1"][layer, h] += int(best == q - 1)
                         modes.setdefault((layer, h), []).append(max(-32, min(32, best - q)))
                     if len(keys) >= 2:
                         r = sum(p[q, k] for k in keys)
@@ -177,7 +181,7 @@ def _brute_token_stats(
                     "layer": layer,
                     "head": h,
                     "prev_token": acc["prev"][layer, h] / acc["prev_n"][layer, h],
-                    "top_offset_-1": acc["top_m1"][layer, h] / acc["top_n"][layer, h],
+                    "top_offset_-1": acc["top_m1"][layer, h] / acc["top_m1_n"][layer, h],
                     "sink_first": acc["first"][layer, h] / acc["q"][layer, h],
                     "punct": acc["punct"][layer, h] / acc["q"][layer, h],
                     "mean_distance": acc["dist"][layer, h] / acc["rn"][layer, h],

@@ -8,13 +8,21 @@ run the eager kernel. Any model with our hook names works (decoder or encoder).
 Scores (columns of :func:`analyze`'s ``heads`` frame), with the work they come from:
 
 - **Positional** (Voita et al. 2019, *Analyzing Multi-Head Self-Attention: Specialized Heads Do
-  the Heavy Lifting, the Rest Can Be Pruned*, ACL): ``top_offset_{o}`` is the share of queries
-  whose most-attended key sits at relative offset o in -3..+3 (the argmax over non-sink keys:
-  attention parked on the first or a special token is a no-op, not a position); a head is
-  positional when one offset takes at least 90% (``positional_share``, ``positional_offset``).
-  ``attn_offset_{o}`` is the mean attention weight at offset o; ``prev_token`` =
-  ``attn_offset_-1``. ``mode_offset`` / ``mode_share``: the most frequent argmax offset at any
-  distance up to 32 and its share (a fixed long offset is reported, not labelled).
+  the Heavy Lifting, the Rest Can Be Pruned*, ACL, sec. 4.1: positional when "at least 90% of
+  the time its maximum attention weight is assigned to a specific relative position"). The
+  quantity is an argmax share, as in the paper, not a mean attention mass: ``top_offset_{o}``
+  is the share of queries whose most-attended key sits at relative offset o in -3..+3, taken
+  over the queries *where offset o is possible* (a real query, not padding and not a special
+  token's row such as [CLS], [SEP] or BOS, whose key q + o exists, is visible and is not a sink),
+  so a head that attends to the next token wherever there is one scores 1, not less for the last
+  token of every sequence. The argmax runs over non-sink keys (attention parked on the first or
+  a special token is a no-op, not a position; our departure from the paper, whose models had no
+  such tokens). A head is positional when one offset takes at least 90%
+  (``positional_share`` at ``positional_offset``, over ``positional_n`` queries).
+  ``attn_offset_{o}`` is the mean attention weight at offset o over the real queries whose key
+  q + o exists; ``prev_token`` = ``attn_offset_-1``. ``mode_offset`` / ``mode_share``: the most
+  frequent argmax offset at any distance up to 32 and its share of all queries (a fixed long
+  offset is reported, not labelled).
 - **Induction, duplicate-token** (Olsson et al. 2022, *In-context Learning and Induction
   Heads*, Transformer Circuits Thread): on sequences ``x1..xn x1..xn`` of distinct random tokens,
   ``induction`` (prefix matching) is the mean attention from a second-copy token to the token
@@ -51,10 +59,12 @@ Scores (columns of :func:`analyze`'s ``heads`` frame), with the work they come f
   identical tokens are left to the duplicate-token score.
 
 Labels (:func:`classify`), first rule that holds, by specificity: induction, duplicate-token,
-previous-token, positional, syntactic:<relation>, semantic, sink, local, long-range, uniform,
-else unclassified. ``confidence`` is the score that fired the rule (a share or accuracy in 0..1);
-for ``unclassified`` it is 1 minus the strongest score relative to its threshold. Every rule
-that holds is listed in ``criteria``.
+previous-token, next-token / positional, syntactic:<relation>, semantic, sink, local,
+long-range, uniform, else unclassified. A positional head is named by its offset: -1
+``previous-token`` (which also fires on a mean attention to i-1 >= 0.4), +1 ``next-token``,
+any other ``positional`` (:func:`positional_label`). ``confidence`` is the score that fired the
+rule (a share or accuracy in 0..1); for ``unclassified`` it is 1 minus the strongest score
+relative to its threshold. Every rule that holds is listed in ``criteria``.
 
 The package, in reading order: ``batches`` (vocabulary facts and the three kinds of batch),
 ``scan`` (the streaming driver and accumulator interface), ``token_stats`` (positional, sink,
@@ -76,10 +86,12 @@ from analyses.heads.batches import (
 )
 from analyses.heads.classify import (
     NOT_SYNTACTIC,
+    POSITIONAL_NAMES,
     THRESHOLDS,
     Thresholds,
     classify,
     layer_table,
+    positional_label,
     syntax_table,
 )
 from analyses.heads.induction import RepeatStats, copying_scores, induction_scores
@@ -100,6 +112,7 @@ __all__ = [
     "MODE_MAX_OFFSET",
     "NOT_SYNTACTIC",
     "OFFSETS",
+    "POSITIONAL_NAMES",
     "SEMANTIC_MAX_OFFSET",
     "THRESHOLDS",
     "Accumulator",
@@ -118,6 +131,7 @@ __all__ = [
     "copying_scores",
     "induction_scores",
     "layer_table",
+    "positional_label",
     "random_batches",
     "scan",
     "sentence_batches",

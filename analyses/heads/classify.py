@@ -1,13 +1,21 @@
 """Head labels from scores, and the summary tables.
 
 :func:`classify` tries the rules in order of specificity and gives a head the first that
-holds: induction, duplicate-token, previous-token, positional, syntactic:<relation>, semantic,
-sink, local, long-range, uniform, else unclassified. ``confidence`` is the score that fired
-the rule (a share or accuracy in 0..1); for ``unclassified`` it is 1 minus the strongest score
-relative to its threshold. Every rule that holds is listed in ``criteria``. Thresholds follow
-the cited papers where they give one: Voita et al. 2019 (positional: 90% of the maximum
-attention at one offset), Olsson et al. 2022 (induction needs prefix matching and copying),
-Clark et al. 2019 (syntactic: beat the best fixed offset).
+holds: induction, duplicate-token, previous-token, next-token / positional,
+syntactic:<relation>, semantic, sink, local, long-range, uniform, else unclassified.
+``confidence`` is the score that fired the rule (a share or accuracy in 0..1); for
+``unclassified`` it is 1 minus the strongest score relative to its threshold. Every rule that
+holds is listed in ``criteria``. Thresholds follow the cited papers where they give one: Voita
+et al. 2019 (positional: the maximum attention at one relative position for at least 90% of the
+queries, the argmax share ``positional_share`` taken over the queries where that offset is
+possible, see :mod:`analyses.heads.token_stats`), Olsson et al. 2022 (induction needs prefix
+matching and copying), Clark et al. 2019 (syntactic: beat the best fixed offset).
+
+A positional head is named by its offset (:func:`positional_label`): ``previous-token`` at -1,
+``next-token`` at +1, ``positional`` at any other offset (which one: ``positional_offset``).
+The previous-token rule also fires on the mean attention to i-1 (``prev_token`` or
+``rand_prev_token`` >= 0.4, a softer rule, as ARENA's); next-token and the other offsets fire
+only on Voita's argmax share.
 """
 
 from __future__ import annotations
@@ -22,20 +30,32 @@ import pandas as pd
 
 from analyses.parses import RELATIONS
 
-__all__ = ["NOT_SYNTACTIC", "THRESHOLDS", "Thresholds", "classify", "layer_table",
-           "syntax_table"]
+__all__ = ["NOT_SYNTACTIC", "POSITIONAL_NAMES", "THRESHOLDS", "Thresholds", "classify",
+           "layer_table", "positional_label", "syntax_table"]
 
 # Relations never used for a syntactic label (still in the syntax table): attention to
 # punctuation is the delimiter behaviour measured by the ``punct`` share (Clark et al. sec. 3),
 # and root/dep are not relations between two words.
 NOT_SYNTACTIC = ("punct", "root", "dep")
 
+# The label of a positional head by its offset; any other offset is "positional".
+POSITIONAL_NAMES = {-1: "previous-token", 1: "next-token"}
+
+
+def positional_label(offset: float) -> str:
+    """``previous-token`` (-1), ``next-token`` (+1), else ``positional``."""
+    if not np.isfinite(offset):
+        return "positional"
+    return POSITIONAL_NAMES.get(int(offset), "positional")
+
 
 @dataclass(frozen=True)
 class Thresholds:
     """Where a score becomes a label. Defaults follow the cited papers where they give one."""
 
-    positional: float = 0.9  # Voita et al. 2019: >= 90% of maximum attention at one offset
+    # Voita et al. 2019: the maximum attention at one relative position for >= 90% of the
+    # queries (argmax share over the queries where that offset is possible)
+    positional: float = 0.9
     prev_token: float = 0.4  # mean attention to i-1 (softer previous-token rule, as ARENA's)
     induction: float = 0.3  # prefix-matching attention on repeated random tokens
     duplicate: float = 0.3
@@ -86,12 +106,13 @@ def _rules(r: Any, sx: Any, th: Thresholds) -> list[tuple[str, float, float]]:
     add("duplicate-token", g("duplicate"), th.duplicate)
     prev = np.nanmax([g("prev_token"), g("rand_prev_token"), -np.inf])
     pos_off, pos_share = g("positional_offset"), g("positional_share")
-    prev_share = pos_share if pos_off == -1 else 0.0
+    pos_name = positional_label(pos_off)
+    prev_share = pos_share if pos_name == "previous-token" else 0.0
     strength = max(prev_share / th.positional, prev / th.prev_token)
     if np.isfinite(strength):
         out.append(("previous-token", float(max(prev_share, prev)), float(strength)))
-    if pos_off != -1:
-        add("positional", pos_share, th.positional)
+    if pos_name != "previous-token":  # next-token (+1) or positional (another offset)
+        add(pos_name, pos_share, th.positional)
     if sx is not None:
         acc, base, n = float(sx["accuracy"]), float(sx["baseline_accuracy"]), float(sx["n"])
         se = math.sqrt(max(acc * (1 - acc) + base * (1 - base), 1.0 / n) / n)

@@ -3,9 +3,25 @@
 Running sums per head over any text (or the repeated random tokens), one pattern at a time:
 
 - **Positional** (Voita et al. 2019, *Analyzing Multi-Head Self-Attention: Specialized Heads
-  Do the Heavy Lifting, the Rest Can Be Pruned*, ACL): the share of queries whose most-attended
-  non-sink key sits at each relative offset in -3..+3, the mean attention at each offset, and
-  the most frequent argmax offset up to 32.
+  Do the Heavy Lifting, the Rest Can Be Pruned*, ACL, sec. 4.1: a head is positional when "at
+  least 90% of the time its maximum attention weight is assigned to a specific relative
+  position"). The quantity is Voita's: an **argmax share**, not a mean attention mass.
+  ``top_offset_{o}`` is the share of the queries *where offset o is possible* whose
+  most-attended non-sink key sits at q + o. A query counts for offset o when it is a real token
+  (not padding, not a special token such as [CLS], [SEP], BOS as :class:`VocabInfo` knows them)
+  and key q + o exists and is one the argmax may pick: inside the sequence, not padding, visible
+  under the model's mask and not a sink (the first token or a special token). So the last
+  token (no next token; in an encoder its next token is [SEP]) does not count against a
+  next-token head, nor the first tokens against a previous-token head. ``positional_offset``
+  is the offset in -3..+3 (0 excluded) with the largest share, ``positional_share`` that share
+  and ``positional_n`` the number of queries it is over. One departure from the paper, kept on
+  purpose: the argmax runs over non-sink keys (attention parked on the first token or a special
+  token is a no-op, Clark et al. 2019 sec. 3; Xiao et al. 2024), where Voita et al.'s
+  translation encoder had no such tokens. Also reported: ``attn_offset_{o}``, the mean
+  attention mass at offset o over the real (non-special) queries whose key q + o exists (any
+  key, sinks included), and ``mode_offset`` / ``mode_share``, the most frequent argmax offset
+  up to 32 and its share of every query with a non-sink key (not conditioned on the offset:
+  reported, never labelled).
 - **Sinks and delimiters** (Clark et al. 2019, *What Does BERT Look At?*; Xiao et al. 2024,
   *Efficient Streaming Language Models with Attention Sinks*): attention share to the first
   token, BOS, [CLS], [SEP], any special token, punctuation.
@@ -47,6 +63,7 @@ class TokenStats(Accumulator):
         self.top = torch.zeros(L, H, n_off, **f)
         self.top_all = torch.zeros(L, H, 2 * MODE_MAX_OFFSET + 1, **f)  # argmax offsets -32..+32
         self.n_top = 0.0
+        self.n_pos = torch.zeros(n_off, **f)  # queries where each offset is possible
         self.off = torch.zeros(L, H, n_off, **f)
         self.n_off = torch.zeros(n_off, **f)
         self.kind = torch.zeros(L, H, K, **f)
@@ -91,13 +108,17 @@ class TokenStats(Accumulator):
         tokens, valid = batch.tokens.to(self.device), batch.valid.to(self.device)
         B, T = tokens.shape
         ar = torch.arange(T, device=self.device)
-        kinds, _, punct = self._kinds(tokens, valid)
+        kinds, special, punct = self._kinds(tokens, valid)
         self.kinds = kinds
         self.qv = valid.float()  # [B, T] queries
         self.n_q += float(valid.sum())
+        # real queries for the positional scores: not padding, not a special token's row
+        # ([CLS], [SEP], BOS, ... as the vocabulary knows them)
+        real = valid & ~special & ~(kinds[..., 1:4] > 0).any(-1)
         self.off_mask = []
         for j, o in enumerate(OFFSETS):
-            qm = (valid[:, max(0, -o): T - max(0, o)] & valid[:, max(0, o): T - max(0, -o)]).float()
+            lo, hi = max(0, -o), T - max(0, o)  # queries q whose q + o is inside the sequence
+            qm = (real[:, lo:hi] & valid[:, max(0, o): T - max(0, -o)]).float()
             self.off_mask.append(qm)
             self.n_off[j] += float(qm.sum())
         # visible keys per query under the model's mask and the padding
@@ -122,6 +143,16 @@ class TokenStats(Accumulator):
         q_top = valid & (n_keys >= 1)
         self.q_top = q_top.float()
         self.n_top += float(q_top.sum())
+        # where each offset is possible (Voita's share is taken over these queries): a real
+        # query whose key q + o is one the argmax may pick (visible, not padding, not a sink)
+        self.pos_q = []
+        for j, o in enumerate(OFFSETS):
+            lo, hi = max(0, -o), T - max(0, o)
+            ok = torch.zeros(B, T, dtype=torch.bool, device=self.device)
+            if hi > lo:
+                ok[:, lo:hi] = keys.diagonal(offset=o, dim1=1, dim2=2) & real[:, lo:hi]
+            self.pos_q.append(ok)
+            self.n_pos[j] += float(ok.sum())
         self.n_tokens += int(valid.sum())
         self.n_seqs += B
         self.sem = None
@@ -170,9 +201,9 @@ class TokenStats(Accumulator):
         B, H, T, _ = p.shape
         ar = torch.arange(T, device=p.device)
         rel = p.masked_fill(~self.top_keys[:, None], -1.0).argmax(-1) - ar  # [B, H, q]
-        offs = torch.tensor(OFFSETS, device=p.device)
-        hits = (rel[..., None] == offs) & (self.q_top[:, None, :, None] > 0)
-        self.top[layer] += hits.sum((0, 2)).double()
+        for j, o in enumerate(OFFSETS):
+            hits = (rel == o) & self.pos_q[j][:, None, :]  # [B, H, q]
+            self.top[layer, :, j] += hits.sum((0, 2)).double()
         nb = 2 * MODE_MAX_OFFSET + 1
         heads = nb * torch.arange(H, device=p.device)[None, :, None]
         bins = (rel.clamp(-MODE_MAX_OFFSET, MODE_MAX_OFFSET) + MODE_MAX_OFFSET) + heads
@@ -206,7 +237,7 @@ class TokenStats(Accumulator):
             "layer": np.repeat(np.arange(L), H),
             "head": np.tile(np.arange(H), L),
         }
-        top = (self.top / max(self.n_top, 1.0)).cpu().numpy().reshape(L * H, -1)
+        top = (self.top / self.n_pos.clamp(min=1)).cpu().numpy().reshape(L * H, -1)
         off = (self.off / self.n_off.clamp(min=1)).cpu().numpy().reshape(L * H, -1)
         for j, o in enumerate(OFFSETS):
             rows[f"top_offset_{o:+d}"] = top[:, j]
@@ -217,6 +248,7 @@ class TokenStats(Accumulator):
         best = np.array(cand)[top[:, cand].argmax(1)]
         rows["positional_offset"] = np.array(OFFSETS)[best]
         rows["positional_share"] = top[np.arange(L * H), best]
+        rows["positional_n"] = self.n_pos.cpu().numpy().astype(np.int64)[best]
         top_all = (self.top_all / max(self.n_top, 1.0)).cpu().numpy().reshape(L * H, -1)
         mode = top_all.argmax(1)
         rows["mode_offset"] = mode - MODE_MAX_OFFSET  # most frequent argmax offset

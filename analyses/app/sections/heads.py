@@ -69,9 +69,12 @@ SOURCE = (
 
 METHOD = (
     "Every score streams over batches with running sums from `blocks.{{l}}.attn.hook_pattern` "
-    "(hooks reduce each pattern on the fly; nothing is cached). **Positional**: share of queries "
-    "whose most-attended key is at offset o in -3..+3; positional when one offset takes >= 90% "
-    "(Voita et al.); previous-token score = mean attention to i-1. **Induction / "
+    "(hooks reduce each pattern on the fly; nothing is cached). **Positional** (Voita et al.): "
+    "the argmax share, i.e. the share of queries whose most-attended non-sink key is at offset o "
+    "in -3..+3, over the queries where offset o is possible (`positional_n`: real tokens, not "
+    "padding or [CLS]/[SEP]/BOS rows, whose key at q+o exists and is not a sink), so the last "
+    "token does not count against a next-token head; positional when one offset takes >= 90%; "
+    "previous-token score = mean attention to i-1. **Induction / "
     "duplicate-token**: on `x1..xn x1..xn` (distinct random tokens; BOS or [CLS]/[SEP] as the "
     "model expects), mean attention from a second-copy token to the token after its first "
     "occurrence (prefix matching) and to the first occurrence itself; **OV copying** = "
@@ -90,9 +93,10 @@ METHOD = (
     "offset held fixed (pooled within-offset correlation), over pairs of distinct tokens, sink, "
     "special and punctuation keys excluded. **Labels**, first rule that holds: induction (prefix "
     "matching >= {induction}), duplicate-token (>= {duplicate}), previous-token (offset -1 share "
-    ">= {positional} or mean attention to i-1 >= {prev_token}), positional (other offset, share >= "
-    "{positional}), syntactic:<relation> (beats its baseline by >= {syntax_margin:.0%} on >= "
-    "{syntax_min_n} pairs, margin >= {syntax_z} standard errors; not punct/root/dep), semantic (r "
+    ">= {positional} or mean attention to i-1 >= {prev_token}), next-token (offset +1 share >= "
+    "{positional}), positional (other offset, share >= {positional}), syntactic:<relation> "
+    "(beats its baseline by >= {syntax_margin:.0%} on >= {syntax_min_n} pairs, margin >= "
+    "{syntax_z} standard errors; not punct/root/dep), semantic (r "
     ">= {semantic}), sink (share >= {sink}), local (distance ratio <= {local}), long-range (>= "
     "{long_range}), uniform (normalised entropy >= {uniform}), else unclassified. Confidence is "
     "the score that fired the rule; for unclassified, 1 minus the strongest score relative to its "
@@ -117,7 +121,9 @@ def _findings(res: H.HeadAnalysis, model: HookedTransformer) -> list[str]:
     out = []
     counts = h["label"].value_counts()
     out.append(f"{len(h)} heads: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
-    for label, score, what in (("previous-token", "prev_token", "mean attention to i-1"),
+    for label, score, what in (("previous-token", "prev_token",
+                                "mean attention to i-1; argmax: how often i-1 is the "
+                                "most-attended key"),
                                ("induction", "induction", "prefix-matching attention"),
                                ("duplicate-token", "duplicate", "attention to the earlier copy")):
         sel = h[h["label"] == label].sort_values("confidence", ascending=False)
@@ -129,6 +135,8 @@ def _findings(res: H.HeadAnalysis, model: HookedTransformer) -> list[str]:
                     extra = f", copying {r.copying:+.2f}"
                 if label == "previous-token":
                     extra = f", on random tokens {r.rand_prev_token:.2f}"
+                    if int(r.positional_offset) == -1:
+                        extra += f", argmax at i-1 {r.positional_share:.0%}"
                 parts.append(f"{_hl(r)} ({getattr(r, score):.2f}{extra})")
             more = "" if len(sel) <= 6 else ", ..."
             out.append(f"{label.capitalize()} heads ({what}): " + ", ".join(parts) + more)
@@ -136,11 +144,13 @@ def _findings(res: H.HeadAnalysis, model: HookedTransformer) -> list[str]:
     if h["label"].ne("induction").all():
         out.append(f"No induction head: the strongest prefix matching is {_hl(best_ind)} at "
                    f"{best_ind['induction']:.2f}.")
-    pos = h[h["label"] == "positional"]
+    pos = h[h["label"].isin(["next-token", "positional"])]
     if len(pos):
-        out.append("Positional heads: " + ", ".join(
-            f"{_hl(r)} (offset {int(r.positional_offset):+d}, {r.positional_share:.0%})"
-            for r in pos.itertuples()) + ".")
+        out.append("Positional heads (most-attended key at one offset, Voita et al.; share of "
+                   "the queries where the offset exists): " + ", ".join(
+                       f"{_hl(r)} {r.label} (offset {int(r.positional_offset):+d}, "
+                       f"{r.positional_share:.0%} of {int(r.positional_n)})"
+                       for r in pos.itertuples()) + ".")
     lay = res.layers
     if "sink_first" in lay:
         cls_sep = ""
@@ -323,8 +333,8 @@ def heads_cmd(ctx: click.Context, model: str, text_file: Path | None, conllu: Pa
               compare: tuple[str, ...], svg: bool, out: Path | None, batch_size: int,
               max_tokens: int | None, device: str, dtype: str, seed: int, quiet: bool,
               force: bool) -> None:
-    """Classify every attention head of MODEL: positional, previous-token, induction,
-    duplicate-token, sink, syntactic:<relation>, semantic, local, long-range, uniform.
+    """Classify every attention head of MODEL: positional, previous-token, next-token,
+    induction, duplicate-token, sink, syntactic:<relation>, semantic, local, long-range, uniform.
 
     Writes data/heads.csv (label, confidence, every score), data/syntax.csv (accuracy per
     relation, direction and head against the best fixed offset), a layer x head label map,
