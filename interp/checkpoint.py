@@ -124,6 +124,12 @@ def _tokenizer_fields(d: dict[str, Any]) -> str:
     return kind
 
 
+def _one_line(e: BaseException) -> str:
+    from interp.loading._common import one_line
+
+    return one_line(str(e))
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -280,7 +286,7 @@ def _tokenizer_of(ckpt: dict[str, Any], where: str) -> Any:
     try:
         return tokenizer_from_dict(ckpt.get("tokenizer"))
     except InterpError as e:
-        raise InterpError(f"{where}: {str(e).rstrip('.')}; re-save it with a tokenizer "
+        raise InterpError(f"{where}: {_one_line(e).rstrip('.')}; re-save it with a tokenizer "
                           "interp can store.") from None
 
 
@@ -292,7 +298,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cp
     try:
         cfg = ModelConfig.from_dict(ckpt["config"])
     except (ValueError, TypeError) as e:
-        raise InterpError(f"Checkpoint config is invalid: {e}") from None
+        raise InterpError(f"Checkpoint config is invalid: {_one_line(e)}") from None
     model = build_model(cfg, tokenizer=_tokenizer_of(ckpt, "Checkpoint"))
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
@@ -315,7 +321,7 @@ def load_checkpoint(path: str | Path, *, device: Any = None, dtype: torch.dtype 
     try:
         cfg = ModelConfig.from_dict(cfg_dict)
     except (ValueError, TypeError) as e:
-        raise InterpError(f"{where} has an invalid config: {e}") from None
+        raise InterpError(f"{where} has an invalid config: {_one_line(e)}") from None
     tokenizer = _tokenizer_of(ckpt, where)
     with naming(Path(path), "Checkpoint"):
         model = assemble(cfg, dict(ckpt["state_dict"]), tokenizer=tokenizer, device=device,

@@ -30,7 +30,7 @@ import torch
 from interp.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from interp.config import ModelConfig
 from interp.errors import InterpError
-from interp.loading._common import apply_overrides, assemble, naming
+from interp.loading._common import apply_overrides, assemble, naming, one_line
 from interp.loading.families import FAMILIES, Family, get_family, supported_model_types
 
 __all__ = [
@@ -169,7 +169,8 @@ def from_config_json(path: Path, fields: dict[str, Any], *, seed: int | None = N
     try:
         cfg = ModelConfig.from_dict(raw)
     except (ValueError, TypeError) as e:  # ModelConfig names the field
-        raise InterpError(f"{str(path)!r} is not a valid interp model config: {e}") from None
+        raise InterpError(f"{str(path)!r} is not a valid interp model config: "
+                          f"{one_line(str(e))}") from None
     cfg = apply_overrides(cfg, fields)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -195,8 +196,8 @@ def config_from_file(fam: Family, hf_config: Any, path: Path, what: str) -> Mode
         except (ValueError, TypeError) as e:  # InterpError passes through ``naming``
             if isinstance(e, InterpError):
                 raise
-            raise InterpError(f"{what} {str(path)!r} cannot be mapped to a model config: {e}"
-                              ) from None
+            raise InterpError(f"{what} {str(path)!r} cannot be mapped to a model config: "
+                              f"{one_line(str(e))}") from None
 
 
 def convert_hf(hf_config: Any, state_dict: Any, fields: dict[str, Any], *, tokenizer: Any = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -108,17 +109,28 @@ def hf_require(hf: Any, name: str) -> Any:
     return v
 
 
+#: what str.splitlines() breaks a line at
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks written as escapes (``\\n``): a message quoting a name
+    from a hostile file (a config key ``"\\n"``) must still print as one line."""
+    return _LINE_BREAKS.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 @contextlib.contextmanager
 def naming(path: Path, what: str) -> Iterator[None]:
     """Make every :class:`InterpError` raised inside name ``path`` (``what`` says what it is:
     ``"Folder"``, ``"GGUF file"``), so a problem found deep in a converter ("missing tensor")
-    still says which file it is about; messages that name it already pass unchanged."""
+    still says which file it is about; one-line messages that name it pass unchanged."""
     try:
         yield
     except InterpError as e:
-        if str(path) in str(e):
+        msg = one_line(str(e))
+        if str(path) in msg and msg == str(e):
             raise
-        raise InterpError(f"{what} {str(path)!r}: {e}") from None
+        raise InterpError(msg if str(path) in msg else f"{what} {str(path)!r}: {msg}") from None
 
 
 HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration",
@@ -182,7 +194,7 @@ def make_config(**fields: Any) -> ModelConfig:
     try:
         return ModelConfig(**fields)
     except (ValueError, TypeError) as e:
-        raise InterpError(f"Cannot map this checkpoint's config: {e}") from None
+        raise InterpError(f"Cannot map this checkpoint's config: {one_line(str(e))}") from None
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -275,4 +287,4 @@ def apply_overrides(cfg: ModelConfig, fields: dict[str, Any]) -> ModelConfig:
     try:
         return dataclasses.replace(cfg, **fields)
     except (ValueError, TypeError) as e:
-        raise InterpError(f"Invalid override: {e}") from None
+        raise InterpError(f"Invalid override: {one_line(str(e))}") from None

@@ -339,7 +339,7 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from interp.loading._common import apply_overrides, assemble, naming
+    from interp.loading._common import apply_overrides, assemble, naming, one_line
     from interp.loading.families import get_family
 
     path = Path(path)
@@ -354,7 +354,8 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
         except (ValueError, TypeError) as e:  # checked keys make this a last resort
             if isinstance(e, InterpError):
                 raise
-            raise InterpError(f"its metadata does not give a valid model: {e}") from None
+            raise InterpError(f"its metadata does not give a valid model: {one_line(str(e))}"
+                              ) from None
     cfg = dataclasses.replace(cfg, extra={**cfg.extra, "source": str(path)})
     cfg = apply_overrides(cfg, fields)
     with naming(path, "GGUF file"):
