@@ -222,6 +222,7 @@ def test_crafted_gguf_metadata(orig: Originals, key: str, typed: tuple[int, Any]
 @example(("tensor", 3, "dims", [16, 2**62]))  # far past the end
 @example(("tensor", 3, "type", 26))  # I32: same size as F32, integers
 @example(("tensor", 0, "name", "x.rotary_emb.inv_freq"))  # a name the converter ignores
+@example(("tensor", 0, "name", "blk.².attn_q.weight"))  # "²".isdigit(), int("²") fails
 @example(("del_kv", "llama.attention.layer_norm_rms_epsilon"))  # required by the spec
 def test_crafted_gguf_structure(orig: Originals, mutation: tuple) -> None:
     path = gg_case(orig, lambda doc: gg_structure(doc, mutation))

@@ -106,7 +106,8 @@ def _hf_name(name: str) -> str | None:
     if name in TOP_NAMES:
         return TOP_NAMES[name]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK_NAMES:
+    if (len(parts) == 3 and parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit()
+            and parts[2] in BLOCK_NAMES):  # isascii: "²".isdigit() is true, int("²") fails
         return f"model.layers.{int(parts[1])}.{BLOCK_NAMES[parts[2]]}"
     return None
 
