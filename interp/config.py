@@ -158,10 +158,14 @@ def _as_mask(mask: Any) -> MaskSpec:
     """A mask field as given (a MaskSpec, a string such as 'causal', or a serialised dict)."""
     if isinstance(mask, MaskSpec):
         return mask
-    if isinstance(mask, str):
-        return parse_mask(mask)
-    if isinstance(mask, dict):
-        return mask_from_dict(mask)
+    if isinstance(mask, str | dict):
+        try:
+            return parse_mask(mask) if isinstance(mask, str) else mask_from_dict(mask)
+        except RecursionError:  # a crafted config: {"op": "not", "a": {"op": "not", ...}}
+            raise ValueError(
+                "mask is nested too deeply to read (masks combine a handful of predicates); "
+                "simplify it."
+            ) from None
     raise ValueError(
         f"mask must be a MaskSpec or a string such as 'causal', got {type(mask).__name__}."
     )

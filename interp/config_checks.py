@@ -46,6 +46,8 @@ ATTN_SCALE_RANGE = (1e-4, 1e4)
 MAX_SOFT_MASK_PENALTY = 1e4
 #: mask parameters (window, block, stride, prefix) are compared with int64 positions
 MAX_MASK_PARAMETER = 2**63 - 1
+#: a mask tree is evaluated recursively in every forward; Python stops at ~1,000 frames
+MAX_MASK_DEPTH = 100
 #: layers of a stack and experts of a layer are each a Python module (kilobytes of objects and
 #: a Python step in every forward, whatever their width); the largest models have ~100 layers
 #: and ~256 experts
@@ -228,16 +230,22 @@ def _check_relative_buckets(cfg: ModelConfig) -> None:
 
 def check_mask_parameters(cfg: ModelConfig) -> None:
     """Every parameter of every mask in the tree (window, block, stride, prefix) is an int, not
-    a bool, that int64 positions can be compared with."""
-    stack = [cfg.mask]
+    a bool, that int64 positions can be compared with; the tree is shallow enough for the
+    recursive ``allowed`` of the forward pass."""
+    stack = [(cfg.mask, 1)]
     while stack:
-        mask = stack.pop()
+        mask, depth = stack.pop()
+        if depth > MAX_MASK_DEPTH:
+            raise ValueError(
+                f"mask is nested more than {MAX_MASK_DEPTH} deep (masks combine a handful of "
+                "predicates, and the forward pass evaluates the tree recursively); simplify it."
+            )
         if not dataclasses.is_dataclass(mask):
             continue  # a user's own MaskSpec: its parameters are its business
         for f in dataclasses.fields(mask):
             v = getattr(mask, f.name)
             if isinstance(v, MaskSpec):
-                stack.append(v)
+                stack.append((v, depth + 1))
             elif isinstance(v, bool) or not isinstance(v, int) or v > MAX_MASK_PARAMETER:
                 leaf = str(mask).partition("(")[0]
                 raise ValueError(

@@ -339,6 +339,7 @@ REFUSED = [  # (changes to BASE, a word the one-line message must contain)
     (dict(mask={"op": "and", "a": {"name": "causal"},
                 "b": {"name": "strided", "args": [10**30]}}), "stride"),
     (dict(mask="sliding_window:abc"), "sliding_window"),
+    (dict(mask="&".join(["causal"] * 2000)), "nested"),  # RecursionError in the forward
     (dict(soft_mask_penalty=1e300), "soft_mask_penalty"),
     (dict(soft_mask_penalty=10**400), "soft_mask_penalty"),
     (dict(soft_mask_penalty=float("inf")), "soft_mask_penalty"),

@@ -90,7 +90,16 @@ def _hostile_mask() -> st.SearchStrategy[Any]:
                      st.sampled_from(["abc", "0", "-2", "1.5", str(2**63), str(10**30)]))
     as_dict = st.builds(lambda n, p: {"name": n, "args": [p]}, st.sampled_from(LEAVES[2:]),
                         st.sampled_from(HOSTILE_MASK_PARAMS))
-    return st.one_of(leaf, leaf.map(lambda m: masks.causal() & m), text, as_dict)
+    deep = st.sampled_from(["&".join(["causal"] * 2000), _nested_not(2000)])
+    return st.one_of(leaf, leaf.map(lambda m: masks.causal() & m), text, as_dict, deep)
+
+
+def _nested_not(depth: int) -> dict[str, Any]:
+    """A serialised mask ``~~...~causal`` nested ``depth`` deep (past Python's recursion)."""
+    d: dict[str, Any] = {"name": "causal"}
+    for _ in range(depth):
+        d = {"op": "not", "a": d}
+    return d
 
 
 def _hostile(name: str) -> st.SearchStrategy[Any]:
@@ -303,7 +312,7 @@ def test_every_accepted_config_runs_forward_and_backward(kw: dict[str, Any],
     assert all(bool(torch.isfinite(g).all()) for g in grads), "non-finite gradient"
     for module in model.modules():
         if isinstance(module, RelativePositionBias):
-            _check_buckets(module, cfg.n_ctx)
+            _check_buckets(module)
 
 
 def _assert_typed(cfg: ModelConfig) -> None:
@@ -342,10 +351,11 @@ def _has_type(value: Any, tp: Any) -> bool:
     return tp is type(None) and value is None or tp is not type(None) and isinstance(value, tp)
 
 
-def _check_buckets(rel: RelativePositionBias, n_ctx: int) -> None:
+def _check_buckets(rel: RelativePositionBias) -> None:
     """T5's bucket ids lie in 0..buckets-1 and never decrease with distance in either direction
-    (a negative id indexes the table from its end: wrong, silently)."""
-    distance = torch.arange(n_ctx)
+    (a negative id indexes the table from its end: wrong, silently), at every distance the
+    positions allow, not only those of the batch (n_ctx is no limit for relative positions)."""
+    distance = torch.cat([torch.arange(4096), torch.tensor([2**20, 2**40, 2**62])])
     for ids in (rel.bucket(-distance), rel.bucket(distance)):  # past keys, future keys
         assert bool((ids >= 0).all() and (ids < rel.n_buckets).all()), ids
         assert bool((ids[2:] >= ids[1:-1]).all()), f"bucket ids fall with distance: {ids}"
