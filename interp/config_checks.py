@@ -1,9 +1,16 @@
 """Validation of a :class:`interp.config.ModelConfig`, one small function per concern.
 
 ``ModelConfig.__post_init__`` calls these in order, after the derived fields are filled in:
-sizes, choices, booleans and numbers, architecture, positions, norms, attention kernel, MoE,
-unembedding. Each raises ``ValueError`` with one sentence that says what to change; none of
-them changes the config (derivation and normalisation live in :mod:`interp.config`).
+sizes, choices, booleans and numbers, mask parameters, architecture, positions, norms,
+attention kernel, MoE, unembedding. Each raises ``ValueError`` with one sentence that says what
+to change; none of them changes the config (derivation and normalisation live in
+:mod:`interp.config`).
+
+Together they make "constructs => runs" true (issue 24; tests/test_config_runs.py): a value
+that would fail only at forward time (T5 buckets whose maximum distance lies inside their exact
+range, a mask parameter past int64, a scalar that overflows float32, a mask tree too deep to
+evaluate) is refused here. Whether this machine can hold the model is not a property of the
+config: :mod:`interp.config_memory` checks it when the model is built.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def check_fits(cfg: ModelConfig) -> None:
 
     Only where tensors are built on the CPU (a build on the meta device, as loaders do,
     allocates nothing; a GPU's memory is not the machine's) and the memory is known."""
-    if torch.get_default_device().type != "cpu":
+    if torch.empty(0).device.type != "cpu":  # the device new tensors go to (torch >= 2.2)
         return
     memory = total_memory_bytes()
     if memory is not None and model_bytes(cfg) > memory:
