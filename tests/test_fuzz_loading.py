@@ -172,6 +172,7 @@ def _remove(path: Path) -> None:
 @example(("header", [1, 2]))  # a JSON array: TypeError
 @example(("set", "model.norm.weight", "shape", [-4, -4]))  # a negative shape: RuntimeError
 @example(("set", "model.norm.weight", "dtype", "I32"))  # integers into a float weight
+@example(("set", "model.layers.0.mlp.up_proj.weight", "dtype", "I32"))  # ... fused with floats
 @example(("pad", 7))
 def test_crafted_safetensors_header(orig: Originals, mutation: tuple) -> None:
     folder = st_write(orig, mutation)

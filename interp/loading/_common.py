@@ -64,6 +64,9 @@ class Tensors:
         if shape is not None and _shape(t) != tuple(shape):
             raise InterpError(f"Checkpoint tensor {key!r} has shape {list(t.shape)}, expected "
                               f"{list(shape)} from the config.")
+        if not t.is_floating_point():  # a converter would cast (or fuse) it into a float weight
+            raise InterpError(f"Checkpoint tensor {key!r} has dtype {t.dtype}; weights are "
+                              "floating point (the file is corrupt or not this model's).")
         self._used.add(key)
         return t
 
