@@ -82,7 +82,8 @@ def _is_finite(v: Any) -> bool:
 def _in_range(name: str, v: Any, lo: float, hi: float | None, why: str, what: str) -> None:
     """``v`` is a finite number with ``lo < v <= hi`` (``lo <= v`` when ``lo`` is not 0)."""
     if not _is_finite(v) or (v <= lo if lo == 0 else v < lo):
-        raise ValueError(f"{name} must be {what}, got {v!r}.")
+        reason = f" ({why})" if lo and why else ""
+        raise ValueError(f"{name} must be {what}{reason}, got {v!r}.")
     if hi is not None and v > hi:
         raise ValueError(f"{name} must be at most {hi:g} ({why}), got {v!r}.")
 
@@ -152,8 +153,8 @@ def check_numbers(cfg: ModelConfig) -> None:
     if cfg.attn_scale is not None:
         lo, hi = ATTN_SCALE_RANGE
         _in_range("attn_scale", cfg.attn_scale, lo, hi,
-                  "it multiplies the scores; the default is 1/sqrt(d_head), T5 uses 1.0",
-                  f"a number in {lo:g}..{hi:g} (or None for 1/sqrt(d_head))")
+                  "it multiplies the scores; None is 1/sqrt(d_head), T5 uses 1.0",
+                  f"a number in {lo:g}..{hi:g} or None")
     _check_penalty(cfg.soft_mask_penalty)
     if not _is_count(cfg.n_token_types):
         raise ValueError(f"n_token_types must be an integer >= 0, got {cfg.n_token_types!r}.")

@@ -10,7 +10,10 @@ and, now and then, a value that used to pass construction and fail later (an ext
 huge mask parameter, a bool or a string where an int is needed, a size no machine can hold).
 Each draw either refuses with a one-line ``ValueError`` at construction, or builds (a size
 beyond this machine's memory refuses there, with "this model needs N GB"), runs on a random
-batch of up to ``n_ctx`` tokens, and backpropagates a finite loss into the parameters.
+batch of up to ``n_ctx`` tokens, and backpropagates a finite loss into the parameters. An
+accepted config also holds values of its annotated types (a bool is not an int, mask parameters
+included), and T5's bucket ids stay in range and grow with distance (a negative id silently
+indexes the table from its end). 400 draws, about a third accepted: ~25 s on one core.
 """
 
 from __future__ import annotations
