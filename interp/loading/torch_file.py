@@ -38,6 +38,12 @@ def is_zip(path: Path) -> bool:
         return f.read(4) == ZIP_MAGIC
 
 
+def _is_pickle(path: Path) -> bool:
+    """Whether ``path`` starts like a legacy torch file: a pickle's PROTO opcode (0x80)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def check_zip(path: Path, what: str = "Checkpoint") -> None:
     """Check a zip-format ``.pt`` is self-consistent before torch reads it.
 
@@ -105,7 +111,7 @@ def _detail(e: BaseException) -> str:
     text = str(e)
     m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
     line = m.group(1) if m else (text.strip().splitlines()[0] if text.strip() else "")
-    line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+    line = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", line).split())  # no colour, one line
     if not line or "weights_only" in line:
         return type(e).__name__
     return line[:200]
@@ -122,6 +128,9 @@ def load_torch_file(path: Path, *, what: str, mmap: bool = True) -> Any:
     zipped = is_zip(path)
     if zipped:
         check_zip(path, what)
+    elif not _is_pickle(path):
+        raise InterpError(f"Cannot read {what.lower()} {str(path)!r}: it is not a torch file (it "
+                          "starts with neither a zip nor a pickle header).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
     except pickle.UnpicklingError as e:
