@@ -362,8 +362,10 @@ def test_crafted_model_config_json(orig: Originals, mutation: tuple) -> None:
     """Random weights: only the config is compared (sizes stay small here; the config's own
     property test covers the sizes that cannot be allocated)."""
     path = new_file(orig, "json", json_text(orig.files["json"].read_text(), mutation))
+    bad_layers = mutation[:2] == ("set", "n_layers") and not (
+        type(mutation[2]) is int and mutation[2] >= 1)  # must fail, naming the field
     model = _check(path, orig.models["json"], config="random",
-                   name=mutation[1] if mutation[:2] == ("set", "n_layers") else None)
+                   name="n_layers" if bad_layers else None)
     if model is not None and mutation[0] in ("set", "del"):
         assert _plain_cfg(model, mutation[1]) == _plain_cfg(orig.models["json"], mutation[1])
 
