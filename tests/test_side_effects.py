@@ -69,11 +69,24 @@ def test_default_use_never_calls_mallopt(tmp_path: Path, monkeypatch: pytest.Mon
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(memory, "_libc_mallopt", lambda: lambda o, v: calls.append((o, v)) or 1)
     monkeypatch.setattr(memory, "_MIN_AUTO", 0)  # any cache would count, were the policy on
+    # the defaults of a fresh process (INTERP_REUSE_CACHE_MEMORY unset; the subprocess test
+    # below checks that this is what a fresh process gets): an in-process `interp bench` run
+    # earlier in the session opts in for its own process
+    monkeypatch.setattr(memory, "_auto", False)
+    monkeypatch.setattr(memory, "_trim_set", None)
     model = interp.load_pretrained(_tiny_gpt2_folder(tmp_path))
     with torch.no_grad():
         model.run_with_cache(torch.randint(0, 50, (2, 16)))
     assert calls == []
     assert memory.retained_limit() is None
+
+
+def test_fresh_process_default_is_off() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "INTERP_REUSE_CACHE_MEMORY"}
+    code = "from interp.perf import memory; print(memory._auto, memory.retained_limit())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.split() == ["False", "None"]
 
 
 _TRIM_PROBE = r"""
