@@ -24,7 +24,7 @@ def info_cmd(model: str, as_json: bool) -> None:
     Example:
       interp info                      # the packaged MiniLM
       interp info smollm2-135m
-      interp info my_config.json --json
+      interp info interp/data/induction.pt --json
     """
     import json
 

@@ -48,7 +48,7 @@ def report_cmd(ctx: click.Context, model: str | None, only: tuple[str, ...],
     \b
     Example:
       interp report --out reports/default --force
-      interp report smollm2-135m --only heads --only ffn --out reports/smol
+      interp report smollm2-135m --only heads --out reports/smol
       interp report --list
     """
     from analyses.app.sections import FAILED, select

@@ -351,12 +351,15 @@ def ffn_cmd(ctx: click.Context, model: str, facts_file: Path | None, text_file: 
 
     Writes data/causal_trace.csv, data/knowledge_neurons.csv, data/kv_memories.csv,
     data/logit_lens.csv (and more), trace heatmaps, the logit-lens curve, and trigger
-    contexts with promoted tokens of a few neurons.
+    contexts with promoted tokens of a few neurons. MODEL defaults to the shipped knowledge
+    model (its own facts, seconds). On a real model (smollm2-135m, facts from
+    analyses/data/facts.jsonl or --facts) causal tracing costs minutes per fact on a CPU:
+    --max-facts and --samples bound it.
 
     \b
     Example:
-      interp ffn smollm2-135m --max-facts 20 --out reports/ffn_smol
-      interp ffn model.pt --facts my_facts.jsonl --text corpus.txt --out reports/ffn
+      interp ffn --out reports/ffn_knowledge      # the shipped knowledge model
+      interp ffn interp/data/knowledge.pt --max-facts 50 --samples 5 --out reports/ffn_more
     """
     # bad files fail before loading a model
     facts = fk.load_facts(facts_file) if facts_file is not None else None

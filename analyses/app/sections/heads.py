@@ -343,8 +343,8 @@ def heads_cmd(ctx: click.Context, model: str, text_file: Path | None, conllu: Pa
 
     \b
     Example:
-      interp heads minilm --conllu en_ewt-ud-dev.conllu --out reports/heads_minilm
-      interp heads smollm2-135m --text my.txt --max-tokens 5000 --out reports/heads_smol
+      interp heads minilm --conllu tests/data/heads_sentences.conllu --out reports/heads_minilm
+      interp heads smollm2-135m --text analyses/data/sample_text.txt --out reports/heads_smol
       interp heads induction_sinusoidal --compare induction_learned --compare induction_rope \\
           --compare induction_alibi --out reports/heads_positions
     """

@@ -431,8 +431,10 @@ def masking_cmd(ctx: click.Context, model: str, text_file: Path | None,
     \b
     Example:
       interp masking minilm --out reports/masking_minilm
-      interp masking smollm2-135m --max-tokens 512 --out reports/masking_smol
-      interp masking model.pt --strategy soft --strategy sliding_window:4 --out reports/m
+      interp masking smollm2-135m --strategy bidirectional --strategy sliding_window:16 \\
+          --no-heads --max-tokens 512 --out reports/masking_smol
+      interp masking interp/data/induction.pt --strategy soft --strategy sliding_window:4 \\
+          --out reports/masking_induction
     """
     from analyses.masking import parse_strategies
     from interp.masks import causal

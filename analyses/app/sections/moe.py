@@ -376,13 +376,16 @@ def moe_cmd(ctx: click.Context, model: str, texts: tuple[Path, ...], domains: st
     router margins, expert ablation per domain (Mixtral sec. 5; OpenMoE sec. 4).
 
     Writes data/moe_summary.csv, moe_load.csv, moe_domain.csv, moe_experts.csv,
-    moe_ablation.csv and heatmaps. A dense model is refused with one line.
+    moe_ablation.csv and heatmaps. A dense model is refused with one line. Your own text
+    goes in with one --text FILE per domain, on a model whose tokenizer reads it (a Hugging
+    Face Mixtral, Qwen2-MoE or OLMoE folder; the shipped domains model knows only its task's
+    words).
 
     \b
     Example:
       interp moe interp/data/domains_moe.pt --out reports/moe
-      interp moe model.pt --domains domains --max-tokens 65536 --out reports/moe_big
-      interp moe mixtral_folder --text code.txt --text prose.txt --out reports/moe_text
+      interp moe interp/data/domains_moe.pt --domains domains --max-tokens 65536 \\
+          --out reports/moe_big
     """
     for p in texts:
         if not p.is_file():

@@ -125,7 +125,8 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
       interp train induction --positional rope --steps 3000 --seed 1 --out ind_rope.pt
       interp train knowledge --param n_subjects=100 --out kb.pt
       interp train domains --config moe --n-experts 8 --top-k 2 --out moe.pt
-      interp train text --text-file book.txt --tokenizer bytes --steps 2000 --out book.pt
+      interp train text --text-file analyses/data/sample_text.txt --tokenizer bytes --steps 2000 \\
+          --out sample.pt
       interp train induction --steps 6000 --resume induction.pt --out induction.pt --force
     """
     import torch
