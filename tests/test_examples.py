@@ -279,7 +279,8 @@ def run_example(ex: Example, cwd: Path) -> None:
 
 
 class _Sources:
-    """One working folder per source; an example runs after those written before it."""
+    """One working folder per source; an example runs after those written before it (whose
+    files it may read), and fails only for its own failure."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
@@ -290,17 +291,18 @@ class _Sources:
         if ex.source not in self.folders:
             name = re.sub(r"[^A-Za-z0-9]+", "_", ex.source).strip("_")
             self.folders[ex.source] = _working_folder(self.base / name)
+        failed_before = []
         for before in [e for e in EXAMPLES if e.source == ex.source]:
             if before == ex:
                 break
-            if before not in self.done:
-                self._record(before)
+            self._record(before)  # it may write a file this one reads
             if self.done[before] is not None:
-                pytest.fail(f"{ex.where}: `{ex.text}` not run: the example before it in the "
-                            f"same source failed ({before.text})", pytrace=False)
+                failed_before.append(before.where)
         self._record(ex)
         if self.done[ex] is not None:
-            pytest.fail(self.done[ex], pytrace=False)
+            note = (f"\n(examples before it in {ex.source} failed too: "
+                    f"{', '.join(failed_before)})" if failed_before else "")
+            pytest.fail(self.done[ex] + note, pytrace=False)
 
     def _record(self, ex: Example) -> None:
         if ex in self.done:

@@ -117,7 +117,8 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
 
     The checkpoint holds config, weights, vocabulary, task parameters, training history
     and metrics (and optimizer state, for --resume); any interp command loads it as MODEL.
-    Training is deterministic given --seed (and the thread count).
+    Training is deterministic given --seed (and the thread count). When the trained model
+    lacks the task's mechanism (induction: score < 0.70), one "warning:" line says so.
 
     \b
     Example:
@@ -169,6 +170,10 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
                         for k, v in shown.items())
     if not quiet:
         click.echo(f"{task}: {model.param_count():,} parameters; {summary}", err=True)
+    if isinstance(metrics.get("warning"), str):
+        # the task's own check (e.g. induction score < 0.70), also recorded in the checkpoint's
+        # train.metrics; shown even with --quiet: the file was written but lacks the mechanism
+        click.echo(f"warning: {metrics['warning']}", err=True)
     click.echo(str(out))
 
 

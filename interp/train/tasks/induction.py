@@ -29,15 +29,22 @@ class Induction(Task):
     the target is always n - 1 positions back, and one positional head in layer 0 solves the
     task without any induction (we measured exactly that). So each training sequence is
     ``[BOS] x1..xn`` followed by n tokens made of *fragments*: runs of ``min_frag``..``max_frag``
-    tokens (uniform) copied from random places of the first half. Inside a fragment the next
+    tokens (uniform), each a run of the first half read circularly from a random start, so
+    that every bigram of the first half is copied equally often. Inside a fragment the next
     token is the one after the previous occurrence of the current token; at a fragment's
-    start it is unpredictable. Loss is taken everywhere; sequences are ``1 + 2 * half_len``
-    tokens. :meth:`evaluate` (and the tests) use the classic ``[BOS] x1..xn x1..xn`` with
-    n = ``half_len``. Vocabulary: ``<bos>`` = 0, then ``t0``..``t{n_tokens-1}``.
+    start (and where the run wraps from x_n to x_1) it is unpredictable, and there no loss is
+    taken (as in Bietti et al. 2023, "Birth of a Transformer: A Memory Viewpoint", which
+    trains only the predictable outputs): trained on those, every seed learned to hedge
+    towards "any first-half token" and its induction attention fell from ~0.85 to 0.75-0.80
+    as training went on. Loss is taken everywhere else, the first half included (its loss
+    stays at log(n_tokens)); sequences are ``1 + 2 * half_len`` tokens. :meth:`evaluate` (and
+    the tests) use the classic ``[BOS] x1..xn x1..xn`` with n = ``half_len``. Vocabulary:
+    ``<bos>`` = 0, then ``t0``..``t{n_tokens-1}``.
     """
 
     name = "induction"
     mechanism = "previous-token head (layer 0) + induction head (layer 1), Olsson et al. 2022"
+    threshold = 0.7  # induction_score from which the mechanism counts as formed
     defaults = {"n_tokens": 64, "half_len": 16, "min_frag": 2, "max_frag": 16}
     model_defaults = {"n_layers": 2, "d_model": 64, "n_heads": 4, "attn_only": True,
                       "positional": "learned"}
@@ -63,18 +70,27 @@ class Induction(Task):
         lo, hi = self.params["min_frag"], self.params["max_frag"]
         B = batch_size
         first = torch.randint(1, V + 1, (B, H), generator=generator)
-        # second half: fragments of lo..hi tokens, each copied from a random place in the first
+        # second half: fragments of lo..hi tokens, each a run of the first half read circularly
+        # from a uniform start (x_n is followed by x_1): every bigram of the first half, its
+        # last included, is copied equally often, and every offset between a copy and its
+        # source is equally likely. (Runs that had to fit inside the half copied its last
+        # bigram 5x less often than the middle ones: no seed learned a previous-token head at
+        # that key, so the query of x_{n-1} scored 0 on every head.)
         n_frag = H // lo + 1
         lengths = torch.randint(lo, hi + 1, (B, n_frag), generator=generator)
-        # each fragment's source start
-        src = (torch.rand(B, n_frag, generator=generator) * (H - lengths + 1)).long()
+        src = torch.randint(0, H, (B, n_frag), generator=generator)
         ends = lengths.cumsum(1)
         j = torch.arange(H).expand(B, -1).contiguous()
         frag = torch.searchsorted(ends, j, right=True)  # [batch, H]
         within = j - (ends.gather(1, frag) - lengths.gather(1, frag))
-        second = first.gather(1, src.gather(1, frag) + within)
+        source = (src.gather(1, frag) + within) % H
+        second = first.gather(1, source)
         tokens = torch.cat([torch.zeros(B, 1, dtype=torch.long), first, second], 1)
-        return Batch(tokens, next_token_labels(tokens))
+        labels = next_token_labels(tokens)
+        # no loss where the next token starts a fragment or wraps to x_1: it is unpredictable,
+        # and learning it teaches the model to hedge ("some token of the first half") everywhere
+        labels[:, H:2 * H][(within == 0) | (source == 0)] = -100
+        return Batch(tokens, labels)
 
     def eval_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
         """The classic evaluation sequences ``[BOS] x1..xn x1..xn`` with n = ``half_len``.
@@ -105,13 +121,17 @@ class Induction(Task):
         }
 
     @torch.no_grad()
-    def evaluate(self, model: Any, seed: int = 12345, batch_size: int = 64) -> dict[str, float]:
-        """Loss on each copy, and per-layer best previous-token and induction attention scores.
+    def evaluate(self, model: Any, seed: int = 12345, batch_size: int = 64) -> dict[str, Any]:
+        """Loss on each copy, per-layer best previous-token and induction attention scores, and
+        whether the mechanism formed.
 
         ``loss_first``: mean loss predicting x2..xn in the first copy (should stay near
         log(n_tokens)); ``loss_repeat``: the same tokens in the second copy (in-context: near 0).
-        ``prev_token_score[l]`` / ``induction_score[l]``: the best head of layer l's mean
-        attention to the previous position / to the induction target.
+        ``prev_token_score_l{l}`` / ``induction_score_l{l}``: the best head of layer l's mean
+        attention to the previous position / to the induction target. ``induction_score``: the
+        best over layers >= 1 (an induction head composes with an earlier layer's
+        previous-token head; 0 for a one-layer model); ``mechanism_formed``: it reaches
+        :attr:`threshold`; when it does not, ``warning`` says so in one line.
         """
         gen = torch.Generator().manual_seed(seed)
         batch = self.eval_batch(batch_size, gen)
@@ -138,4 +158,12 @@ class Induction(Task):
             out[f"prev_token_head_l{layer}"] = int(prev.argmax())
             out[f"induction_score_l{layer}"] = float(ind.max())
             out[f"induction_head_l{layer}"] = int(ind.argmax())
+        later = [out[f"induction_score_l{layer}"] for layer in range(1, len(names))]
+        score = max(later, default=0.0)
+        out["induction_score"] = score
+        out["mechanism_formed"] = score >= self.threshold
+        if score < self.threshold:
+            shown = math.floor(score * 100) / 100  # 0.695 shows as 0.69, not 0.70 < 0.70
+            out["warning"] = (f"induction score {shown:.2f} < {self.threshold:.2f}: the "
+                              "mechanism did not form; try more --steps")
         return out
