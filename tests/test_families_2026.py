@@ -57,6 +57,7 @@ SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_he
              max_position_embeddings=64)
 GEMMA = dict(SMALL, intermediate_size=48, num_key_value_heads=2, head_dim=8,
              query_pre_attn_scalar=12, sliding_window=WINDOW)
+LLAMA = dict(SMALL, intermediate_size=48, num_key_value_heads=2)
 SLIDING3 = ["sliding_attention", "sliding_attention", "full_attention"]
 #: name -> (factory, sliding-window family)
 FAMILIES: dict[str, tuple[Callable[[], Any], bool]] = {
@@ -72,6 +73,22 @@ FAMILIES: dict[str, tuple[Callable[[], Any], bool]] = {
                      attn_logit_softcapping=2.0, final_logit_softcapping=3.0), True),
     "gemma": (_make("GemmaForCausalLM", "GemmaConfig", **SMALL, intermediate_size=48,
                     num_key_value_heads=1, head_dim=8), False),
+    "qwen3": (_make("Qwen3ForCausalLM", "Qwen3Config", **LLAMA, head_dim=8), False),
+    "qwen2_sliding": (_make("Qwen2ForCausalLM", "Qwen2Config", **LLAMA, use_sliding_window=True,
+                            sliding_window=WINDOW, max_window_layers=1), True),
+    "qwen3_moe": (_make("Qwen3MoeForCausalLM", "Qwen3MoeConfig", **LLAMA, head_dim=8,
+                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                        norm_topk_prob=True, mlp_only_layers=[0]), False),
+    **{f"llama_{kind}": (_make("LlamaForCausalLM", "LlamaConfig", **{
+        **LLAMA, "max_position_embeddings": 8 if kind == "dynamic" else 64},
+        rope_parameters={"rope_type": kind, "rope_theta": 1e4, **params}), False)
+       for kind, params in {
+           "linear": {"factor": 4.0},
+           "dynamic": {"factor": 2.0},  # T = 12 > 8 positions: the base grows
+           "yarn": {"factor": 4.0, "original_max_position_embeddings": 16},
+           "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8},
+       }.items()},
 }
 
 

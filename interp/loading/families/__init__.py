@@ -40,6 +40,8 @@ def _registry() -> dict[str, Family]:
         Family("llama", llama.config_from_hf, llama.convert_state_dict),
         Family("mistral", llama.config_from_hf, llama.convert_state_dict),
         Family("qwen2", llama.config_from_hf, llama.convert_state_dict),
+        Family("qwen3", llama.config_from_hf, llama.convert_state_dict),
+        Family("qwen3_moe", moe.config_from_hf, moe.convert_state_dict),
         Family("mixtral", moe.config_from_hf, moe.convert_state_dict),
         Family("qwen2_moe", moe.config_from_hf, moe.convert_state_dict),
         Family("olmoe", moe.config_from_hf, moe.convert_state_dict),
