@@ -79,6 +79,17 @@ FAMILIES: dict[str, tuple[Callable[[], Any], bool]] = {
     "qwen3_moe": (_make("Qwen3MoeForCausalLM", "Qwen3MoeConfig", **LLAMA, head_dim=8,
                         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                         norm_topk_prob=True, mlp_only_layers=[0]), False),
+    "olmo2": (_make("Olmo2ForCausalLM", "Olmo2Config", **LLAMA), False),
+    "phi3_longrope": (_make("Phi3ForCausalLM", "Phi3Config", **{**LLAMA, "max_position_embeddings": 32},
+                            original_max_position_embeddings=8, pad_token_id=0,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                             "partial_rotary_factor": 0.5,
+                                             "short_factor": [1.0, 1.5],
+                                             "long_factor": [2.0, 3.0]}), False),
+    "phi3_sliding": (_make("Phi3ForCausalLM", "Phi3Config", **LLAMA, sliding_window=WINDOW,
+                           pad_token_id=0), False),
+    "gptj": (_make("GPTJForCausalLM", "GPTJConfig", vocab_size=V, n_embd=32, n_layer=2,
+                   n_head=4, n_positions=64, rotary_dim=4), False),
     **{f"llama_{kind}": (_make("LlamaForCausalLM", "LlamaConfig", **{
         **LLAMA, "max_position_embeddings": 8 if kind == "dynamic" else 64},
         rope_parameters={"rope_type": kind, "rope_theta": 1e4, **params}), False)
