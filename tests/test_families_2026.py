@@ -91,6 +91,12 @@ FAMILIES: dict[str, tuple[Callable[[], Any], bool]] = {
                            pad_token_id=0), False),
     "gptj": (_make("GPTJForCausalLM", "GPTJConfig", vocab_size=V, n_embd=32, n_layer=2,
                    n_head=4, n_positions=64, rotary_dim=4), False),
+    "bloom": (_make("BloomForCausalLM", "BloomConfig", vocab_size=V, hidden_size=32, n_layer=2,
+                    n_head=4), False),
+    "bloom_6_heads": (_make("BloomForCausalLM", "BloomConfig", vocab_size=V, hidden_size=48,
+                            n_layer=2, n_head=6), False),
+    "mpt": (_make("MptForCausalLM", "MptConfig", vocab_size=V, d_model=32, n_layers=2, n_heads=4,
+                  max_seq_len=64, expansion_ratio=2), False),
     **{f"llama_{kind}": (_make("LlamaForCausalLM", "LlamaConfig", **{
         **LLAMA, "max_position_embeddings": 8 if kind == "dynamic" else 64},
         rope_parameters={"rope_type": kind, "rope_theta": 1e4, **params}), False)

@@ -34,6 +34,7 @@ class Family:
 def _registry() -> dict[str, Family]:
     from interp.loading.families import (
         bert,
+        bloom_mpt,
         gemma,
         gpt2,
         gpt_neox,
@@ -63,6 +64,8 @@ def _registry() -> dict[str, Family]:
         Family("olmo2", olmo2_phi3.config_from_hf, olmo2_phi3.convert_state_dict),
         Family("phi3", olmo2_phi3.config_from_hf, olmo2_phi3.convert_state_dict),
         Family("gptj", gptj.config_from_hf, gptj.convert_state_dict),
+        Family("bloom", bloom_mpt.config_from_hf, bloom_mpt.convert_state_dict),
+        Family("mpt", bloom_mpt.config_from_hf, bloom_mpt.convert_state_dict),
     ]
     return {f.name: f for f in fams}
 
