@@ -275,8 +275,8 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     sliding_window: int | None = None  # keys with q - k < sliding_window, on "sliding" layers
     rope_local_base: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3)
-    # RoPE context extension (linear, dynamic, yarn, llama3, longrope): a RopeScaling or dict
-    rope_scaling: RopeScaling | Mapping[str, Any] | None = None
+    # RoPE context extension (linear, dynamic, yarn, llama3, longrope); a dict is converted
+    rope_scaling: RopeScaling | None = None
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(d_model))
