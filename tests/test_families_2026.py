@@ -234,3 +234,15 @@ def test_unsupported_model_type_is_one_line(tmp_path: Path) -> None:
         interp.load_pretrained(tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and "model_type" in msg and "falcon_h1" in msg and "gemma3_text" in msg
+
+
+def test_in_memory_model_matches_folder(family: tuple[str, Any, Any]) -> None:
+    """``load_pretrained(hf_model)`` (transformers 5's in-memory tensor layout) gives the same
+    logits as the saved folder, and leaves the transformers model untouched."""
+    _, hf, from_folder = family
+    before = {k: v.clone() for k, v in list(hf.state_dict().items())[:3]}
+    model = interp.load_pretrained(hf)
+    tokens = _tokens()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), from_folder(tokens))
+    assert all(torch.equal(hf.state_dict()[k], v) for k, v in before.items())
