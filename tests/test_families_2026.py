@@ -246,3 +246,29 @@ def test_in_memory_model_matches_folder(family: tuple[str, Any, Any]) -> None:
     with torch.no_grad():
         assert torch.equal(model(tokens), from_folder(tokens))
     assert all(torch.equal(hf.state_dict()[k], v) for k, v in before.items())
+
+
+def half_gaps(name: str, dtype: torch.dtype, folder: Path) -> tuple[float, float]:
+    """(interp's, transformers') max |logit - the float32 logits| when both run in ``dtype``."""
+    torch.manual_seed(0)
+    hf = FAMILIES[name][0]()
+    hf.set_attn_implementation("eager")
+    _scale_weights(hf, seed=1)
+    hf.eval().save_pretrained(folder)
+    tokens = _tokens()
+    with torch.no_grad():
+        ref32 = hf(input_ids=tokens).logits
+        theirs = hf.to(dtype)(input_ids=tokens).logits.float()
+        ours = interp.load_pretrained(folder, dtype=dtype)(tokens).float()
+    return float((ours - ref32).abs().max()), float((theirs - ref32).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gemma3_text", "gemma2", "qwen3", "llama_llama3"])
+def test_half_precision_tracks_transformers(name: str, dtype: torch.dtype,
+                                            tmp_path: Path) -> None:
+    """Loaded in half precision (softmax in float32, RMSNorm normalising in float32), interp's
+    logits stay as close to the float32 ones as transformers' own half-precision run (within
+    3x: interp folds Gemma's ``1 + w`` into the half-precision weight at load)."""
+    ours, theirs = half_gaps(name, dtype, tmp_path)
+    assert ours <= 3 * theirs + 0.01, (ours, theirs)
