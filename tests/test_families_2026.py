@@ -69,6 +69,13 @@ FAMILIES: dict[str, tuple[Callable[[], Any], bool]] = {
                                                         "rope_theta": 1e6},
                                      "sliding_attention": {"rope_type": "default",
                                                            "rope_theta": 1e4}}), True),
+    "gemma3_multimodal": (_make(
+        "Gemma3ForConditionalGeneration", "Gemma3Config",
+        text_config={**GEMMA, "layer_types": SLIDING3},
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=V - 1, boi_token_index=V - 3,
+        eoi_token_index=V - 2), True),
     "gemma2": (_make("Gemma2ForCausalLM", "Gemma2Config", **GEMMA,
                      attn_logit_softcapping=2.0, final_logit_softcapping=3.0), True),
     "gemma": (_make("GemmaForCausalLM", "GemmaConfig", **SMALL, intermediate_size=48,

@@ -61,6 +61,7 @@ def _registry() -> dict[str, Family]:
         Family("gemma", gemma.config_from_hf, gemma.convert_state_dict),
         Family("gemma2", gemma.config_from_hf, gemma.convert_state_dict),
         Family("gemma3_text", gemma.config_from_hf, gemma.convert_state_dict),
+        Family("gemma3", gemma.config_from_hf, gemma.convert_state_dict),
         Family("olmo2", olmo2_phi3.config_from_hf, olmo2_phi3.convert_state_dict),
         Family("phi3", olmo2_phi3.config_from_hf, olmo2_phi3.convert_state_dict),
         Family("gptj", gptj.config_from_hf, gptj.convert_state_dict),
