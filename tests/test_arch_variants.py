@@ -10,7 +10,9 @@ recomputation; SDPA equals eager with sliding layers.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +206,21 @@ def test_override_attention_keeps_the_window() -> None:
     q, k = torch.arange(8)[:, None], torch.arange(8)[None, :]
     p0, p2 = cache["pattern", 0][0, 0], cache["pattern", 2][0, 0]
     assert p0[(q - k).abs() >= 3].abs().max() == 0 and p2[k > q].abs().max() > 0
+
+
+def test_info_prints_the_per_layer_pattern(tmp_path: Path) -> None:
+    """``interp info`` lists every layer's attention kind, RoPE and soft-cap, also as JSON."""
+    from click.testing import CliRunner
+
+    from analyses.app.cli import cli
+
+    cfg = ModelConfig(**{**GEMMA_LIKE, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    path = tmp_path / "gemma_like.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    result = CliRunner().invoke(cli, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.split("layers (attention, RoPE, soft-cap):\n")[1].splitlines()[:3]
+    assert "sliding(3) rope base 10000 softcap 5" in lines[0]
+    assert "global(causal) rope base 1e+06 linear(factor=8.0) softcap 5" in lines[2]
+    data = json.loads(CliRunner().invoke(cli, ["info", str(path), "--json"]).output)
+    assert [x.split()[0] for x in data["layers"]] == ["sliding(3)", "sliding(3)", "global(causal)"]
