@@ -224,3 +224,15 @@ def test_info_prints_the_per_layer_pattern(tmp_path: Path) -> None:
     assert "global(causal) rope base 1e+06 linear(factor=8.0) softcap 5" in lines[2]
     data = json.loads(CliRunner().invoke(cli, ["info", str(path), "--json"]).output)
     assert [x.split()[0] for x in data["layers"]] == ["sliding(3)", "sliding(3)", "global(causal)"]
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    """A model with every new field saves and loads back to the same config and logits."""
+    from interp.checkpoint import save_checkpoint
+
+    model = _model(**{**GEMMA_LIKE, "rope_scaling": {
+        "rope_type": "longrope", "long_factor": [1.0, 2.0, 3.0, 4.0], "short_factor": [1.0] * 4,
+        "original_max_position_embeddings": 8}})
+    back = interp.load_pretrained(save_checkpoint(model, tmp_path / "g.pt"))
+    tokens = torch.randint(0, 50, (1, 12))
+    assert back.cfg == model.cfg and torch.equal(back(tokens), model(tokens))
