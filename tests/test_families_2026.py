@@ -281,3 +281,21 @@ def test_half_precision_tracks_transformers(name: str, dtype: torch.dtype,
     3x: interp folds Gemma's ``1 + w`` into the half-precision weight at load)."""
     ours, theirs = half_gaps(name, dtype, tmp_path)
     assert ours <= 3 * theirs + 0.01, (ours, theirs)
+
+
+def test_legacy_rope_scaling_field(tmp_path: Path) -> None:
+    """A 4.x ``config.json`` (``rope_theta`` + ``rope_scaling``, as Llama 3.1 ships) reads the
+    same scaling as 5.x ``rope_parameters``."""
+    torch.manual_seed(0)
+    hf = FAMILIES["llama_llama3"][0]()
+    _scale_weights(hf, seed=1)
+    hf.eval().save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    params = raw.pop("rope_parameters")
+    raw["rope_theta"] = params.pop("rope_theta")
+    raw["rope_scaling"] = params
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model = interp.load_pretrained(tmp_path)
+    assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling.rope_type == "llama3"
+    with torch.no_grad():
+        assert (model(_tokens()) - hf(_tokens()).logits).abs().max() <= ATOL
