@@ -117,18 +117,35 @@ FAMILIES: dict[str, tuple[Callable[[], Any], bool]] = {
 }
 
 
+_LOADED: dict[str, tuple[str, Any, Any]] = {}
+
+
+def _load(name: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
+    """(name, transformers model, interp model loaded from its saved folder), built once."""
+    if name not in _LOADED:
+        torch.manual_seed(0)
+        hf = FAMILIES[name][0]()
+        hf.set_attn_implementation("eager")
+        _scale_weights(hf, seed=1)
+        hf.eval()
+        folder = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(folder)
+        _LOADED[name] = (name, hf, interp.load_pretrained(folder))
+    return _LOADED[name]
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest,
            tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
-    name = request.param
-    torch.manual_seed(0)
-    hf = FAMILIES[name][0]()
-    hf.set_attn_implementation("eager")
-    _scale_weights(hf, seed=1)
-    hf.eval()
-    folder = tmp_path_factory.mktemp(name)
-    hf.save_pretrained(folder)
-    return name, hf, interp.load_pretrained(folder)
+    return _load(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=sorted(n for n, (_, sliding) in FAMILIES.items()
+                                              if sliding))
+def sliding_family(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
+    """The rows whose layers (some or all) attend within a sliding window."""
+    return _load(request.param, tmp_path_factory)
 
 
 def _tokens(B: int = 2, seed: int = 2) -> torch.Tensor:
@@ -180,12 +197,10 @@ def test_parity(family: tuple[str, Any, Any], padding: str) -> None:
         assert (pattern - ref.attentions[layer])[sel].abs().max() <= ATOL, layer
 
 
-def test_sliding_layers_hide_old_keys(family: tuple[str, Any, Any]) -> None:
+def test_sliding_layers_hide_old_keys(sliding_family: tuple[str, Any, Any]) -> None:
     """The per-layer pattern reached the model: sliding layers' patterns are zero past the
     window, global ones are not."""
-    name, _, model = family
-    if not FAMILIES[name][1]:
-        pytest.skip("no sliding layers")
+    _, _, model = sliding_family
     _, cache = model.run_with_cache(_tokens(), names_filter=lambda n: n.endswith("hook_pattern"))
     for layer in range(model.cfg.n_layers):
         p = cache[f"blocks.{layer}.attn.hook_pattern"]
@@ -196,12 +211,10 @@ def test_sliding_layers_hide_old_keys(family: tuple[str, Any, Any]) -> None:
         assert (hidden == 0) == slides, layer
 
 
-def test_kv_cache_past_the_window(family: tuple[str, Any, Any]) -> None:
+def test_kv_cache_past_the_window(sliding_family: tuple[str, Any, Any]) -> None:
     """Decoding with the cache, far past the window, equals full recomputation step by step,
     and greedy generation equals transformers'."""
-    name, hf, model = family
-    if not FAMILIES[name][1]:
-        pytest.skip("no sliding layers")
+    _, hf, model = sliding_family
     tokens = _tokens(B=1)
     with torch.no_grad():
         full = model(tokens)
