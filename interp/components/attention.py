@@ -71,6 +71,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.d_head = nh, nkv, dh
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else dh**-0.5
         self.use_rope = (cfg.positional == "rope" and not cross) if use_rope is None else use_rope
+        # a sliding layer runs in its stack context's ``local`` twin: mask & window, local RoPE
+        self.sliding = cfg.is_sliding_layer(layer) and not cross
+        self.softcap = cfg.attn_softcap  # scores -> cap * tanh(scores / cap), eager only
         if cross:
             self.q_proj = Linear(d, nh * dh, bias=cfg.attn_qkv_bias)
             self.kv_proj = Linear(d, 2 * nkv * dh, bias=cfg.attn_qkv_bias)
@@ -91,6 +94,8 @@ class Attention(nn.Module):
         if cfg.attn_kernel == "linear":
             self.hook_q_feat = HookPoint()  # [batch, pos, head, d_head]  phi(q)
             self.hook_k_feat = HookPoint()  # [batch, pos, head, d_head]  phi(k)
+        if self.softcap is not None:
+            self.hook_attn_scores_precap = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
@@ -195,6 +200,8 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = hp(self.hook_q, q), hp(self.hook_k, k), hp(self.hook_v, v)
+        if self.sliding:
+            ctx = ctx.local
         if self.use_rope:
             cos, sin = ctx.rope
             q = hp(self.hook_rot_q, apply_rope(q, cos, sin, cfg.rope_interleaved))
@@ -238,6 +245,7 @@ class Attention(nn.Module):
         hard = ctx.hard()
         if (
             hard is not None
+            and self.softcap is None
             and hard.shape[0] == 1
             and ctx.pos_bias is None
             and ctx.temperature == 1.0
@@ -254,6 +262,9 @@ class Attention(nn.Module):
         # One [batch, head, q, k] buffer, edited in place (none of these ops' backward needs the
         # overwritten values): with every hook cached each extra copy is fresh memory to fault in.
         scores = (qh @ kh.transpose(-1, -2)).mul_(self.scale).view(B, nh, T, S)
+        if self.softcap is not None:  # Gemma 2: cap * tanh(scores / cap), before any bias or mask
+            scores = hp(self.hook_attn_scores_precap, scores)
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if ctx.pos_bias is not None:
             scores = scores.add_(ctx.pos_bias.to(scores.dtype))
         if ctx.temperature != 1.0:
@@ -282,6 +293,8 @@ class Attention(nn.Module):
 
     def _sdpa(self, q, k, v, ctx: AttnContext) -> torch.Tensor:
         """PyTorch's fused attention (flash / memory-efficient): no N x N pattern is kept."""
+        if self.softcap is not None:  # SDPA cannot bend the scores: the eager path does
+            return self._eager(q, k, v, ctx)
         mask, is_causal = ctx.sdpa_mask(q.dtype)
         g = self.n_heads // self.n_kv_heads
         z = F.scaled_dot_product_attention(
