@@ -19,7 +19,7 @@ from torch import nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from interp.components.context import AttnContext
+from interp.components.context import AttnContext, local_context
 from interp.components.embeddings import Embed, PosEmbed
 from interp.components.moe import MoE
 from interp.components.norms import make_norm
@@ -80,7 +80,7 @@ class HookedBase(Interventions, HookedRootModule):
         #: whether to_tokens prepends BOS (decoders); loaders set it from the checkpoint
         self.prepend_bos: bool = cfg.default_prepend_bos
         self.tokenizer: Any = None
-        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model, scale=cfg.embed_scale)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         if cfg.positional in ("learned", "sinusoidal"):
             self.pos_embed = PosEmbed(cfg.n_ctx, cfg.d_model, learned=cfg.positional == "learned")
@@ -228,8 +228,9 @@ class HookedBase(Interventions, HookedRootModule):
             pos_bias = rel(q_pos, k_pos)
         rope = None
         if cfg.positional == "rope":
-            rope = rope_cos_sin(q_pos, cfg.rotary_dim, cfg.rope_base, cfg.rope_interleaved, dtype)
-        return AttnContext(
+            rope = rope_cos_sin(q_pos, cfg.rotary_dim, cfg.rope_base, cfg.rope_interleaved, dtype,
+                                cfg.rope_scaling, cfg.n_ctx, k_len)
+        ctx = AttnContext(
             q_pos=q_pos,
             k_len=k_len,
             mask=mask,
@@ -239,6 +240,9 @@ class HookedBase(Interventions, HookedRootModule):
             pos_bias=pos_bias,
             rope=rope,
         )
+        if cfg.layer_types is not None and "sliding" in cfg.layer_types:
+            ctx.local = local_context(cfg, ctx, dtype)
+        return ctx
 
     def moe_losses(self) -> dict[str, torch.Tensor]:
         """The last forward's MoE losses, weighted by the config: ``aux`` (Switch load

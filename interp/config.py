@@ -46,12 +46,14 @@ from interp.config_checks import (
     check_unembedding,
     check_widths,
 )
+from interp.config_variants import check_variants, normalise_variants
 from interp.masks import Bidirectional, Causal, MaskSpec, mask_from_dict, mask_to_dict, parse_mask
+from interp.rope_scaling import RopeScaling
 
 Architecture = Literal["decoder", "encoder", "encoder_decoder"]
 Positional = Literal["none", "sinusoidal", "learned", "rope", "alibi", "relative"]
 Norm = Literal["layernorm", "rmsnorm", "none"]
-NormPlacement = Literal["pre", "post"]
+NormPlacement = Literal["pre", "post", "sandwich", "post_branch"]
 Act = Literal["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "reglu"]
 AttnKernel = Literal["auto", "eager", "sdpa", "linear"]
 Router = Literal["softmax_topk", "topk_softmax"]
@@ -267,6 +269,18 @@ class ModelConfig:
     moe_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss (Zoph et al. 2022)
 
+    # --- per-layer attention and the 2026 variants (interp.config_variants) ---
+    # each layer's attention: "global" (the mask) or "sliding" (mask & sliding_window); None:
+    # every layer global. Gemma 2 alternates, Gemma 3 is 5 sliding : 1 global
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None  # keys with q - k < sliding_window, on "sliding" layers
+    rope_local_base: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3)
+    # RoPE context extension (linear, dynamic, yarn, llama3, longrope): a RopeScaling or dict
+    rope_scaling: RopeScaling | Mapping[str, Any] | None = None
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(d_model))
+
     # --- misc ---
     init_std: float = 0.02
     # free-form provenance (loader, source, task); read-only after construction
@@ -286,8 +300,9 @@ class ModelConfig:
         check_numbers(self)
         self._set("extra", _as_extra(self.extra))
         self._set("mask", _as_mask(self.mask))
+        normalise_variants(self)
         for check in (check_mask_parameters, check_architecture, check_positions, check_norms,
-                      check_attention_kernel, check_moe, check_unembedding):
+                      check_attention_kernel, check_moe, check_unembedding, check_variants):
             check(self)
         if self.moe_layers is not None:
             self._set("moe_layers", tuple(sorted(set(self.moe_layers))))
@@ -353,6 +368,10 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.n_experts) and layer in (self.moe_layers or ())
 
+    def is_sliding_layer(self, layer: int) -> bool:
+        """Whether ``layer`` attends within ``sliding_window`` (its ``layer_types`` entry)."""
+        return self.layer_types is not None and self.layer_types[layer] == "sliding"
+
     # --- serialisation ---
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every public field, derived ones too (:meth:`from_dict` inverts)."""
@@ -361,6 +380,10 @@ class ModelConfig:
         d["extra"] = dict(self.extra)
         if d["moe_layers"] is not None:
             d["moe_layers"] = list(d["moe_layers"])
+        if d["layer_types"] is not None:
+            d["layer_types"] = list(d["layer_types"])
+        if d["rope_scaling"] is not None:
+            d["rope_scaling"] = d["rope_scaling"].to_dict()
         return d
 
     @classmethod

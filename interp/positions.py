@@ -3,7 +3,8 @@
 - sinusoidal: fixed sin/cos table added to the embeddings (Vaswani et al. 2017, sec. 3.5)
 - learned: a trained table (GPT-2, BERT)
 - RoPE: rotate q and k by position (Su et al. 2021); full or partial rotary (GPT-NeoX),
-  halves (NeoX/Llama) or interleaved pairs (GPT-J)
+  halves (NeoX/Llama) or interleaved pairs (GPT-J); context-extension scalings (Llama 3.1,
+  linear, dynamic NTK, YaRN, LongRoPE) in :mod:`interp.rope_scaling`
 - ALiBi: a per-head linear penalty on distance added to scores (Press et al. 2022)
 - relative: T5's bucketed learned bias per head (Raffel et al. 2020, sec. 2.1)
 """
@@ -14,6 +15,8 @@ import math
 
 import torch
 from torch import nn
+
+from interp.rope_scaling import RopeScaling
 
 
 def sinusoidal_table(n_pos: int, d_model: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -28,12 +31,24 @@ def sinusoidal_table(n_pos: int, d_model: int, device=None, dtype=torch.float32)
 
 
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float, interleaved: bool,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [pos, rotary_dim] laid out to match :func:`apply_rope`."""
-    dims = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
-    inv_freq = 1.0 / (base ** (dims / rotary_dim))
+                 dtype: torch.dtype, scaling: RopeScaling | None = None, n_ctx: int = 0,
+                 seq_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [pos, rotary_dim] laid out to match :func:`apply_rope`.
+
+    ``scaling`` (context extension, :class:`RopeScaling`) changes the frequencies and may scale
+    cos and sin by an attention factor; ``n_ctx`` is the model's ``max_position_embeddings``
+    and ``seq_len`` the length the forward pass attends over (dynamic NTK and LongRoPE choose
+    their frequencies from it)."""
+    if scaling is None:
+        dims = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
+        inv_freq, factor = 1.0 / (base ** (dims / rotary_dim)), 1.0
+    else:
+        inv_freq, factor = scaling.inv_freq(rotary_dim, base, n_ctx, seq_len)
+        inv_freq = inv_freq.to(positions.device)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [pos, rotary_dim/2]
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat([freqs, freqs], dim=-1)
+    if factor != 1.0:
+        return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -71,6 +71,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.d_head = nh, nkv, dh
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else dh**-0.5
         self.use_rope = (cfg.positional == "rope" and not cross) if use_rope is None else use_rope
+        # a sliding layer runs in its stack context's ``local`` twin: mask & window, local RoPE
+        self.sliding = cfg.is_sliding_layer(layer) and not cross
+        self.softcap = cfg.attn_softcap  # scores -> cap * tanh(scores / cap), eager only
         if cross:
             self.q_proj = Linear(d, nh * dh, bias=cfg.attn_qkv_bias)
             self.kv_proj = Linear(d, 2 * nkv * dh, bias=cfg.attn_qkv_bias)
@@ -91,6 +94,8 @@ class Attention(nn.Module):
         if cfg.attn_kernel == "linear":
             self.hook_q_feat = HookPoint()  # [batch, pos, head, d_head]  phi(q)
             self.hook_k_feat = HookPoint()  # [batch, pos, head, d_head]  phi(k)
+        if self.softcap is not None:
+            self.hook_attn_scores_precap = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
@@ -181,6 +186,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         nh, nkv, dh = self.n_heads, self.n_kv_heads, self.d_head
+        if self.sliding:
+            ctx = ctx.local
         if self.cross:
             q = self.q_proj(x)
             k, v = self.kv_proj(kv_input).split([nkv * dh, nkv * dh], dim=-1)
@@ -204,9 +211,8 @@ class Attention(nn.Module):
 
         if cfg.attn_kernel == "linear":
             z = self._linear(q, k, v, ctx)
-        elif cfg.attn_kernel == "eager" or is_hooked(self.hook_attn_scores) or is_hooked(
-            self.hook_pattern
-        ):
+        elif (cfg.attn_kernel == "eager" or self.softcap is not None
+              or is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             z = self._eager(q, k, v, ctx)
         else:
             z = self._sdpa(q, k, v, ctx)
@@ -238,6 +244,7 @@ class Attention(nn.Module):
         hard = ctx.hard()
         if (
             hard is not None
+            and self.softcap is None
             and hard.shape[0] == 1
             and ctx.pos_bias is None
             and ctx.temperature == 1.0
@@ -254,6 +261,9 @@ class Attention(nn.Module):
         # One [batch, head, q, k] buffer, edited in place (none of these ops' backward needs the
         # overwritten values): with every hook cached each extra copy is fresh memory to fault in.
         scores = (qh @ kh.transpose(-1, -2)).mul_(self.scale).view(B, nh, T, S)
+        if self.softcap is not None:  # Gemma 2: cap * tanh(scores / cap), before any bias or mask
+            scores = hp(self.hook_attn_scores_precap, scores)
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if ctx.pos_bias is not None:
             scores = scores.add_(ctx.pos_bias.to(scores.dtype))
         if ctx.temperature != 1.0:

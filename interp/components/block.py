@@ -5,6 +5,8 @@
     pre-norm:  x + attn(ln1 x) -> resid_mid;  resid_mid + mlp(ln2 resid_mid) -> resid_post
     post-norm: ln1(x + attn x) -> resid_mid;  ln2(resid_mid + mlp resid_mid) -> resid_post
     parallel:  x + attn(ln1 x) + mlp(ln2 x) -> resid_post            (GPT-J / NeoX)
+    sandwich:  x + ln1_post(attn(ln1 x)) -> resid_mid; ... + ln2_post(mlp(ln2 .))  (Gemma 2/3)
+    post_branch: x + ln1_post(attn x) -> resid_mid; ... + ln2_post(mlp .)          (OLMo 2)
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.cfg, self.layer, self.has_cross = cfg, layer, cross
-        self.ln1 = make_norm(cfg)
+        branch = cfg.norm_placement in ("sandwich", "post_branch")
+        self.ln1 = None if cfg.norm_placement == "post_branch" else make_norm(cfg)
+        if branch:  # the norm inside the residual branch, after the sub-layer (TL's names)
+            self.ln1_post = make_norm(cfg)
         self.attn = Attention(cfg, stack=stack, layer=layer)
         if cross:
             self.ln_cross = make_norm(cfg)
@@ -40,8 +45,10 @@ class Block(nn.Module):
             self.hook_cross_attn_out = HookPoint()  # [batch, pos, d_model]
             self.hook_resid_mid_cross = HookPoint()  # [batch, pos, d_model]
         if not cfg.attn_only:
-            self.ln2 = make_norm(cfg)
+            self.ln2 = None if cfg.norm_placement == "post_branch" else make_norm(cfg)
             self.mlp = MoE(cfg) if moe else MLP(cfg)
+            if branch:
+                self.ln2_post = make_norm(cfg)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         if not (cfg.attn_only or cfg.parallel_attn_mlp):
@@ -72,7 +79,10 @@ class Block(nn.Module):
             return hp(self.hook_resid_post, x + a + m)
         post = cfg.norm_placement == "post"
         a_in = x if post else apply_norm(self.ln1, x)
-        a = hp(self.hook_attn_out, self.attn(a_in, ctx, past=past))
+        a = self.attn(a_in, ctx, past=past)
+        if hasattr(self, "ln1_post"):
+            a = self.ln1_post(a)
+        a = hp(self.hook_attn_out, a)
         x = apply_norm(self.ln1, x + a) if post else x + a
         if cfg.attn_only:
             return hp(self.hook_resid_post, x)
@@ -82,6 +92,9 @@ class Block(nn.Module):
             c = hp(self.hook_cross_attn_out, self.cross_attn(c_in, cross_ctx, kv_input=enc))
             x = apply_norm(self.ln_cross, x + c) if post else x + c
             x = hp(self.hook_resid_mid_cross, x)
-        m = hp(self.hook_mlp_out, self._mlp(x if post else apply_norm(self.ln2, x), token_mask))
+        m = self._mlp(x if post else apply_norm(self.ln2, x), token_mask)
+        if hasattr(self, "ln2_post"):
+            m = self.ln2_post(m)
+        m = hp(self.hook_mlp_out, m)
         x = apply_norm(self.ln2, x + m) if post else x + m
         return hp(self.hook_resid_post, x)

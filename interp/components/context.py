@@ -7,11 +7,15 @@ the context (a stack whose layers all run SDPA never builds the boolean mask, fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from interp.masks import MaskSpec
+from interp.masks import MaskSpec, SlidingWindow
+from interp.positions import rope_cos_sin
+
+if TYPE_CHECKING:
+    from interp.config import ModelConfig
 
 
 class AttnContext:
@@ -38,6 +42,8 @@ class AttnContext:
         self.penalty, self.temperature = penalty, temperature
         self.pos_bias, self.rope = pos_bias, rope
         self._cache: dict[Any, Any] = {}
+        #: the context of this stack's sliding layers (mask & window, their RoPE), or None
+        self.local: AttnContext | None = None
 
     @property
     def device(self) -> torch.device:
@@ -124,3 +130,18 @@ class AttnContext:
                     m = m.clamp(min=torch.finfo(dtype).min)
                 self._cache[key] = (m, False)
         return self._cache[key]
+
+
+def local_context(cfg: ModelConfig, ctx: AttnContext, dtype: torch.dtype) -> AttnContext:
+    """The twin of a stack's context for its sliding layers: the same queries, padding and
+    biases, the mask narrowed to ``mask & sliding_window(cfg.sliding_window)`` (a key is seen
+    when ``q - k < window``, as transformers' ``sliding_window_overlay``), and the RoPE of
+    ``rope_local_base`` (unscaled) where the config sets one."""
+    rope = ctx.rope
+    if cfg.positional == "rope" and cfg.rope_local_base is not None:
+        rope = rope_cos_sin(ctx.q_pos, cfg.rotary_dim, cfg.rope_local_base,
+                            cfg.rope_interleaved, dtype)
+    return AttnContext(q_pos=ctx.q_pos, k_len=ctx.k_len,
+                       mask=ctx.mask & SlidingWindow(cfg.sliding_window), padding=ctx.padding,
+                       penalty=ctx.penalty, temperature=ctx.temperature, pos_bias=ctx.pos_bias,
+                       rope=rope)

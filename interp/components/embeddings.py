@@ -10,23 +10,31 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
+from transformer_lens.hook_points import HookPoint
 
 from interp.components.mlp import ACT_FNS
 from interp.components.norms import LayerNorm
 from interp.config import ModelConfig
+from interp.hooks import hp
 from interp.perf.kernels import Linear, linear
 from interp.positions import sinusoidal_table
 
 
 class Embed(nn.Module):
-    """Token ids -> vectors, ``W_E`` [d_vocab, d_model] (also the token-type embedding)."""
+    """Token ids -> vectors, ``W_E`` [d_vocab, d_model] (also the token-type embedding); times
+    ``scale`` where the model scales its embeddings (Gemma: sqrt(d_model), rounded to the
+    weights' dtype first, as Gemma's reference does)."""
 
-    def __init__(self, d_vocab: int, d_model: int):
+    def __init__(self, d_vocab: int, d_model: int, scale: float = 1.0):
         super().__init__()
+        self.scale = scale
         self.W_E = nn.Parameter(torch.empty(d_vocab, d_model))  # [d_vocab, d_model]
 
     def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d"]:
-        return F.embedding(tokens, self.W_E)
+        x = F.embedding(tokens, self.W_E)
+        if self.scale != 1.0:
+            x = x * torch.tensor(self.scale, dtype=x.dtype)
+        return x
 
 
 class PosEmbed(nn.Module):
@@ -65,6 +73,10 @@ class Unembed(nn.Module):
         if tied_to is None:
             self.weight = nn.Parameter(torch.empty(cfg.d_vocab_out, cfg.d_model))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out)) if cfg.unembed_bias else None
+        self.softcap = cfg.final_softcap  # logits -> cap * tanh(logits / cap) (Gemma 2)
+        if self.softcap is not None:
+            self.hook_logits_precap = HookPoint()  # [batch, pos, d_vocab]
+            self.hook_logits = HookPoint()  # [batch, pos, d_vocab], capped
 
     @property
     def _weight(self) -> Float[torch.Tensor, "d_vocab d_model"]:
@@ -77,7 +89,11 @@ class Unembed(nn.Module):
     def forward(
         self, x: Float[torch.Tensor, "batch pos d_model"]
     ) -> Float[torch.Tensor, "batch pos d_vocab"]:
-        return linear(x, self._weight, self.b_U)
+        logits = linear(x, self._weight, self.b_U)
+        if self.softcap is None:
+            return logits
+        logits = hp(self.hook_logits_precap, logits)
+        return hp(self.hook_logits, torch.tanh(logits / self.softcap) * self.softcap)
 
 
 class MLMHead(nn.Module):

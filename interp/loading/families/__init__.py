@@ -32,7 +32,7 @@ class Family:
 
 
 def _registry() -> dict[str, Family]:
-    from interp.loading.families import bert, gpt2, gpt_neox, llama, moe, t5
+    from interp.loading.families import bert, gemma, gpt2, gpt_neox, llama, moe, t5
 
     fams = [
         Family("gpt2", gpt2.config_from_hf, gpt2.convert_state_dict),
@@ -45,6 +45,9 @@ def _registry() -> dict[str, Family]:
         Family("olmoe", moe.config_from_hf, moe.convert_state_dict),
         Family("bert", bert.config_from_hf, bert.convert_state_dict),
         Family("t5", t5.config_from_hf, t5.convert_state_dict),
+        Family("gemma", gemma.config_from_hf, gemma.convert_state_dict),
+        Family("gemma2", gemma.config_from_hf, gemma.convert_state_dict),
+        Family("gemma3_text", gemma.config_from_hf, gemma.convert_state_dict),
     ]
     return {f.name: f for f in fams}
 
