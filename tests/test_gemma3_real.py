@@ -57,8 +57,8 @@ PROMPTS = [
     "Dear Sir or Madam, I am writing to",
 ]
 #: |logit difference| allowed against transformers (float32, same dequantised weights; the
-#: measured maximum over all positions of the 20 prompts is printed by the test)
-LOGIT_ATOL = 2e-3
+#: measured maximum over all positions of the 20 prompts, printed by the test, was 1.2e-4)
+LOGIT_ATOL = 1e-3
 
 
 # ------------------------------------------------------------------------------ fast: windows
@@ -147,11 +147,13 @@ def test_pieces_read_as_the_assembled_file(gguf_file: Path) -> None:
     assert len(parts) == 4 and parts[0] == builtin_path("gemma3-270m")
     split, whole = open_gguf(parts[0], parts=parts), open_gguf(gguf_file)
     assert split.metadata == whole.metadata and split.tensors == whole.tensors
-    sizes = np.cumsum([p.stat().st_size for p in parts])[:-1]
-    crossing = [t for t in split.tensors if any(
-        split.data_start + t.offset < b < split.data_start + t.offset + tensor_nbytes(t)
-        for b in sizes)]
-    assert len(crossing) == 3  # one per boundary
+    bounds = np.cumsum([p.stat().st_size for p in parts])[:-1]
+
+    def spans(t, b) -> bool:
+        return split.data_start + t.offset < b < split.data_start + t.offset + tensor_nbytes(t)
+
+    crossing = [t for t in split.tensors if any(spans(t, b) for b in bounds)]
+    assert all(any(spans(t, b) for t in crossing) for b in bounds)  # every boundary is read
     hf_cfg = hf_config_dict(split)
     a, b = GGUFTensors(split, hf_cfg, parts[0]), GGUFTensors(whole, hf_cfg, gguf_file)
     from interp.loading.gguf import _block_names, _hf_name
