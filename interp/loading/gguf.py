@@ -337,14 +337,21 @@ def metadata_tokenizer(reader: GGUFFile) -> Any:
     tokenizer equals the one built from the assembled file (tests/test_gemma3_real.py)."""
     try:
         from transformers import PreTrainedTokenizerFast
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            GGUF_TOKENIZER_MAPPING,
-            convert_gguf_tokenizer,
-        )
+
+        try:  # transformers 5
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+                GGUF_TOKENIZER_MAPPING,
+                convert_gguf_tokenizer,
+            )
+        except ImportError:  # transformers 4.x kept them in integrations.ggml
+            from transformers.integrations.ggml import (  # type: ignore[no-redef]
+                GGUF_TOKENIZER_MAPPING,
+                convert_gguf_tokenizer,
+            )
     except ImportError:
         raise InterpError(f"Building the tokenizer of {str(reader.path)!r} (a GGUF in pieces) "
-                          "needs transformers >= 5 with GGUF support: pip install -U "
-                          "transformers") from None
+                          "needs transformers with GGUF support: pip install -U transformers"
+                          ) from None
     meta = reader.metadata
     groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
                       if f"tokenizer.{key}" in meta}
