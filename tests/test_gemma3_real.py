@@ -5,7 +5,8 @@ Checked against transformers' own load of the same (assembled) GGUF file, eager 
 next-token agreement on 20 prompts, the greedy continuation of "The capital of France is",
 the tokenizer, and the norm convention of llama.cpp's converter (stored ``1 + w``). The
 sliding-window range scores of the head taxonomy are checked on planted patterns (fast), and
-``interp report gemma3-270m --only heads`` runs end to end (slow).
+``interp report gemma3-270m --only heads`` runs end to end (slow). A tiny random Gemma 3,
+written as llama.cpp writes it, checks the GGUF conventions where the package is not installed.
 
 The real-model tests load each model once per module (about 1 GB each in float32).
 """
@@ -102,6 +103,130 @@ def test_window_column_only_for_models_with_sliding_layers() -> None:
     acc.begin(H.TokenBatch(torch.arange(8)[None], torch.ones(1, 8, dtype=torch.bool)))
     acc.update(0, torch.full((1, 2, 8, 8), 1 / 8).tril())
     assert "window" not in acc.frame().columns
+
+
+# ------------------------------------------------------------------------------ fast: tiny GGUF
+TINY_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *"abcdefghijklmnopqrstuvwxyz",
+               "\u2581t", "th", "he", "\u2581the", "in", "er", "an", "\u2581a", "on", "at"]
+
+
+def _tiny_gemma3():
+    """A random 6-layer ``Gemma3ForCausalLM`` (5 sliding layers of window 4, then 1 global)."""
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=len(TINY_TOKENS), hidden_size=16, intermediate_size=24, num_hidden_layers=6,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+        sliding_window=4, max_position_embeddings=64, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from their zero init, so the 1 + w convention shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def _write_tiny_gguf(hf, path: Path, *, window: bool = True, pattern: object = None) -> None:
+    """``hf`` as llama.cpp's Gemma3Model converter writes it: GGUF names, norms stored as
+    ``w + 1``, q/k rows not permuted, tied embeddings, a SentencePiece ("llama") vocabulary."""
+    from gguf import GGUFWriter
+
+    from interp.loading.gguf import TOP_NAMES
+    from interp.loading.gguf_gemma3 import BLOCK_NAMES
+
+    w = GGUFWriter(str(path), "gemma3")
+    w.add_block_count(6), w.add_context_length(64), w.add_embedding_length(16)
+    w.add_feed_forward_length(24), w.add_head_count(2), w.add_head_count_kv(1)
+    w.add_key_length(8), w.add_value_length(8), w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    if window:
+        w.add_sliding_window(4)
+    if pattern is not None:
+        w.add_sliding_window_pattern(pattern)
+    w.add_tokenizer_model("llama"), w.add_tokenizer_pre("default")
+    w.add_token_list(TINY_TOKENS), w.add_token_scores([-1000.0] * 4 + [0.0] * (len(TINY_TOKENS)
+                                                                              - 4))
+    w.add_token_types([3, 3, 3, 2] + [1] * (len(TINY_TOKENS) - 4))
+    w.add_bos_token_id(2), w.add_eos_token_id(1), w.add_unk_token_id(3), w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    gguf_block = {b: a for a, b in BLOCK_NAMES.items()}
+    gguf_top = {b: a for a, b in TOP_NAMES.items()}
+    for k, v in hf.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied: the file has no output.weight
+        if k in gguf_top:
+            name = gguf_top[k]
+        else:
+            _, _, i, rest = k.split(".", 3)
+            name = f"blk.{i}.{gguf_block[rest]}"
+        w.add_tensor(name, (v + 1.0 if k.endswith("norm.weight") else v).float().numpy())
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    hf = _tiny_gemma3()
+    path = tmp_path_factory.mktemp("tiny_gemma3") / "tiny.gguf"
+    _write_tiny_gguf(hf, path)
+    return hf, path
+
+
+def test_tiny_gemma3_gguf_matches_its_transformers_model(tiny) -> None:
+    """Written as llama.cpp writes Gemma 3, loaded back: logits equal the source model's on a
+    sequence longer than the window (sliding and global layers differ there)."""
+    from interp.loading.gguf import load_gguf
+
+    hf, path = tiny
+    model = load_gguf(path, {})
+    assert model.cfg.layer_types == ("sliding",) * 5 + ("global",)
+    assert model.cfg.sliding_window == 4 and model.cfg.rope_local_base == 1e4
+    tokens = torch.tensor([[2, 5, 9, 31, 12, 7, 40, 8, 33, 21, 6, 4, 19, 25]])
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        np.testing.assert_allclose(model(tokens).numpy(), ref.numpy(), atol=2e-5, rtol=0)
+
+
+def test_tiny_gemma3_gguf_in_pieces_loads_identically(tiny, tmp_path: Path) -> None:
+    """The file cut into three pieces (two cuts inside tensor data: a tensor read across
+    pieces) loads to the same weights and tokenizer (built from the parsed metadata)."""
+    from interp.loading.gguf import gguf_tokenizer, load_gguf
+
+    _, path = tiny
+    data = path.read_bytes()
+    cuts = [len(data) // 2, len(data) // 2 + 1000, len(data)]
+    parts, start = [], 0
+    for i, end in enumerate(cuts):
+        parts.append(tmp_path / f"tiny.gguf.part{i:02d}")
+        parts[-1].write_bytes(data[start:end])
+        start = end
+    whole, split = load_gguf(path, {}), load_gguf(parts[0], {}, parts=tuple(parts))
+    for (n, a), (_, b) in zip(whole.state_dict().items(), split.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    ref = gguf_tokenizer(path)
+    for text in ("the cat sat", " at  the\nend", "hello"):
+        assert split.tokenizer(text).input_ids == ref(text).input_ids, text
+    assert split.to_tokens("the")[0, 0].item() == 2  # add_bos_token
+
+
+def test_tiny_gemma3_gguf_pattern_and_missing_window(tmp_path: Path) -> None:
+    """A per-layer ``sliding_window_pattern`` is followed; a file without the window, or with
+    a pattern of the wrong length, is one InterpError naming the key."""
+    from interp.errors import InterpError
+    from interp.loading.gguf import load_gguf
+
+    hf = _tiny_gemma3()
+    ok = tmp_path / "pattern.gguf"
+    _write_tiny_gguf(hf, ok, pattern=[True, False] * 3)
+    assert load_gguf(ok, {}).cfg.layer_types == ("sliding", "global") * 3
+    for name, kwargs, key in (("nowin", {"window": False}, "gemma3.attention.sliding_window"),
+                              ("short", {"pattern": [True, False]},
+                               "gemma3.attention.sliding_window_pattern")):
+        bad = tmp_path / f"{name}.gguf"
+        _write_tiny_gguf(hf, bad, **kwargs)
+        with pytest.raises(InterpError, match=key.replace(".", r"\.")) as e:
+            load_gguf(bad, {})
+        assert "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------ slow: real model
