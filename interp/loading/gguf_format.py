@@ -154,10 +154,17 @@ class GGUFFile:
     Parsing here rather than with ``gguf.GGUFReader`` matters: the reader builds a numpy view per
     array element, which takes ~10 s on SmolLM2's 49k-token vocabulary; this takes ~0.2 s."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, parts: tuple[Path, ...] = ()):
+        """``parts``: a file shipped in consecutive pieces (PyPI packages split large files), read
+        as their concatenation without writing it out; ``path`` names it in messages. The header
+        must lie in the first piece (it is a few MB; pieces are tens of MB)."""
         self.path = path
-        size = path.stat().st_size
-        mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self.parts = tuple(parts) or (path,)
+        self.part_sizes = tuple(p.stat().st_size for p in self.parts)
+        size = sum(self.part_sizes)
+        first = self.parts[0]
+        mm = (np.memmap(first, dtype=np.uint8, mode="r") if self.part_sizes[0]
+              else np.zeros(0, np.uint8))
         cur = _Cursor(memoryview(mm), path)  # the header only; tensor data is read with pread
         cur.need(4, "the magic bytes")
         if bytes(cur.buf[:4]) != b"GGUF":
@@ -245,11 +252,19 @@ class GGUFFile:
         read with ``os.pread``: no mapping keeps the file's pages resident after loading."""
         n = tensor_nbytes(t)
         data = np.empty(n, dtype=np.uint8)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [memoryview(data)], self.data_start + t.offset)
-        finally:
-            os.close(fd)
+        got, pos, start = 0, self.data_start + t.offset, 0
+        for part, psize in zip(self.parts, self.part_sizes, strict=True):
+            if got < n and pos < start + psize:  # this piece holds bytes [pos, ...)
+                take = min(n - got, start + psize - pos)
+                fd = os.open(part, os.O_RDONLY)
+                try:
+                    done = os.preadv(fd, [memoryview(data)[got:got + take]], pos - start)
+                finally:
+                    os.close(fd)
+                got, pos = got + done, pos + done
+                if done != take:
+                    break
+            start += psize
         if got != n:
             raise InterpError(f"GGUF file {str(self.path)!r} ended while reading tensor "
                               f"{t.name!r} (was it truncated while loading?).")

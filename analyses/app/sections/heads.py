@@ -41,6 +41,8 @@ from analyses.app.sections._heads_inputs import (
     inputs,
     resolve_source,
 )
+from analyses.heads.batches import max_len
+from analyses.heads.token_stats import sliding_layers
 from interp.errors import InterpError
 from interp.progress import Progress, progress_bar
 
@@ -177,6 +179,15 @@ def _findings(res: H.HeadAnalysis, model: HookedTransformer) -> list[str]:
                    + ", ".join(f"{_hl(r)} (r = {r.semantic:.2f})" for r in sem.itertuples()) + ".")
     if not model.cfg.has_unembed:
         out.append("No unembedding: the OV copying score is not defined for this model (NaN).")
+    sliding, window = sliding_layers(model)
+    if sliding:
+        out.append(f"Sliding-window layers ({', '.join(f'L{i}' for i in sliding)}; window "
+                   f"{window}): their range scores (mean distance, distance ratio, normalised "
+                   "entropy) are measured within the window, against a uniform head over the "
+                   "keys the window lets each query see; long-range there means long for the "
+                   "window (heads.csv column 'window')."
+                   + (f" The sequences here are at most {max_len(model)} tokens, so the window "
+                      "hides no key from them." if window >= max_len(model) else ""))
     return out
 
 
