@@ -115,13 +115,18 @@ class RMSNorm(_Norm):
 
 
 def make_norm(cfg: ModelConfig, d: int | None = None) -> nn.Module | None:
-    """The norm registry: layernorm, rmsnorm, or none (no module)."""
+    """The norm registry: layernorm, rmsnorm, or none (no module). A config whose weights
+    were processed with ``fold_ln`` builds the folded form (no weight or bias), so a processed
+    model saves and reloads as it is."""
     d = d or cfg.d_model
+    norm: _Norm | None = None
     if cfg.norm == "layernorm":
-        return LayerNorm(d, cfg.norm_eps, bias=cfg.norm_bias)
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(d, cfg.norm_eps)
-    return None
+        norm = LayerNorm(d, cfg.norm_eps, bias=cfg.norm_bias)
+    elif cfg.norm == "rmsnorm":
+        norm = RMSNorm(d, cfg.norm_eps)
+    if norm is not None and cfg.layer_norm_folding:
+        norm.remove_affine()
+    return norm
 
 
 def apply_norm(mod: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
