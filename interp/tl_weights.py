@@ -203,6 +203,71 @@ class TLWeights:
             directions = directions * w
         return directions * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else directions
 
+    def direction_attribution(
+        self, cache: Any, direction: torch.Tensor, *, pos_slice: Any = -1,
+        expand_neurons: bool = False,
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Direct attribution of ``final_hidden @ direction`` to the components of the stream
+        entering the model's last norm: attributions [component, *batch_pos] whose sum is the
+        true value exactly, and their labels.
+
+        ``direction`` [d_model] lives in the final hidden space (after the last norm), so this
+        answers for models without an unembedding (a bare encoder such as ``minilm``: a probe
+        or similarity direction) as well as for logit differences (``direction`` =
+        ``tokens_to_residual_directions`` difference / gain; the bias of ``W_U`` is not
+        included). Pre-norm models decompose the whole residual stream as TransformerLens'
+        ``get_full_resid_decomposition`` (heads, neurons or MLP layers, embeddings, biases).
+        In a post-norm model (BERT, MiniLM) every block re-normalises the stream, so only the
+        last block's input to its last norm is additive: ``resid_mid`` of the last block plus
+        its MLP (per neuron with ``expand_neurons``, then the output bias). A last LayerNorm's
+        bias adds a constant, labelled ``final_norm_bias``.
+        """
+        from transformer_lens.utilities import Slice
+
+        L, cfg = self.cfg.n_layers, self.cfg
+        direction = direction.to(self.W_E.dtype)
+        if cfg.norm_placement == "pre" or cfg.norm == "none":
+            norm, scale_name = getattr(self, "ln_final", None), "ln_final.hook_scale"
+            stack, labels = cache.get_full_resid_decomposition(
+                expand_neurons=expand_neurons, pos_slice=pos_slice, return_labels=True)
+        else:
+            if cfg.attn_only or cfg.is_moe:
+                raise InterpError("direction_attribution of a post-norm model needs a dense MLP "
+                                  "in its last block.")
+            norm, scale_name = self.blocks[L - 1].ln2, f"blocks.{L - 1}.ln2.hook_scale"
+            stack, labels = self._post_norm_stack(cache, pos_slice, expand_neurons)
+        if norm is None:
+            return stack @ direction, labels
+        gain = norm.weight_or_none
+        v = direction * gain if gain is not None else direction
+        if cfg.norm == "layernorm":  # (c - mean c) . v == c . (v - mean v)
+            v = v - v.mean()
+        scale = Slice(pos_slice).apply(cache[scale_name], dim=-2)[..., 0]
+        attrs = (stack @ v) / scale
+        if norm.bias_or_none is not None:
+            const = (norm.bias_or_none @ direction).expand(attrs.shape[1:])
+            attrs, labels = torch.cat([attrs, const[None]]), [*labels, "final_norm_bias"]
+        return attrs, labels
+
+    def _post_norm_stack(self, cache: Any, pos_slice: Any,
+                         expand_neurons: bool) -> tuple[torch.Tensor, list[str]]:
+        """The additive parts of the last post-norm block's input to its last norm."""
+        from transformer_lens.utilities import Slice
+
+        last = self.cfg.n_layers - 1
+        sl = Slice(pos_slice)
+        mid = sl.apply(cache[f"blocks.{last}.hook_resid_mid"], dim=-2)
+        if not expand_neurons:
+            mlp = sl.apply(cache[f"blocks.{last}.hook_mlp_out"], dim=-2)
+            return torch.stack([mid, mlp]), [f"{last}_resid_mid", f"{last}_mlp_out"]
+        post = sl.apply(cache[f"blocks.{last}.mlp.hook_post"], dim=-2)  # [..., d_mlp]
+        mlp = self.blocks[last].mlp
+        neurons = post.movedim(-1, 0)[..., None] * mlp.W_out.reshape(
+            post.shape[-1], *([1] * (post.ndim - 1)), -1)  # [d_mlp, ..., d_model]
+        bias = mlp.b_out.expand(mid.shape)
+        labels = [f"{last}_resid_mid", *(f"L{last}N{n}" for n in range(post.shape[-1])), "bias"]
+        return torch.cat([mid[None], neurons, bias[None]]), labels
+
     # ---------------- the config follows dtype and device ----------------
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """After ``.to()`` / ``.cuda()`` / ``.half()``, record the parameters' dtype and device
