@@ -234,3 +234,39 @@ def test_processing_a_transformers_gpt2_matches_transformers(tmp_path) -> None:
     model = interp.load_pretrained(hf, process_weights=True, center_unembed=False)
     assert model.cfg.normalization_type == "LNPre"
     assert rel_err(model(t), want) < 1e-4
+
+
+def test_same_numbers_as_transformer_lens_itself(tmp_path) -> None:
+    """A random GPT-2 loaded by interp and by TransformerLens 4's TransformerBridge (offline,
+    from the same folder): logits and every shared hook agree, with raw weights and with
+    TL's processing (``enable_compatibility_mode``, TL's fold_ln / centring / value-bias
+    defaults) against ``process_weights=True``. Masked attention scores are -inf in TL's
+    processed mode and finfo.min in ours: compared where both are finite."""
+    transformers = pytest.importorskip("transformers")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "ln" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    tok = interp.load_pretrained("minilm").tokenizer  # any tokenizer: ids are given directly
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), hf_model=hf, tokenizer=tok,
+                                                 device="cpu")
+    t = tokens()
+    for processed in (False, True):
+        if processed:
+            bridge.enable_compatibility_mode()
+        tl_logits, tl_cache = bridge.run_with_cache(t)
+        model = interp.load_pretrained(tmp_path, process_weights=processed)
+        logits, cache = model.run_with_cache(t)
+        assert rel_err(logits, tl_logits) < 1e-4
+        shared = set(tl_cache.keys()) & set(cache.keys())
+        assert len(shared) == 38  # every hook name GPT-2 has in both
+        for name in sorted(shared):
+            a, b = tl_cache[name], cache[name]
+            keep = torch.isfinite(a) & (b > torch.finfo(b.dtype).min)
+            assert a.shape == b.shape and rel_err(b[keep], a[keep]) < 1e-4, (processed, name)
