@@ -128,6 +128,10 @@ def test_smollm2_logit_attrs_are_exact_raw_and_processed() -> None:
     got, true = tl_dla(model, t, good, bad, expand_neurons=False)
     assert close(got, true), (got, true)
     _, cache = model.run_with_cache(t)
+    # hook_normalized is TL's x / scale, before the gain (it was after: 18.7 apart here)
+    x = cache["blocks.3.hook_resid_pre"]
+    assert torch.allclose(cache["blocks.3.ln1.hook_normalized"],
+                          x / cache["blocks.3.ln1.hook_scale"], atol=1e-5)
     d = model.W_U[:, good] - model.W_U[:, bad]
     attrs, _ = model.direction_attribution(cache, d)
     assert close(float(attrs.sum(0)[0]), true)
