@@ -74,6 +74,7 @@ def test_layernorm_model_attribution_is_exact_up_to_the_bias_terms() -> None:
         if processed:
             process_weights(model, center_unembed=False)
         logits, cache = model.run_with_cache(t)
+        logits = logits.detach()
         d = model.W_U[:, 4] - model.W_U[:, 9]
         attrs, labels = model.direction_attribution(cache, d, expand_neurons=True)
         true = float(logits[0, -1, 4] - logits[0, -1, 9])
