@@ -66,6 +66,7 @@ def test_logit_attrs_sum_to_the_logit_difference_on_an_rmsnorm_model(expand_neur
     assert close(got, true2) and close(true2, true)
 
 
+@torch.no_grad()
 def test_layernorm_model_attribution_is_exact_up_to_the_bias_terms() -> None:
     """A LayerNorm's bias and b_U belong to no component: direction_attribution labels the
     first, and b_U's difference is added by hand (TL's logit_attrs omits both)."""
