@@ -220,38 +220,45 @@ def test_load_pretrained_processing_options(tmp_path) -> None:
         interp.load_pretrained(path, fold_ln="yes")
 
 
-def test_processing_a_transformers_gpt2_matches_transformers(tmp_path) -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "ln" in n:  # GPT-2's init leaves norms at 1/0: make the folds non-trivial
-                p.add_(0.3 * torch.randn_like(p))
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_processing_a_transformers_model_matches_transformers(family: str) -> None:
+    hf = _hf_model(family)
     t = tokens()
     want = hf(t).logits
     model = interp.load_pretrained(hf, process_weights=True, center_unembed=False)
-    assert model.cfg.normalization_type == "LNPre"
+    assert model.cfg.normalization_type in ("LNPre", "RMSPre")
     assert rel_err(model(t), want) < 1e-4
 
 
-def test_same_numbers_as_transformer_lens_itself(tmp_path) -> None:
-    """A random GPT-2 loaded by interp and by TransformerLens 4's TransformerBridge (offline,
-    from the same folder): logits and every shared hook agree, with raw weights and with
-    TL's processing (``enable_compatibility_mode``, TL's fold_ln / centring / value-bias
-    defaults) against ``process_weights=True``. Masked attention scores are -inf in TL's
-    processed mode and finfo.min in ours: compared where both are finite."""
+def _hf_model(family: str):
+    """A tiny random transformers model whose norms are not 1 (so every fold matters)."""
     transformers = pytest.importorskip("transformers")
-    from transformer_lens.model_bridge import TransformerBridge
-
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    if family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16))
+    else:  # RMSNorm, GQA, SwiGLU, RoPE, tied embeddings
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=50, max_position_embeddings=32,
+            tie_word_embeddings=True))
     with torch.no_grad():
         for n, p in hf.named_parameters():
-            if "ln" in n:
+            if "ln" in n or "norm" in n:
                 p.add_(0.3 * torch.randn_like(p))
+    return hf.eval()
+
+
+@pytest.mark.parametrize(("family", "n_shared"), [("gpt2", 38), ("llama", 43)])
+def test_same_numbers_as_transformer_lens_itself(family: str, n_shared: int, tmp_path) -> None:
+    """A random GPT-2 / Llama loaded by interp and by TransformerLens 4's TransformerBridge
+    (offline, from the same folder): logits and every shared hook agree, with raw weights and
+    with TL's processing (``enable_compatibility_mode``: TL's fold_ln / centring / value-bias
+    defaults) against ``process_weights=True``. Masked attention scores are -inf in TL's
+    processed mode and finfo.min in ours: compared where both are finite."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = _hf_model(family)
     hf.save_pretrained(tmp_path)
     tok = interp.load_pretrained("minilm").tokenizer  # any tokenizer: ids are given directly
     bridge = TransformerBridge.boot_transformers(str(tmp_path), hf_model=hf, tokenizer=tok,
@@ -265,7 +272,7 @@ def test_same_numbers_as_transformer_lens_itself(tmp_path) -> None:
         logits, cache = model.run_with_cache(t)
         assert rel_err(logits, tl_logits) < 1e-4
         shared = set(tl_cache.keys()) & set(cache.keys())
-        assert len(shared) == 38  # every hook name GPT-2 has in both
+        assert len(shared) == n_shared  # every hook name the family has in both
         for name in sorted(shared):
             a, b = tl_cache[name], cache[name]
             keep = torch.isfinite(a) & (b > torch.finfo(b.dtype).min)
