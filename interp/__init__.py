@@ -27,6 +27,14 @@ def load_pretrained(source, **overrides):
     return _load(source, **overrides)
 
 
+def load_pretrained_no_processing(source, **overrides):
+    """The raw checkpoint weights, as TransformerLens' ``from_pretrained_no_processing`` (also
+    what :func:`load_pretrained` gives unless asked to process). See :mod:`interp.processing`."""
+    from interp.loading import load_pretrained_no_processing as _load
+
+    return _load(source, **overrides)
+
+
 __all__ = [
     "HookNameError",
     "HookedEncoderDecoder",
@@ -38,6 +46,7 @@ __all__ = [
     "build_model",
     "keep_freed_memory",
     "load_pretrained",
+    "load_pretrained_no_processing",
     "masks",
     "parse_mask",
 ]

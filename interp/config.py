@@ -47,6 +47,7 @@ from interp.config_checks import (
     check_unembedding,
     check_widths,
 )
+from interp.config_tl import TLConfigNames
 from interp.masks import Bidirectional, Causal, MaskSpec, mask_from_dict, mask_to_dict, parse_mask
 from interp.rope_scaling import RopeScaling
 
@@ -182,7 +183,7 @@ def _as_extra(extra: Any) -> ReadOnlyDict:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(TLConfigNames):
     """Every architectural choice of a :class:`interp.HookedTransformer`.
 
     Derived fields (``None`` = derive; see the module docstring) follow their sources through
@@ -347,8 +348,10 @@ class ModelConfig:
     # --- TransformerLens compatibility ---
     @property
     def normalization_type(self) -> str | None:
-        """TransformerLens' name for our norm ("LN", "RMS" or None), read by ActivationCache."""
-        return {"layernorm": "LN", "rmsnorm": "RMS", "none": None}[self.norm]
+        """TransformerLens' name for our norm ("LN", "RMS" or None), read by ActivationCache;
+        "LNPre" / "RMSPre" once ``fold_ln`` moved the norms' weights into their readers."""
+        name = {"layernorm": "LN", "rmsnorm": "RMS", "none": None}[self.norm]
+        return name and name + ("Pre" if self.layer_norm_folding else "")
 
     @property
     def is_gated(self) -> bool:
@@ -363,8 +366,8 @@ class ModelConfig:
         return self.architecture == "decoder"
 
     @property
-    def device(self) -> None:  # some TransformerLens helpers look for cfg.device
-        return None
+    def device(self) -> str | None:  # some TransformerLens helpers look for cfg.device
+        return self.extra.get("device")  # recorded by the model on .to(); None: the default
 
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.n_experts) and layer in (self.moe_layers or ())
@@ -378,7 +381,7 @@ class ModelConfig:
         """JSON-able dict of every public field, derived ones too (:meth:`from_dict` inverts)."""
         d = {name: getattr(self, name) for name in _public_fields()}
         d["mask"] = mask_to_dict(self.mask)
-        d["extra"] = dict(self.extra)
+        d["extra"] = {k: v for k, v in self.extra.items() if k not in ("dtype", "device")}
         if d["moe_layers"] is not None:
             d["moe_layers"] = list(d["moe_layers"])
         if d["layer_types"] is not None:

@@ -27,11 +27,12 @@ from interp.encoder_decoder import HookedEncoderDecoder
 from interp.errors import InterpError
 from interp.generation import DecoderGeneration, KVCache
 from interp.positions import RelativePositionBias
+from interp.tl_weights import TLWeights
 
 __all__ = ["HookedEncoderDecoder", "HookedTransformer", "KVCache", "ReturnType", "build_model"]
 
 
-class HookedTransformer(DecoderGeneration, HookedBase):
+class HookedTransformer(TLWeights, DecoderGeneration, HookedBase):
     """A decoder-only or encoder-only transformer with TransformerLens hook names.
 
     >>> import torch, interp

@@ -76,7 +76,29 @@ class Unembed(nn.Module):
             self.hook_logits = HookPoint()  # [batch, pos, d_vocab], capped
         if tied_to is None:
             self.weight = nn.Parameter(torch.empty(cfg.d_vocab_out, cfg.d_model))
-        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out)) if cfg.unembed_bias else None
+        self.d_vocab_out, self.has_bias = cfg.d_vocab_out, cfg.unembed_bias
+        if cfg.unembed_bias:
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out))
+        for name, table in self.computed_buffers().items():
+            self.register_buffer(name, table, persistent=False)
+
+    def computed_buffers(self) -> dict[str, torch.Tensor]:
+        """Without a bias, ``b_U`` is a zero vector [d_vocab_out] (as TransformerLens: code
+        that adds ``model.b_U`` works on every model); it is not a weight and is not saved."""
+        return {} if self.has_bias else {"b_U": torch.zeros(self.d_vocab_out)}
+
+    def set_bias(self, b_U: torch.Tensor) -> None:
+        """Give the unembedding a real bias (weight processing folds the final norm's bias and
+        the unembedding's centring into it)."""
+        if not self.has_bias:
+            del self.b_U
+        self.b_U, self.has_bias = nn.Parameter(b_U.detach().clone()), True
+
+    def untie(self) -> None:
+        """Give a tied unembedding its own copy of the weights (processing then edits W_U
+        without touching W_E)."""
+        if self._tied:
+            self.weight, self._tied = nn.Parameter(self._weight.detach().clone()), None
 
     @property
     def _weight(self) -> Float[torch.Tensor, "d_vocab d_model"]:
@@ -89,7 +111,7 @@ class Unembed(nn.Module):
     def forward(
         self, x: Float[torch.Tensor, "batch pos d_model"]
     ) -> Float[torch.Tensor, "batch pos d_vocab"]:
-        logits = linear(x, self._weight, self.b_U)
+        logits = linear(x, self._weight, self.b_U if self.has_bias else None)
         if self.softcap is None:
             return logits
         logits = hp(self.hook_logits_precap, logits)

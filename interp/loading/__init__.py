@@ -14,9 +14,10 @@
 - a ``.json`` ModelConfig file (random weights; ``seed=`` makes them reproducible).
 
 ``overrides``: ``device``, ``dtype`` (``torch.float32`` by default), ``tokenizer`` (replace the
-attached one), ``seed`` (JSON configs), and any :class:`interp.ModelConfig` field (e.g.
-``attn_kernel="eager"``). Families are chosen by ``config.model_type`` from
-:data:`interp.loading.families.FAMILIES`.
+attached one), ``seed`` (JSON configs), TransformerLens' weight-processing options
+(``process_weights``, ``fold_ln``, ... : see :func:`load_pretrained`), and any
+:class:`interp.ModelConfig` field (e.g. ``attn_kernel="eager"``). Families are chosen by
+``config.model_type`` from :data:`interp.loading.families.FAMILIES`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "get_family",
     "load_checkpoint",
     "load_pretrained",
+    "load_pretrained_no_processing",
     "read_checkpoint",
     "save_checkpoint",
     "supported_model_types",
@@ -119,7 +121,7 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     unknown = sorted(set(fields) - names)
     if unknown:
         raise InterpError(f"Unknown override(s) {', '.join(unknown)}; use device, dtype, "
-                          "tokenizer, seed or ModelConfig fields.")
+                          "tokenizer, seed, weight-processing options or ModelConfig fields.")
     return special, fields
 
 
@@ -127,9 +129,55 @@ def load_pretrained(source: Any, **overrides: Any) -> Any:
     """A :class:`interp.HookedTransformer` (or :class:`interp.HookedEncoderDecoder`) with
     ``model.tokenizer`` attached, in eval mode. See the module docstring for sources.
 
+    Weight processing (:mod:`interp.processing`) takes TransformerLens' names and defaults:
+    ``fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True,
+    refactor_factored_attn_matrices=False``. interp's default is the raw checkpoint weights
+    (TL's ``from_pretrained_no_processing``): activations then equal the checkpoint's own (the
+    parity with ``transformers`` every family is tested on), and direct logit attribution is
+    exact anyway (``tokens_to_residual_directions`` carries the final norm's gain). Passing
+    ``process_weights=True``, or any of the five options, processes as TL's
+    ``from_pretrained`` with the same keywords would: unnamed options take TL's defaults.
+
     >>> # model = interp.load_pretrained("minilm")
     >>> # model = interp.load_pretrained("path/to/hf_folder", attn_kernel="eager")
+    >>> # model = interp.load_pretrained("smollm2-135m", process_weights=True)  # as TL
     """
+    processing = _processing_options(overrides)
+    model = _load_raw(source, overrides)
+    if processing is not None:
+        from interp.processing import process_weights
+
+        process_weights(model, **processing)
+    return model
+
+
+def load_pretrained_no_processing(source: Any, **overrides: Any) -> Any:
+    """The raw checkpoint weights (TransformerLens' ``from_pretrained_no_processing``; also
+    interp's default), whatever processing options a caller forwards."""
+    for name in _PROCESSING_DEFAULTS:
+        overrides.pop(name, None)
+    overrides.pop("process_weights", None)
+    return load_pretrained(source, **overrides)
+
+
+#: TransformerLens' weight-processing options and their defaults in ``from_pretrained``
+_PROCESSING_DEFAULTS = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
+                        "fold_value_biases": True, "refactor_factored_attn_matrices": False}
+
+
+def _processing_options(overrides: dict[str, Any]) -> dict[str, bool] | None:
+    """Pop the processing keywords; None when nothing asks for processing."""
+    given = {k: overrides.pop(k) for k in list(overrides) if k in _PROCESSING_DEFAULTS}
+    wanted = overrides.pop("process_weights", None)
+    for name, value in [*given.items(), ("process_weights", wanted)]:
+        if value is not None and not isinstance(value, bool):
+            raise InterpError(f"{name} must be True or False, got {value!r}.")
+    if wanted is False or (wanted is None and not given):
+        return None
+    return {**_PROCESSING_DEFAULTS, **given}
+
+
+def _load_raw(source: Any, overrides: dict[str, Any]) -> Any:
     special, fields = _split_overrides(overrides)
     device, dtype = special.get("device"), _dtype(special.get("dtype"))
     if not isinstance(source, str | Path):
