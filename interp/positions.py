@@ -29,10 +29,11 @@ def sinusoidal_table(n_pos: int, d_model: int, device=None, dtype=torch.float32)
 
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float, interleaved: bool,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [pos, rotary_dim] laid out to match :func:`apply_rope`."""
+    """cos, sin of shape [pos, rotary_dim] (or [batch, pos, rotary_dim] for per-row positions
+    [batch, pos]) laid out to match :func:`apply_rope`."""
     dims = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = 1.0 / (base ** (dims / rotary_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [pos, rotary_dim/2]
+    freqs = positions.float()[..., None] * inv_freq  # [(batch,) pos, rotary_dim/2]
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -47,8 +48,8 @@ def apply_rope(
     textbook ``x * cos + rotate_half(x) * sin`` on a CPU, same values to float rounding)."""
     rd = cos.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
+    cos = cos[:, :, None, :] if cos.ndim == 3 else cos[None, :, None, :]  # per-row or shared
+    sin = sin[:, :, None, :] if sin.ndim == 3 else sin[None, :, None, :]
     out = x_rot * cos
     if interleaved:  # pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
         out[..., 0::2].addcmul_(x_rot[..., 1::2], sin[..., 0::2], value=-1)
