@@ -103,8 +103,9 @@ class TextInputs:
         padding_side: str | None,
     ) -> tuple[Any, Any]:
         """A forward's input as (tokens, attention mask): text is tokenized with the mask of
-        its real tokens (unless a mask was given); tokens pass through unchanged."""
-        if not _is_text(input):
+        its real tokens (unless a mask was given); tokens pass through unchanged (and text
+        without a tokenizer too, for the input check to name)."""
+        if not _is_text(input) or self.tokenizer is None:
             if prepend_bos is not None or padding_side is not None:
                 self._check_text_options(prepend_bos, padding_side)
             return input, attention_mask
