@@ -10,7 +10,6 @@ assigned into them, so loading never holds a randomly initialised copy beside th
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -301,10 +300,11 @@ def adopt_bos_rule(model: Any, adds_bos: bool | None) -> None:
 
 
 def apply_overrides(cfg: ModelConfig, fields: dict[str, Any]) -> ModelConfig:
-    """``dataclasses.replace`` with a bad value turned into one InterpError line."""
+    """``cfg.replace`` (the exact form of ``dataclasses.replace``) with a bad value turned
+    into one InterpError line."""
     if not fields:
         return cfg
     try:
-        return dataclasses.replace(cfg, **fields)
+        return cfg.replace(**fields)  # the exact form: a field named here is explicit
     except (ValueError, TypeError) as e:
         raise InterpError(f"Invalid override: {one_line(str(e))}") from None
