@@ -85,16 +85,17 @@ class HookedTransformer(DecoderGeneration, HookedBase):
     def forward(
         self,
         input: Any,
-        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
         return_type: ReturnType = "auto",
-        *,
         loss_per_token: bool = False,
         prepend_bos: bool | None = None,
         padding_side: str | None = None,
         start_at_layer: int | None = None,
         tokens: Int[torch.Tensor, "batch pos"] | None = None,
+        shortformer_pos_embed: None = None,
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
         stop_at_layer: int | None = None,
         past_kv_cache: KVCache | None = None,
+        *,
         token_type_ids: Int[torch.Tensor, "batch pos"] | None = None,
         labels: Int[torch.Tensor, "batch pos"] | None = None,
         past_kv: KVCache | None = None,
@@ -107,8 +108,11 @@ class HookedTransformer(DecoderGeneration, HookedBase):
         padded on ``padding_side`` with the padding masked, so each row gives what it gives
         alone. ``attention_mask`` is the tokenizer's (1 = token, 0 = padding); with left padding
         the positions of each row start at its first real token (learned, sinusoidal and RoPE
-        positions, as TransformerLens). As in TransformerLens, a string second positional
-        argument is the ``return_type``.
+        positions, as TransformerLens). The positional order is TransformerLens' (input,
+        return_type, loss_per_token, prepend_bos, padding_side, start_at_layer, tokens,
+        shortformer_pos_embed, attention_mask, stop_at_layer, past_kv_cache); a tensor second
+        argument is still read as the attention mask (interp's earlier order).
+        ``shortformer_pos_embed`` must stay None (interp adds positions to the residual).
 
         ``return_type`` defaults to ``"auto"``: logits when the model has an unembedding, the
         final hidden states [batch, pos, d_model] (after the final norm) when it has none (a
@@ -125,8 +129,13 @@ class HookedTransformer(DecoderGeneration, HookedBase):
         form passes the ids as ``input`` and ``residual=``. Both layer arguments take negative
         indices as TransformerLens (-1 = the last block).
         """
-        if isinstance(attention_mask, str):  # TransformerLens' order: (input, return_type)
-            attention_mask, return_type = None, attention_mask
+        if isinstance(return_type, torch.Tensor):  # interp's earlier order: (tokens, mask)
+            if attention_mask is not None:
+                raise InterpError("attention_mask given twice (second argument and keyword).")
+            attention_mask, return_type = return_type, "auto"
+        if shortformer_pos_embed is not None:
+            raise InterpError("shortformer_pos_embed is not used by interp models (positions are "
+                              "added to the residual stream); leave it None.")
         past_kv = self._one_cache(past_kv, past_kv_cache)
         start_at_layer = self._layer_index("start_at_layer", start_at_layer)
         stop_at_layer = self._layer_index("stop_at_layer", stop_at_layer)
