@@ -179,7 +179,6 @@ class DecoderGeneration:
     cfg: ModelConfig
     attention_settings: AttentionOverride
 
-    # Long because it is TransformerLens' generate: its keyword arguments, one sampling loop.
     @torch.no_grad()
     def generate(
         self,
@@ -216,7 +215,10 @@ class DecoderGeneration:
         ``stop_at_eos``) and is filled with EOS after. ``use_past_kv_cache`` (alias
         ``use_cache``) decodes incrementally; under a mask that lets a position see later tokens
         (a soft penalty, bidirectional or prefix past the prompt) the cache would be stale, so
-        every step is recomputed instead. ``verbose`` shows a progress bar on stderr."""
+        every step is recomputed instead. ``verbose`` shows a progress bar on stderr.
+
+        Long because it is TransformerLens' generate: fifteen keyword arguments, documented
+        here, and one sampling loop."""
         model: Any = self
         if self.cfg.architecture != "decoder":
             raise InterpError("generate needs a decoder (a causal language model).")

@@ -128,6 +128,9 @@ class HookedTransformer(DecoderGeneration, HookedBase):
         ``input`` and the token ids as ``tokens=`` (for the mask, positions and loss), interp's
         form passes the ids as ``input`` and ``residual=``. Both layer arguments take negative
         indices as TransformerLens (-1 = the last block).
+
+        Long because it is TransformerLens' forward: its eleven arguments, documented here,
+        beside interp's own; the work is in the helpers it calls.
         """
         if isinstance(return_type, torch.Tensor):  # interp's earlier order: (tokens, mask)
             if attention_mask is not None:
