@@ -272,7 +272,10 @@ class HookedBase(TextInputs, Interventions, HookedRootModule):
 
         The first value is the forward's output: by default (``return_type="auto"``) logits,
         or the final hidden states [batch, pos, d_model] for a model without an unembedding
-        (a bare encoder such as ``minilm``); pass ``return_type=`` to choose."""
+        (a bare encoder such as ``minilm``); pass ``return_type=`` to choose. Every forward
+        keyword passes through (``prepend_bos=``, ``padding_side=``, ``attention_mask=``,
+        ``start_at_layer=``, ...): text is tokenized by the model's BOS rule with its padding
+        masked, so each row of a batch records what it records alone."""
         kwargs["names_filter"] = cache_names_filter(
             self.hook_dict, kwargs.get("names_filter"), self.use_attn_result
         )

@@ -271,9 +271,9 @@ class DecoderGeneration:
                 logits = model(out, attention_mask=mask, return_type="logits")
         if return_type == "tokens" or (return_type == "input" and not as_text):
             return out
-        return self._generated_text(out, mask, tokens.shape[1], isinstance(input, str))
+        return self._generated_text(out, mask, isinstance(input, str))
 
-    def _generated_text(self, out: torch.Tensor, mask: torch.Tensor | None, n_prompt: int,
+    def _generated_text(self, out: torch.Tensor, mask: torch.Tensor | None,
                         single: bool) -> str | list[str]:
         """Each row's real tokens as text, without the BOS the model's rule put first."""
         model: Any = self

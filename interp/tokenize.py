@@ -4,8 +4,10 @@ padding and token budgets, so every analysis feeds a model the same way.
 The rules, in one place:
 
 - **BOS** (:func:`bos_to_prepend`): a decoder gets its tokenizer's BOS first iff
-  ``model.prepend_bos`` (loaders set it from the checkpoint; decoders default to True) and the
-  tokenizer has one; never twice. Encoders get their tokenizer's own specials ([CLS] ... [SEP]).
+  ``model.prepend_bos`` (= ``model.cfg.default_prepend_bos``; loaders set it from the
+  checkpoint, :func:`tokenizer_adds_bos` for a Hugging Face tokenizer; decoders built from a
+  config default to True) and the tokenizer has one; never twice. ``prepend_bos=`` overrides
+  it for one call. Encoders get their tokenizer's own specials ([CLS] ... [SEP]).
 - **No tokenizer**: the text's UTF-8 bytes are the token ids (a random model built from a
   config can still read text), which needs ``d_vocab >= 256``.
 - **Padding** (:func:`pad_batch`): right by default, with an explicit pad id; the boolean
