@@ -141,6 +141,11 @@ def test_t5_folder_appends_eos(tmp_path: Path) -> None:
     for text in TEXTS:
         want = hf_tok(text, add_special_tokens=True)["input_ids"]
         assert model.to_tokens(text)[0].tolist() == want
+    # a list of texts is padded with the padding masked: each row gives what it gives alone
+    dec = torch.tensor([[0, 5, 6]])
+    both = model(["ab", "hello world"], dec.expand(2, -1))
+    for i, text in enumerate(["ab", "hello world"]):
+        assert (both[i] - model(text, dec)[0]).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("add_bos", [False, True])

@@ -190,8 +190,11 @@ def test_forward_keywords() -> None:
     per = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
     assert per.shape == (2, tokens.shape[1] - 1)
     assert torch.allclose(per.sum() / mask[:, 1:].sum(), loss, atol=1e-5)
-    # the same call on the text itself builds the mask
+    # the same call on the text itself builds the mask, through run_with_hooks too
     assert torch.allclose(model(["abcdef", "xyz"], "loss", padding_side="left"), loss)
+    hooked = model.run_with_hooks(["abcdef", "xyz"], return_type="loss", padding_side="left",
+                                  fwd_hooks=[("hook_embed", lambda x, hook: x)])
+    assert torch.allclose(hooked, loss, atol=1e-6)
     full = model(tokens, attention_mask=mask)
     _, cache = model.run_with_cache(tokens, attention_mask=mask)
     resid = cache["blocks.1.hook_resid_pre"]
