@@ -126,8 +126,8 @@ class HookedEncoderDecoder(HookedBase):
         return_type = resolve_return_type(return_type, hasattr(self, "unembed"))
         tokens, attention_mask = self._tokens_and_mask(tokens, attention_mask, prepend_bos,
                                                        padding_side)
-        decoder_input, decoder_attention_mask = self._tokens_and_mask(
-            decoder_input, decoder_attention_mask, prepend_bos, padding_side)
+        decoder_input, decoder_attention_mask = self._tokens_and_mask(  # T5 starts with pad
+            decoder_input, decoder_attention_mask, prepend_bos, padding_side, infer_mask=False)
         if decoder_input is None:
             if labels is None:
                 raise InterpError(

@@ -145,8 +145,9 @@ class HookedTransformer(DecoderGeneration, HookedBase):
         return_type = resolve_return_type(return_type, hasattr(self, "unembed"))
         input, residual, have_ids = self._split_start_input(input, tokens, residual,
                                                            start_at_layer)
-        input, attention_mask = self._tokens_and_mask(input, attention_mask, prepend_bos,
-                                                      padding_side)
+        input, attention_mask = self._tokens_and_mask(
+            input, attention_mask, prepend_bos, padding_side,
+            infer_mask=have_ids and (past_kv is None or past_kv.seq_len == 0))
         tokens = self._check_tokens(input)
         B, T = tokens.shape
         token_type_ids = self._check_token_types(token_type_ids, tokens)
@@ -350,10 +351,10 @@ class HookedTransformer(DecoderGeneration, HookedBase):
         d_model], tokens, shortformer_pos_embed (always None: interp adds positions to the
         residual), attention_mask or None when nothing is padded). The residual is what
         ``forward`` embeds (per-row positions under padding, BERT's embedding norm)."""
-        input, attention_mask = self._tokens_and_mask(input, attention_mask, prepend_bos,
-                                                      padding_side)
-        tokens = self._check_tokens(input)
         past_len = past_kv_cache.seq_len if past_kv_cache is not None else 0
+        input, attention_mask = self._tokens_and_mask(input, attention_mask, prepend_bos,
+                                                      padding_side, infer_mask=past_len == 0)
+        tokens = self._check_tokens(input)
         mask = attention_mask
         if past_kv_cache is not None and past_kv_cache.attention_mask is not None:
             new = mask if mask is not None else torch.ones_like(tokens)

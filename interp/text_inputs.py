@@ -101,13 +101,18 @@ class TextInputs:
         attention_mask: Any,
         prepend_bos: bool | None,
         padding_side: str | None,
+        infer_mask: bool = True,
     ) -> tuple[Any, Any]:
         """A forward's input as (tokens, attention mask): text is tokenized with the mask of
         its real tokens (unless a mask was given); tokens pass through unchanged (and text
-        without a tokenizer too, for the input check to name)."""
+        without a tokenizer too, for the input check to name), with TransformerLens' mask for
+        left-padded ids (:meth:`_left_padding_mask`) when ``infer_mask`` (not for the new
+        tokens of a cached step)."""
         if not _is_text(input) or self.tokenizer is None:
             if prepend_bos is not None or padding_side is not None:
                 self._check_text_options(prepend_bos, padding_side)
+            if attention_mask is None and infer_mask:
+                attention_mask = self._left_padding_mask(input, prepend_bos)
             return input, attention_mask
         batch = self.text_batch(list(input) if not isinstance(input, str) else input,
                                 prepend_bos, padding_side)
@@ -115,6 +120,25 @@ class TextInputs:
         if attention_mask is None and not bool(batch.attention_mask.all()):
             attention_mask = batch.attention_mask.to(self.device)
         return tokens, attention_mask
+
+    def _left_padding_mask(self, tokens: Any, prepend_bos: bool | None) -> torch.Tensor | None:
+        """TransformerLens' rule for ids given without a mask: when the tokenizer pads on the
+        left (``model.tokenizer.padding_side = "left"``), the leading pad ids of each row are
+        padding. Where BOS and pad share an id, the BOS the model's rule put before the first
+        other token is kept. None when nothing is padded or the tokenizer pads on the right."""
+        tok = self.tokenizer
+        if (tok is None or getattr(tok, "padding_side", "right") != "left"
+                or not isinstance(tokens, torch.Tensor) or tokens.ndim != 2
+                or tokens.is_floating_point() or tokens.numel() == 0):
+            return None
+        pad = tokenize.pad_id(self)
+        not_pad = tokens != pad
+        mask = not_pad.long().cumsum(-1) > 0
+        if tokenize.bos_to_prepend(self, prepend_bos) == pad:  # that BOS reads as padding
+            first = not_pad.long().argmax(-1)
+            rows = torch.nonzero(first > 0).flatten()
+            mask[rows, first[rows] - 1] = True
+        return None if bool(mask.all()) else mask
 
     @staticmethod
     def _check_text_options(prepend_bos: Any, padding_side: Any) -> None:

@@ -214,6 +214,25 @@ def test_forward_keywords() -> None:
         model(tokens, padding_side="middle")
 
 
+def test_left_padded_ids_without_a_mask_follow_the_tokenizer() -> None:
+    """TransformerLens' rule: ids from a tokenizer that pads on the left carry their mask in
+    their leading pad ids (here pad = BOS = 256 shares an id, as GPT-2's does)."""
+    model = _byte_model(positional="learned")
+    tok = model.tokenizer
+    tok.pad_token_id = 256
+    tokens = model.to_tokens(["ab", "abcdef"], padding_side="left")
+    assert tokens[0, :5].tolist() == [256] * 5 and tokens[0, 5] == 97  # 4 pads, then BOS
+    with_mask = model(tokens, attention_mask=model.text_batch(["ab", "abcdef"],
+                                                               padding_side="left").attention_mask)
+    assert not torch.allclose(model(tokens)[0, -1], with_mask[0, -1], atol=1e-3)  # right-padder
+    tok.padding_side = "left"
+    assert torch.allclose(model(tokens), with_mask, atol=1e-6)
+    assert torch.allclose(model(tokens)[0, -1], model("ab")[0, -1], atol=1e-5)
+    assert torch.equal(model.generate(tokens, max_new_tokens=3, stop_at_eos=False)[0, -3:],
+                       model.generate("ab", max_new_tokens=3, return_type="tokens",
+                                      stop_at_eos=False)[0, -3:])
+
+
 def test_tl_key_value_cache() -> None:
     model = _byte_model(positional="rope", n_kv_heads=2)
     tokens = model.to_tokens("abcdefg")
