@@ -15,6 +15,9 @@ from interp.masks import MaskSpec, parse_mask
 from interp.model import HookedEncoderDecoder, HookedTransformer, KVCache, build_model
 from interp.perf.memory import keep_freed_memory
 
+#: TransformerLens' name for the KV cache (it has ``init_cache(cfg, device, batch_size)``)
+HookedTransformerKeyValueCache = KVCache
+
 __version__ = "0.1.0"
 
 
@@ -39,6 +42,7 @@ __all__ = [
     "HookNameError",
     "HookedEncoderDecoder",
     "HookedTransformer",
+    "HookedTransformerKeyValueCache",
     "InterpError",
     "KVCache",
     "MaskSpec",

@@ -38,6 +38,7 @@ from interp.masks import MaskSpec
 from interp.perf.memory import recording
 from interp.positions import RelativePositionBias, alibi_bias, alibi_slopes, rope_cos_sin
 from interp.state import AttentionOverride
+from interp.text_inputs import TextInputs
 
 #: What a forward returns. ``"auto"`` (the default) is ``"logits"`` for a model with an
 #: unembedding and ``"hidden"`` (the final residual, after the final norm) for one without, as
@@ -69,7 +70,7 @@ def _shape_or_type(x: Any) -> Any:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-class HookedBase(Interventions, HookedRootModule):
+class HookedBase(TextInputs, Interventions, HookedRootModule):
     """Shared plumbing: embeddings, position machinery, input checks, TL glue, tokenizer
     helpers. Subclasses call :meth:`_build_embeddings` first and :meth:`_finish` last."""
 
@@ -77,8 +78,6 @@ class HookedBase(Interventions, HookedRootModule):
 
     def _build_embeddings(self, cfg: ModelConfig) -> None:
         self.attention_override: AttentionOverride | None = None  # see interp.state
-        #: whether to_tokens prepends BOS (decoders); loaders set it from the checkpoint
-        self.prepend_bos: bool = cfg.default_prepend_bos
         self.tokenizer: Any = None
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
@@ -195,12 +194,16 @@ class HookedBase(Interventions, HookedRootModule):
     def _embed(
         self,
         tokens: Int[torch.Tensor, "batch pos"],
-        positions: Int[torch.Tensor, " pos"],
+        positions: Int[torch.Tensor, " pos"] | Int[torch.Tensor, "batch pos"],
         token_type_ids: Int[torch.Tensor, "batch pos"] | None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Token (+ position, + token type) embeddings; ``positions`` per row [batch, pos] when
+        padding shifts them (left padding: each row's first real token is position 0)."""
         x = hp(self.hook_embed, self.embed(tokens))  # [batch, pos, d_model]
         if hasattr(self, "pos_embed"):
-            pe = self.pos_embed(positions)[None].expand(tokens.shape[0], -1, -1)
+            pe = self.pos_embed(positions)
+            if pe.ndim == 2:
+                pe = pe[None].expand(tokens.shape[0], -1, -1)
             x = x + hp(self.hook_pos_embed, pe)  # [batch, pos, d_model] (batch kept for TL)
         if hasattr(self, "token_type_embed"):
             tt = torch.zeros_like(tokens) if token_type_ids is None else token_type_ids
@@ -218,8 +221,10 @@ class HookedBase(Interventions, HookedRootModule):
         padding: torch.Tensor | None,
         rel: RelativePositionBias | None,
         dtype: torch.dtype,
+        row_pos: torch.Tensor | None = None,
     ) -> AttnContext:
-        """The attention context of one stack's forward (penalty and temperature in effect)."""
+        """The attention context of one stack's forward (penalty and temperature in effect).
+        ``row_pos`` [batch, pos]: per-row positions of the queries for RoPE (left padding)."""
         cfg, settings = self.cfg, self.attention_settings
         k_pos = torch.arange(k_len, device=q_pos.device)
         pos_bias = None
@@ -229,8 +234,9 @@ class HookedBase(Interventions, HookedRootModule):
             pos_bias = rel(q_pos, k_pos)
         rope = None
         if cfg.positional == "rope":
-            rope = rope_cos_sin(q_pos, cfg.rotary_dim, cfg.rope_base, cfg.rope_interleaved, dtype,
-                                cfg.rope_scaling, cfg.n_ctx, k_len)
+            rope_pos = q_pos if row_pos is None else row_pos
+            rope = rope_cos_sin(rope_pos, cfg.rotary_dim, cfg.rope_base, cfg.rope_interleaved,
+                                dtype, cfg.rope_scaling, cfg.n_ctx, k_len)
         ctx = AttnContext(
             q_pos=q_pos,
             k_len=k_len,
@@ -242,7 +248,7 @@ class HookedBase(Interventions, HookedRootModule):
             rope=rope,
         )
         if cfg.layer_types is not None and "sliding" in cfg.layer_types:
-            ctx.local = local_context(cfg, ctx, dtype)
+            ctx.local = local_context(cfg, ctx, dtype, row_pos)
         return ctx
 
     def moe_losses(self) -> dict[str, torch.Tensor]:
@@ -270,7 +276,10 @@ class HookedBase(Interventions, HookedRootModule):
 
         The first value is the forward's output: by default (``return_type="auto"``) logits,
         or the final hidden states [batch, pos, d_model] for a model without an unembedding
-        (a bare encoder such as ``minilm``); pass ``return_type=`` to choose."""
+        (a bare encoder such as ``minilm``); pass ``return_type=`` to choose. Every forward
+        keyword passes through (``prepend_bos=``, ``padding_side=``, ``attention_mask=``,
+        ``start_at_layer=``, ...): text is tokenized by the model's BOS rule with its padding
+        masked, so each row of a batch records what it records alone."""
         kwargs["names_filter"] = cache_names_filter(
             self.hook_dict, kwargs.get("names_filter"), self.use_attn_result
         )
@@ -311,73 +320,6 @@ class HookedBase(Interventions, HookedRootModule):
     @property
     def device(self) -> torch.device:
         return self.embed.W_E.device
-
-    # ---------------- tokenizer helpers ----------------
-    def _need_tokenizer(self) -> Any:
-        if self.tokenizer is None:
-            raise InterpError(
-                "This model has no tokenizer attached; pass token ids, or load it with "
-                "interp.load_pretrained."
-            )
-        return self.tokenizer
-
-    def to_tokens(
-        self,
-        text: str | list[str],
-        prepend_bos: bool | None = None,
-        padding_side: str | None = None,
-        truncate: bool = True,
-    ) -> Int[torch.Tensor, "batch pos"]:
-        """Text -> token ids [batch, pos]; decoders get BOS prepended when the tokenizer has one
-        and does not add it itself (``prepend_bos`` defaults to ``model.prepend_bos``), encoders
-        get their special tokens ([CLS] ... [SEP])."""
-        tok = self._need_tokenizer()
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or any(not isinstance(t, str) for t in texts):
-            raise InterpError("to_tokens needs a string or a non-empty list of strings.")
-        special = self.cfg.architecture != "decoder"
-        ids = [tok.encode(t, add_special_tokens=special) for t in texts]
-        bos = getattr(tok, "bos_token_id", None)
-        if prepend_bos is None:
-            prepend_bos = self.prepend_bos
-        if self.cfg.architecture == "decoder" and prepend_bos and bos is not None:
-            ids = [i if (i and i[0] == bos) else [bos, *i] for i in ids]
-        if truncate and self.cfg.positional == "learned":
-            ids = [i[: self.cfg.n_ctx] for i in ids]
-        if any(len(i) == 0 for i in ids):
-            raise InterpError("A text produced no tokens; pass non-empty text.")
-        pad = getattr(tok, "pad_token_id", None)
-        pad = 0 if pad is None else pad
-        width = max(len(i) for i in ids)
-        side = padding_side or getattr(tok, "padding_side", "right")
-        rows = [
-            ([pad] * (width - len(i)) + i) if side == "left" else (i + [pad] * (width - len(i)))
-            for i in ids
-        ]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
-
-    def to_str_tokens(self, text: str | torch.Tensor, prepend_bos: bool | None = None) -> list[str]:
-        """One string per token, as the model sees them."""
-        tok = self._need_tokenizer()
-        if isinstance(text, str):
-            ids = self.to_tokens(text, prepend_bos=prepend_bos)[0]
-        else:
-            ids = torch.as_tensor(text).reshape(-1)
-        return [tok.decode([int(i)]) for i in ids]
-
-    def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
-        tok = self._need_tokenizer()
-        t = torch.as_tensor(tokens)
-        if t.ndim == 2:
-            return [tok.decode(r.tolist()) for r in t]
-        return tok.decode(t.tolist())
-
-    def to_single_token(self, string: str) -> int:
-        tok = self._need_tokenizer()
-        ids = tok.encode(string, add_special_tokens=False)
-        if len(ids) != 1:
-            raise InterpError(f"{string!r} is {len(ids)} tokens, not one.")
-        return ids[0]
 
     def param_count(self) -> int:
         """Distinct parameters (tied weights counted once)."""

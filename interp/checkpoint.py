@@ -324,8 +324,10 @@ def load_checkpoint(path: str | Path, *, device: Any = None, dtype: torch.dtype 
         raise InterpError(f"{where} has an invalid config: {_one_line(e)}") from None
     tokenizer = _tokenizer_of(ckpt, where)
     with naming(Path(path), "Checkpoint"):
+        stored = cfg_dict.get("default_prepend_bos")  # the checkpoint's own BOS record
         model = assemble(cfg, dict(ckpt["state_dict"]), tokenizer=tokenizer, device=device,
-                         dtype=dtype, source=f"checkpoint {Path(path).name}'s weights")
+                         dtype=dtype, source=f"checkpoint {Path(path).name}'s weights",
+                         adds_bos=stored if isinstance(stored, bool) else None)
     model.checkpoint_metadata = ckpt.get(
         "metadata", {k: v for k, v in ckpt.items() if k not in ("state_dict", "config")})
     return model

@@ -11,6 +11,7 @@ Derived fields follow their sources. A derived field left unset (``None``) is fi
     d_head = d_model // n_heads     d_mlp = 4 * d_model        n_kv_heads = n_heads
     d_vocab_out = d_vocab           rotary_dim = d_head (RoPE)  n_decoder_layers = n_layers
     d_expert = d_mlp (MoE)          d_shared_expert = d_expert  moe_layers = all layers (MoE)
+    default_prepend_bos = (architecture == "decoder")
     mask = causal, or bidirectional for architecture="encoder"
 
 so ``replace(cfg, d_model=128, n_heads=4).d_head == 32``, while a field the user set keeps its
@@ -133,6 +134,7 @@ DERIVATIONS: tuple[tuple[str, Callable[[ModelConfig], Any]], ...] = (
     ("d_expert", lambda c: c.d_mlp if _has_experts(c) else None),
     ("d_shared_expert", lambda c: c.d_expert if _has_experts(c) else None),
     ("moe_layers", _moe_layers),
+    ("default_prepend_bos", lambda c: c.architecture == "decoder"),
 )
 DERIVED_FIELDS = tuple(name for name, _ in DERIVATIONS)
 
@@ -282,6 +284,11 @@ class ModelConfig(TLConfigNames):
     moe_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss (Zoph et al. 2022)
 
+    # --- tokenization ---
+    # TransformerLens' name: whether to_tokens puts BOS first. Default: decoders yes, others no;
+    # loaders set it from the checkpoint's tokenizer (see interp.tokenize.tokenizer_adds_bos)
+    default_prepend_bos: bool | None = None
+
     # --- misc ---
     init_std: float = 0.02
     # free-form provenance (loader, source, task); read-only after construction
@@ -360,10 +367,6 @@ class ModelConfig(TLConfigNames):
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
-
-    @property
-    def default_prepend_bos(self) -> bool:
-        return self.architecture == "decoder"
 
     @property
     def device(self) -> str | None:  # some TransformerLens helpers look for cfg.device

@@ -111,14 +111,23 @@ class HookedEncoderDecoder(HookedBase):
         labels: Int[torch.Tensor, "batch dec_pos"] | None = None,
         encoder_output: Float[torch.Tensor, "batch pos d_model"] | None = None,
         past_kv: KVCache | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
     ) -> Any:
         """(input tokens, decoder input tokens) -> decoder logits [batch, dec_pos, d_vocab].
 
+        Either input may be text (a string or a list of strings), tokenized as ``to_tokens``
+        does (the tokenizer's specials; ``prepend_bos`` / ``padding_side`` for this call) with
+        its padding masked, so each row gives what it gives alone.
         With ``labels`` and no ``decoder_input``, the decoder input is the labels shifted right
         after ``cfg.extra['decoder_start_token_id']`` (0 by default), as in T5.
         ``return_type="auto"`` (the default) gives logits, or the decoder's final hidden
         states [batch, dec_pos, d_model] when the model has no unembedding."""
         return_type = resolve_return_type(return_type, hasattr(self, "unembed"))
+        tokens, attention_mask = self._tokens_and_mask(tokens, attention_mask, prepend_bos,
+                                                       padding_side)
+        decoder_input, decoder_attention_mask = self._tokens_and_mask(  # T5 starts with pad
+            decoder_input, decoder_attention_mask, prepend_bos, padding_side, infer_mask=False)
         if decoder_input is None:
             if labels is None:
                 raise InterpError(

@@ -33,7 +33,8 @@ def sinusoidal_table(n_pos: int, d_model: int, device=None, dtype=torch.float32)
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float, interleaved: bool,
                  dtype: torch.dtype, scaling: RopeScaling | None = None, n_ctx: int = 0,
                  seq_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [pos, rotary_dim] laid out to match :func:`apply_rope`.
+    """cos, sin of shape [pos, rotary_dim] (or [batch, pos, rotary_dim] for per-row positions
+    [batch, pos]) laid out to match :func:`apply_rope`.
 
     ``scaling`` (context extension, :class:`RopeScaling`) changes the frequencies and may scale
     cos and sin by an attention factor; ``n_ctx`` is the model's ``max_position_embeddings``
@@ -62,8 +63,8 @@ def apply_rope(
     textbook ``x * cos + rotate_half(x) * sin`` on a CPU, same values to float rounding)."""
     rd = cos.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
+    cos = cos[:, :, None, :] if cos.ndim == 3 else cos[None, :, None, :]  # per-row or shared
+    sin = sin[:, :, None, :] if sin.ndim == 3 else sin[None, :, None, :]
     out = x_rot * cos
     if interleaved:  # pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
         out[..., 0::2].addcmul_(x_rot[..., 1::2], sin[..., 0::2], value=-1)

@@ -16,8 +16,10 @@ Each kind is one typed attribute, changed only through the model method named be
   ``model.set_expert_mask(layer, mask)``.
 - ``moe.last_losses`` (``{"aux", "z"}``), written by every MoE forward; ``model.moe_losses()``
   reads them weighted by the config.
-- ``model.prepend_bos`` (bool, default ``cfg.default_prepend_bos``): whether ``to_tokens``
-  prepends BOS; loaders set it from the checkpoint's tokenizer settings.
+- ``model.prepend_bos`` (bool): whether text gets BOS first; the same value as
+  ``cfg.default_prepend_bos`` (TransformerLens' name; setting ``model.prepend_bos`` replaces the
+  config). Loaders set it from the checkpoint's tokenizer; every text-reading method takes a
+  ``prepend_bos=`` override for one call (:mod:`interp.text_inputs`).
 - ``model.tokenizer`` (a Hugging Face style tokenizer or None): set by loaders or the
   constructor.
 

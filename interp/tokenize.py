@@ -4,8 +4,10 @@ padding and token budgets, so every analysis feeds a model the same way.
 The rules, in one place:
 
 - **BOS** (:func:`bos_to_prepend`): a decoder gets its tokenizer's BOS first iff
-  ``model.prepend_bos`` (loaders set it from the checkpoint; decoders default to True) and the
-  tokenizer has one; never twice. Encoders get their tokenizer's own specials ([CLS] ... [SEP]).
+  ``model.prepend_bos`` (= ``model.cfg.default_prepend_bos``; loaders set it from the
+  checkpoint, :func:`tokenizer_adds_bos` for a Hugging Face tokenizer; decoders built from a
+  config default to True) and the tokenizer has one; never twice. ``prepend_bos=`` overrides
+  it for one call. Encoders get their tokenizer's own specials ([CLS] ... [SEP]).
 - **No tokenizer**: the text's UTF-8 bytes are the token ids (a random model built from a
   config can still read text), which needs ``d_vocab >= 256``.
 - **Padding** (:func:`pad_batch`): right by default, with an explicit pad id; the boolean
@@ -49,6 +51,9 @@ __all__ = [
     "frame",
     "pad_batch",
     "pad_id",
+    "positions_from_mask",
+    "text_batch",
+    "tokenizer_adds_bos",
     "windows",
 ]
 
@@ -75,14 +80,35 @@ class TokenBatch:
 # --------------------------------------------------------------------------------- rules
 
 
-def bos_to_prepend(model: Model) -> int | None:
-    """The BOS id a decoder puts first: the tokenizer's, iff ``model.prepend_bos``; None for
-    encoders, for models without a tokenizer, and for tokenizers without a BOS."""
+def tokenizer_adds_bos(tok: object) -> bool:
+    """Whether ``tok`` itself puts its BOS first when asked for its special tokens: the
+    checkpoint's own rule (a Hugging Face tokenizer's ``add_bos_token`` from
+    tokenizer_config.json, or a ``tokenizer.json`` post-processor that adds it). Asked of the
+    tokenizer by encoding a probe text both ways, so every tokenizer class answers the same way
+    ``tok(text, add_special_tokens=True)`` behaves. False without a BOS id."""
+    bos = getattr(tok, "bos_token_id", None)
+    if tok is None or bos is None:
+        return False
+    probe = "a b"
+    try:
+        plain = list(tok.encode(probe, add_special_tokens=False))
+        full = list(tok.encode(probe, add_special_tokens=True))
+    except Exception:  # a word vocabulary without "a": ask with an empty text instead
+        plain, full = [], list(tok.encode("", add_special_tokens=True))
+    return bool(full) and full[0] == bos and not (plain and plain[0] == bos)
+
+
+def bos_to_prepend(model: Model, prepend_bos: bool | None = None) -> int | None:
+    """The BOS id a decoder puts first: the tokenizer's, iff ``prepend_bos`` (None: the model's
+    rule, ``model.prepend_bos`` = ``model.cfg.default_prepend_bos``, which loaders take from the
+    checkpoint's tokenizer); None for encoders, models without a tokenizer, and tokenizers
+    without a BOS."""
     tok = model.tokenizer
     if model.cfg.architecture != "decoder" or tok is None:
         return None
     bos = getattr(tok, "bos_token_id", None)
-    return bos if bos is not None and model.prepend_bos else None
+    use = model.prepend_bos if prepend_bos is None else prepend_bos
+    return bos if bos is not None and use else None
 
 
 def frame(model: Model) -> tuple[list[int], list[int]]:
@@ -114,14 +140,16 @@ def _bytes(model: Model, text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def encode(model: Model, text: str, *, specials: bool = True) -> list[int]:
+def encode(model: Model, text: str, *, specials: bool = True,
+           prepend_bos: bool | None = None) -> list[int]:
     """Token ids of one text.
 
     ``specials=True``: as the model reads a text on its own (``model.to_tokens(text,
     truncate=False)[0]``): decoders with BOS first by :func:`bos_to_prepend` (not doubled when
     the tokenizer already put it there), encoders with their tokenizer's specials.
     ``specials=False``: the text's own ids only (callers add :func:`frame` per window). Without
-    a tokenizer: the UTF-8 bytes either way.
+    a tokenizer: the UTF-8 bytes either way. ``prepend_bos`` overrides the model's BOS rule
+    (decoders only; False also drops a BOS the tokenizer put there itself).
     """
     tok = model.tokenizer
     if tok is None:
@@ -130,10 +158,40 @@ def encode(model: Model, text: str, *, specials: bool = True) -> list[int]:
         return [int(i) for i in tok.encode(text, add_special_tokens=False)]
     decoder = model.cfg.architecture == "decoder"
     ids = [int(i) for i in tok.encode(text, add_special_tokens=not decoder)]
-    bos = bos_to_prepend(model)
+    bos = bos_to_prepend(model, prepend_bos)
     if bos is not None and not (ids and ids[0] == bos):
         ids = [bos, *ids]
     return ids
+
+
+def text_batch(model: Model, texts: str | Sequence[str], *, prepend_bos: bool | None = None,
+               padding_side: Literal["right", "left"] | None = None,
+               truncate: bool = True) -> TokenBatch:
+    """Texts as the model reads them (:func:`encode` each), padded into one :class:`TokenBatch`
+    with the exact mask of real tokens: what ``to_tokens``, ``forward(str)`` and
+    ``generate(str)`` share. ``truncate`` keeps each text's first ``cfg.n_ctx`` tokens (every
+    position scheme: ``n_ctx`` is the context the model was built for). ``padding_side``
+    defaults to the tokenizer's (right without one)."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if not items or any(not isinstance(t, str) for t in items):
+        raise InterpError("Text input must be a string or a non-empty list of strings.")
+    side = padding_side or getattr(model.tokenizer, "padding_side", None) or "right"
+    if side not in ("right", "left"):
+        raise InterpError(f"padding_side must be 'right' or 'left', got {side!r}.")
+    rows = [encode(model, t, prepend_bos=prepend_bos) for t in items]
+    if truncate:
+        rows = [r[: model.cfg.n_ctx] for r in rows]
+    if any(len(r) == 0 for r in rows):
+        raise InterpError("A text produced no tokens; pass non-empty text.")
+    return pad_batch(rows, pad_id=pad_id(model), side=side)
+
+
+def positions_from_mask(mask: Bool[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"]:
+    """Each token's position counted over real tokens only: a row's first real token is
+    position 0 whatever padding precedes it (left padding), as a prompt run alone. Padded
+    slots get the position of the real token before them (0 before any), a valid index whose
+    value never reaches a real token (they are masked)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], *, pad_id: int = 0,

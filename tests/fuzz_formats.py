@@ -55,7 +55,7 @@ def llama_hf() -> Any:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def write_gguf(hf: Any, path: Path) -> None:
+def write_gguf(hf: Any, path: Path, add_bos: bool = False) -> None:
     """The Llama as llama.cpp would write it: GGUF names, q/k rows permuted (the inverse of
     ``interp.loading.gguf.reverse_permute``), F32 tensors, a small byte-level BPE vocabulary."""
     from gguf import GGUFWriter
@@ -76,7 +76,7 @@ def write_gguf(hf: Any, path: Path) -> None:
                                                                     for m in merges)]
     tokens += [f"<x{i}>" for i in range(40 - len(tokens))]
     w.add_token_list(tokens), w.add_token_types([3] + [1] * 39), w.add_token_merges(merges)
-    w.add_bos_token_id(0), w.add_eos_token_id(0), w.add_add_bos_token(False)
+    w.add_bos_token_id(0), w.add_eos_token_id(0), w.add_add_bos_token(add_bos)
     hf_to_gguf = {v: k for k, v in TOP_NAMES.items()}
     for k, v in hf.state_dict().items():
         if k not in hf_to_gguf:

@@ -95,10 +95,22 @@ def test_n_decoder_layers_follows_n_layers() -> None:
     assert dataclasses.replace(cfg, architecture="decoder").n_decoder_layers is None
 
 
+def test_default_prepend_bos_follows_architecture() -> None:
+    cfg = _cfg()
+    assert cfg.default_prepend_bos is True
+    enc = dataclasses.replace(cfg, architecture="encoder")
+    assert enc.default_prepend_bos is False
+    off = cfg.replace(default_prepend_bos=False)
+    assert dataclasses.replace(off, d_model=128).default_prepend_bos is False  # set: it stays
+    with pytest.raises(ValueError, match="default_prepend_bos must be True or False"):
+        _cfg(default_prepend_bos="yes")
+
+
 def test_every_derived_field_has_a_test_above() -> None:
     assert set(DERIVED_FIELDS) == {
         "d_head", "d_mlp", "n_kv_heads", "d_vocab_out", "rotary_dim", "d_expert",
         "d_shared_expert", "moe_layers", "mask", "n_decoder_layers",
+        "default_prepend_bos",
     }
 
 

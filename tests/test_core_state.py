@@ -58,11 +58,17 @@ def test_head_gates_and_attn_result_are_typed_per_layer() -> None:
     assert not model.use_attn_result
 
 
-def test_prepend_bos_is_a_real_attribute() -> None:
+def test_prepend_bos_is_the_configs_default_prepend_bos() -> None:
+    """One value, two names: model.prepend_bos is cfg.default_prepend_bos (TransformerLens'
+    name), so setting either side is seen from the other."""
     decoder = interp.HookedTransformer(ModelConfig(**BASE))
     encoder = interp.HookedTransformer(ModelConfig(**BASE, architecture="encoder"))
     assert decoder.prepend_bos is True and encoder.prepend_bos is False
-    assert "prepend_bos" in vars(decoder)
+    assert decoder.cfg.default_prepend_bos is True and encoder.cfg.default_prepend_bos is False
+    decoder.prepend_bos = False
+    assert decoder.cfg.default_prepend_bos is False
+    off = interp.HookedTransformer(ModelConfig(**BASE, default_prepend_bos=False))
+    assert off.prepend_bos is False
 
 
 def test_encoder_decoder_effective_mask_is_its_decoders() -> None:

@@ -114,6 +114,9 @@ def test_decoder_parity(decoder: tuple[str, Any, Any], padding: str) -> None:
     mask = _masks(B, T)[padding]
     keep = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
     kw: dict[str, Any] = {"output_router_logits": True} if name in MOE else {}
+    if mask is not None:  # each row counts positions from its first real token, as interp
+        # (and TransformerLens, and transformers' own generate) do under padding
+        kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = hf(input_ids=tokens, attention_mask=mask, output_hidden_states=True,
                  output_attentions=True, **kw)
@@ -197,8 +200,9 @@ def test_bert_mlm_parity(bert_mlm: tuple[Any, Any], padding: str) -> None:
     types = torch.randint(0, 2, (B, T), generator=g)
     mask = _masks(B, T)[padding]
     keep = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
+    pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # as the decoders'
     with torch.no_grad():
-        ref = hf(input_ids=tokens, attention_mask=mask, token_type_ids=types,
+        ref = hf(input_ids=tokens, attention_mask=mask, token_type_ids=types, position_ids=pos,
                  output_hidden_states=True, output_attentions=True)
         logits = model(tokens, attention_mask=mask, token_type_ids=types)
         _, cache = model.run_with_cache(tokens, attention_mask=mask, token_type_ids=types,

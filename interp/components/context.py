@@ -132,14 +132,17 @@ class AttnContext:
         return self._cache[key]
 
 
-def local_context(cfg: ModelConfig, ctx: AttnContext, dtype: torch.dtype) -> AttnContext:
+def local_context(cfg: ModelConfig, ctx: AttnContext, dtype: torch.dtype,
+                  row_pos: torch.Tensor | None = None) -> AttnContext:
     """The twin of a stack's context for its sliding layers: the same queries, padding and
     biases, the mask narrowed to ``mask & sliding_window(cfg.sliding_window)`` (a key is seen
     when ``q - k < window``, as transformers' ``sliding_window_overlay``), and the RoPE of
-    ``rope_local_base`` (unscaled) where the config sets one."""
+    ``rope_local_base`` (unscaled) where the config sets one, at ``row_pos`` [batch, pos]
+    when padding shifts each row's positions (as the global layers' RoPE)."""
     rope = ctx.rope
     if cfg.positional == "rope" and cfg.rope_local_base is not None:
-        rope = rope_cos_sin(ctx.q_pos, cfg.rotary_dim, cfg.rope_local_base,
+        rope = rope_cos_sin(ctx.q_pos if row_pos is None else row_pos, cfg.rotary_dim,
+                            cfg.rope_local_base,
                             cfg.rope_interleaved, dtype)
     return AttnContext(q_pos=ctx.q_pos, k_len=ctx.k_len,
                        mask=ctx.mask & SlidingWindow(cfg.sliding_window), padding=ctx.padding,

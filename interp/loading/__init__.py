@@ -35,6 +35,7 @@ from interp.config import ModelConfig
 from interp.errors import InterpError
 from interp.loading._common import apply_overrides, assemble, naming, one_line
 from interp.loading.families import FAMILIES, Family, get_family, supported_model_types
+from interp.tokenize import tokenizer_adds_bos
 
 __all__ = [
     "BUILTINS",
@@ -188,8 +189,10 @@ def _load_raw(source: Any, overrides: dict[str, Any]) -> Any:
                               f"({', '.join(BUILTINS)}), a path, or a transformers model.")
     else:
         model = _from_path(source, fields, special, device=device, dtype=dtype)
-    if "tokenizer" in special:
+    if "tokenizer" in special:  # the BOS rule follows the tokenizer, unless set as a field
         model.tokenizer = special["tokenizer"]
+        if "default_prepend_bos" not in fields and model.cfg.architecture == "decoder":
+            model.prepend_bos = tokenizer_adds_bos(model.tokenizer)
     return model
 
 

@@ -10,7 +10,6 @@ assigned into them, so loading never holds a randomly initialised copy beside th
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from interp.config import ModelConfig
 from interp.errors import InterpError
+from interp.tokenize import tokenizer_adds_bos
 
 
 def _shape(t: Any) -> tuple[int, ...]:
@@ -246,11 +246,14 @@ def _check_counts(cfg: ModelConfig, n_tensors: int, source: str) -> None:
 
 def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer: Any = None,
              device: Any = None, dtype: torch.dtype | None = None,
-             source: str = "converted weights", copy: bool = False) -> Any:
+             source: str = "converted weights", copy: bool = False,
+             adds_bos: bool | None = None) -> Any:
     """Build the model for ``cfg`` and assign ``state_dict`` into it (every key checked).
 
     ``copy=True`` when the tensors belong to someone else (an in-memory transformers model), so
-    the two models never share storage."""
+    the two models never share storage. ``adds_bos`` is the checkpoint's BOS rule where the
+    file states it (GGUF, an interp checkpoint); otherwise it is asked of ``tokenizer``
+    (:func:`adopt_bos_rule`)."""
     _check_counts(cfg, len(state_dict), source)
     model = _build_on_meta(cfg)
     own = model.state_dict()
@@ -280,14 +283,28 @@ def assemble(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, tokenizer
     if device is not None or dtype != torch.float32:
         model = model.to(device=device, dtype=dtype) if device is not None else model.to(dtype)
     model.tokenizer = tokenizer
+    if adds_bos is None and tokenizer is not None:
+        adds_bos = tokenizer_adds_bos(tokenizer)
+    adopt_bos_rule(model, adds_bos)
     return model.eval()
 
 
+def adopt_bos_rule(model: Any, adds_bos: bool | None) -> None:
+    """Give a decoder its checkpoint's BOS rule (``model.prepend_bos`` =
+    ``cfg.default_prepend_bos``), unless the caller set ``default_prepend_bos`` as an override
+    (then the field is no longer derived) or the checkpoint says nothing (``adds_bos`` None)."""
+    if adds_bos is None or model.cfg.architecture != "decoder":
+        return
+    if "default_prepend_bos" in dict(model.cfg._derived):  # still the config's default
+        model.prepend_bos = bool(adds_bos)
+
+
 def apply_overrides(cfg: ModelConfig, fields: dict[str, Any]) -> ModelConfig:
-    """``dataclasses.replace`` with a bad value turned into one InterpError line."""
+    """``cfg.replace`` (the exact form of ``dataclasses.replace``) with a bad value turned
+    into one InterpError line."""
     if not fields:
         return cfg
     try:
-        return dataclasses.replace(cfg, **fields)
+        return cfg.replace(**fields)  # the exact form: a field named here is explicit
     except (ValueError, TypeError) as e:
         raise InterpError(f"Invalid override: {one_line(str(e))}") from None

@@ -444,6 +444,6 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
         tok_json, special = _tokenizer_state(key)
         tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok_json), **special)
         model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype,
-                         source=f"GGUF file {path.name!r}")
-    model.prepend_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", True))
+                         source=f"GGUF file {path.name!r}",
+                         adds_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", True)))
     return model
