@@ -80,7 +80,7 @@ class HookedBase(Interventions, HookedRootModule):
         #: whether to_tokens prepends BOS (decoders); loaders set it from the checkpoint
         self.prepend_bos: bool = cfg.default_prepend_bos
         self.tokenizer: Any = None
-        self.embed = Embed(cfg.d_vocab, cfg.d_model, scale=cfg.embed_scale)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         if cfg.positional in ("learned", "sinusoidal"):
             self.pos_embed = PosEmbed(cfg.n_ctx, cfg.d_model, learned=cfg.positional == "learned")
@@ -90,6 +90,7 @@ class HookedBase(Interventions, HookedRootModule):
             self.hook_token_type_embed = HookPoint()  # [batch, pos, d_model]
         if cfg.embed_norm:
             self.ln_embed = make_norm(cfg)
+        self.embed.scale = cfg.embed_scale  # Gemma: sqrt(d_model); token embeddings only
         for name, table in self.computed_buffers().items():
             self.register_buffer(name, table, persistent=False)
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from interp import config_variants
 from interp.config_checks import (
     MAX_MODULES,
     REQUIRED_SIZES,
@@ -46,7 +47,6 @@ from interp.config_checks import (
     check_unembedding,
     check_widths,
 )
-from interp.config_variants import check_variants, normalise_variants
 from interp.masks import Bidirectional, Causal, MaskSpec, mask_from_dict, mask_to_dict, parse_mask
 from interp.rope_scaling import RopeScaling
 
@@ -254,6 +254,18 @@ class ModelConfig:
     mlp_bias: bool = True
     unembed_bias: bool = False
 
+    # --- per-layer attention and the 2026 variants (interp.config_variants) ---
+    # each layer's attention: "global" (the mask) or "sliding" (mask & sliding_window); None:
+    # every layer global. Gemma 2 alternates, Gemma 3 is 5 sliding : 1 global
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None  # keys with q - k < sliding_window, on "sliding" layers
+    rope_local_base: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3)
+    # RoPE context extension (linear, dynamic, yarn, llama3, longrope); a dict is converted
+    rope_scaling: RopeScaling | None = None
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(d_model))
+
     # --- mixture of experts ---
     n_experts: int = 0  # 0 = dense FFN everywhere
     experts_per_token: int = 2  # top-k
@@ -268,18 +280,6 @@ class ModelConfig:
     # Switch load balancing alpha * N * sum f_i P_i (Fedus et al. 2021)
     moe_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss (Zoph et al. 2022)
-
-    # --- per-layer attention and the 2026 variants (interp.config_variants) ---
-    # each layer's attention: "global" (the mask) or "sliding" (mask & sliding_window); None:
-    # every layer global. Gemma 2 alternates, Gemma 3 is 5 sliding : 1 global
-    layer_types: tuple[str, ...] | None = None
-    sliding_window: int | None = None  # keys with q - k < sliding_window, on "sliding" layers
-    rope_local_base: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3)
-    # RoPE context extension (linear, dynamic, yarn, llama3, longrope): a RopeScaling or dict
-    rope_scaling: RopeScaling | Mapping[str, Any] | None = None
-    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
-    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
-    embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(d_model))
 
     # --- misc ---
     init_std: float = 0.02
@@ -300,10 +300,11 @@ class ModelConfig:
         check_numbers(self)
         self._set("extra", _as_extra(self.extra))
         self._set("mask", _as_mask(self.mask))
-        normalise_variants(self)
+        config_variants.normalise_variants(self)
         for check in (check_mask_parameters, check_architecture, check_positions, check_norms,
-                      check_attention_kernel, check_moe, check_unembedding, check_variants):
+                      check_attention_kernel, check_moe, check_unembedding):
             check(self)
+        config_variants.check_variants(self)
         if self.moe_layers is not None:
             self._set("moe_layers", tuple(sorted(set(self.moe_layers))))
 

@@ -73,6 +73,8 @@ def _block(cfg: ModelConfig, *, cross: bool, moe: bool) -> int:
         total += _norm(cfg, cfg.d_model) + _attention(cfg)
     if not cfg.attn_only:
         total += _norm(cfg, cfg.d_model) + _ffn(cfg, moe)
+    if cfg.norm_placement == "sandwich":  # a second norm per sub-layer, inside the branch
+        total += _norm(cfg, cfg.d_model) * (1 if cfg.attn_only else 2)
     return total
 
 

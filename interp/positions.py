@@ -45,7 +45,7 @@ def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float, interlea
     else:
         inv_freq, factor = scaling.inv_freq(rotary_dim, base, n_ctx, seq_len)
         inv_freq = inv_freq.to(positions.device)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [pos, rotary_dim/2]
+    freqs = positions.float()[..., None] * inv_freq  # [(batch,) pos, rotary_dim/2]
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat([freqs, freqs], dim=-1)
     if factor != 1.0:
         return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)

@@ -198,6 +198,34 @@ def _moe(draw: Any, n_layers: int) -> dict[str, Any]:
     return kw
 
 
+def _variants(draw: Any, n_layers: int) -> dict[str, Any]:
+    """Per-layer attention, RoPE scaling, soft-caps and embedding scale (issue 20)."""
+    kw: dict[str, Any] = {}
+    if draw(st.booleans()):
+        kw["layer_types"] = tuple(draw(st.lists(st.sampled_from(["global", "sliding"]),
+                                                min_size=n_layers, max_size=n_layers)))
+        kw["sliding_window"] = draw(st.integers(1, 6))
+        if draw(st.booleans()):
+            kw["rope_local_base"] = draw(_log_uniform(10.0, 1e6))
+    if draw(st.integers(0, 2)) == 0:
+        kind = draw(st.sampled_from(["linear", "dynamic", "yarn", "llama3", "longrope"]))
+        params: dict[str, Any] = {"rope_type": kind, "factor": draw(_log_uniform(1.0, 8.0)),
+                                  "original_max_position_embeddings": draw(st.integers(2, 16))}
+        if kind == "llama3":
+            params.update(low_freq_factor=1.0, high_freq_factor=4.0)
+        if kind == "longrope":
+            half = draw(st.integers(1, 4))
+            params.update(long_factor=[2.0] * half, short_factor=[1.0] * half)
+        kw["rope_scaling"] = params
+    if draw(st.integers(0, 2)) == 0:
+        kw["attn_softcap"] = draw(_log_uniform(0.5, 50.0))
+    if draw(st.integers(0, 2)) == 0:
+        kw["final_softcap"] = draw(_log_uniform(0.5, 50.0))
+    if draw(st.integers(0, 2)) == 0:
+        kw["embed_scale"] = draw(_log_uniform(0.1, 30.0))
+    return kw
+
+
 def _configs(draw: Any) -> dict[str, Any]:
     """Keyword arguments for ``ModelConfig`` over its whole field space (see the module doc):
     a draw from every field's usual range, then, in about a third of the draws, one or two
@@ -234,6 +262,8 @@ def _configs(draw: Any) -> dict[str, Any]:
         kw["n_token_types"] = draw(st.integers(0, 3))
     if draw(st.integers(0, 2)) == 0 and (arch != "encoder_decoder" or draw(st.booleans())):
         kw.update(_moe(draw, kw["n_layers"]))
+    if draw(st.integers(0, 2)) == 0:
+        kw.update(_variants(draw, kw["n_layers"]))
     n_hostile = draw(st.sampled_from([0, 0, 0, 0, 1, 1, 2]))
     # the fields of the issue's examples (mask parameters, T5 buckets) weigh more
     fields = [*["mask", "relative_max_distance"] * 4, *SIZE_FIELDS, *SCALAR_FIELDS, *FLAGS]
@@ -244,7 +274,7 @@ def _configs(draw: Any) -> dict[str, Any]:
 
 
 configs = st.composite(_configs)
-DRAWERS = (_sizes, _positions, _attention, _moe, _configs)
+DRAWERS = (_sizes, _positions, _attention, _moe, _variants, _configs)
 
 
 def _batch(cfg: ModelConfig, data: st.DataObject, vocab: int) -> torch.Tensor:

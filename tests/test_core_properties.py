@@ -207,7 +207,7 @@ BAD = [
     dict(architecture="seq2seq"),
     dict(positional="rotary"),
     dict(norm="batchnorm"),
-    dict(norm_placement="sandwich"),
+    dict(norm_placement="middle"),
     dict(act="tanh"),
     dict(attn_kernel="flash"),
     dict(router="hash", n_experts=2),

@@ -57,6 +57,7 @@ SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_he
              max_position_embeddings=64)
 GEMMA = dict(SMALL, intermediate_size=48, num_key_value_heads=2, head_dim=8,
              query_pre_attn_scalar=12, sliding_window=WINDOW)
+LLAMA = dict(SMALL, intermediate_size=48, num_key_value_heads=2)
 SLIDING3 = ["sliding_attention", "sliding_attention", "full_attention"]
 #: name -> (factory, sliding-window family)
 FAMILIES: dict[str, tuple[Callable[[], Any], bool]] = {
@@ -68,25 +69,83 @@ FAMILIES: dict[str, tuple[Callable[[], Any], bool]] = {
                                                         "rope_theta": 1e6},
                                      "sliding_attention": {"rope_type": "default",
                                                            "rope_theta": 1e4}}), True),
+    "gemma3_multimodal": (_make(
+        "Gemma3ForConditionalGeneration", "Gemma3Config",
+        text_config={**GEMMA, "layer_types": SLIDING3},
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=V - 1, boi_token_index=V - 3,
+        eoi_token_index=V - 2), True),
     "gemma2": (_make("Gemma2ForCausalLM", "Gemma2Config", **GEMMA,
                      attn_logit_softcapping=2.0, final_logit_softcapping=3.0), True),
     "gemma": (_make("GemmaForCausalLM", "GemmaConfig", **SMALL, intermediate_size=48,
                     num_key_value_heads=1, head_dim=8), False),
+    "qwen3": (_make("Qwen3ForCausalLM", "Qwen3Config", **LLAMA, head_dim=8), False),
+    "qwen2_sliding": (_make("Qwen2ForCausalLM", "Qwen2Config", **LLAMA, use_sliding_window=True,
+                            sliding_window=WINDOW, max_window_layers=1), True),
+    "qwen3_moe": (_make("Qwen3MoeForCausalLM", "Qwen3MoeConfig", **LLAMA, head_dim=8,
+                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                        norm_topk_prob=True, mlp_only_layers=[0]), False),
+    "olmo2": (_make("Olmo2ForCausalLM", "Olmo2Config", **LLAMA), False),
+    "phi3_longrope": (_make("Phi3ForCausalLM", "Phi3Config",
+                            **{**LLAMA, "max_position_embeddings": 32},
+                            original_max_position_embeddings=8, pad_token_id=0,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                             "partial_rotary_factor": 0.5,
+                                             "short_factor": [1.0, 1.5],
+                                             "long_factor": [2.0, 3.0]}), False),
+    "phi3_sliding": (_make("Phi3ForCausalLM", "Phi3Config", **LLAMA, sliding_window=WINDOW,
+                           pad_token_id=0), True),
+    "gptj": (_make("GPTJForCausalLM", "GPTJConfig", vocab_size=V, n_embd=32, n_layer=2,
+                   n_head=4, n_positions=64, rotary_dim=4), False),
+    "bloom": (_make("BloomForCausalLM", "BloomConfig", vocab_size=V, hidden_size=32, n_layer=2,
+                    n_head=4), False),
+    "bloom_6_heads": (_make("BloomForCausalLM", "BloomConfig", vocab_size=V, hidden_size=48,
+                            n_layer=2, n_head=6), False),
+    "mpt": (_make("MptForCausalLM", "MptConfig", vocab_size=V, d_model=32, n_layers=2, n_heads=4,
+                  max_seq_len=64, expansion_ratio=2), False),
+    **{f"llama_{kind}": (_make("LlamaForCausalLM", "LlamaConfig", **{
+        **LLAMA, "max_position_embeddings": 8 if kind == "dynamic" else 64},
+        rope_parameters={"rope_type": kind, "rope_theta": 1e4, **params}), False)
+       for kind, params in {
+           "linear": {"factor": 4.0},
+           "dynamic": {"factor": 2.0},  # T = 12 > 8 positions: the base grows
+           "yarn": {"factor": 4.0, "original_max_position_embeddings": 16},
+           "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8},
+       }.items()},
 }
+
+
+_LOADED: dict[str, tuple[str, Any, Any]] = {}
+
+
+def _load(name: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
+    """(name, transformers model, interp model loaded from its saved folder), built once."""
+    if name not in _LOADED:
+        torch.manual_seed(0)
+        hf = FAMILIES[name][0]()
+        hf.set_attn_implementation("eager")
+        _scale_weights(hf, seed=1)
+        hf.eval()
+        folder = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(folder)
+        _LOADED[name] = (name, hf, interp.load_pretrained(folder))
+    return _LOADED[name]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest,
            tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
-    name = request.param
-    torch.manual_seed(0)
-    hf = FAMILIES[name][0]()
-    hf.set_attn_implementation("eager")
-    _scale_weights(hf, seed=1)
-    hf.eval()
-    folder = tmp_path_factory.mktemp(name)
-    hf.save_pretrained(folder)
-    return name, hf, interp.load_pretrained(folder)
+    return _load(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=sorted(n for n, (_, sliding) in FAMILIES.items()
+                                              if sliding))
+def sliding_family(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
+    """The rows whose layers (some or all) attend within a sliding window."""
+    return _load(request.param, tmp_path_factory)
 
 
 def _tokens(B: int = 2, seed: int = 2) -> torch.Tensor:
@@ -138,26 +197,24 @@ def test_parity(family: tuple[str, Any, Any], padding: str) -> None:
         assert (pattern - ref.attentions[layer])[sel].abs().max() <= ATOL, layer
 
 
-def test_sliding_layers_hide_old_keys(family: tuple[str, Any, Any]) -> None:
+def test_sliding_layers_hide_old_keys(sliding_family: tuple[str, Any, Any]) -> None:
     """The per-layer pattern reached the model: sliding layers' patterns are zero past the
     window, global ones are not."""
-    name, _, model = family
-    if not FAMILIES[name][1]:
-        pytest.skip("no sliding layers")
+    _, _, model = sliding_family
     _, cache = model.run_with_cache(_tokens(), names_filter=lambda n: n.endswith("hook_pattern"))
     for layer in range(model.cfg.n_layers):
         p = cache[f"blocks.{layer}.attn.hook_pattern"]
         old = torch.ones(T, T, dtype=torch.bool).tril(-WINDOW)  # q - k >= window
         hidden = p[..., old].abs().max()
-        assert (hidden == 0) == model.cfg.is_sliding_layer(layer), layer
+        # a per-layer window (layer_types), or one on every layer (Phi-3: the stack's mask)
+        slides = model.cfg.is_sliding_layer(layer) or not model.cfg.mask.is_causal
+        assert (hidden == 0) == slides, layer
 
 
-def test_kv_cache_past_the_window(family: tuple[str, Any, Any]) -> None:
+def test_kv_cache_past_the_window(sliding_family: tuple[str, Any, Any]) -> None:
     """Decoding with the cache, far past the window, equals full recomputation step by step,
     and greedy generation equals transformers'."""
-    name, hf, model = family
-    if not FAMILIES[name][1]:
-        pytest.skip("no sliding layers")
+    _, hf, model = sliding_family
     tokens = _tokens(B=1)
     with torch.no_grad():
         full = model(tokens)
@@ -199,3 +256,59 @@ def test_unsupported_model_type_is_one_line(tmp_path: Path) -> None:
         interp.load_pretrained(tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and "model_type" in msg and "falcon_h1" in msg and "gemma3_text" in msg
+
+
+def test_in_memory_model_matches_folder(family: tuple[str, Any, Any]) -> None:
+    """``load_pretrained(hf_model)`` (transformers 5's in-memory tensor layout) gives the same
+    logits as the saved folder, and leaves the transformers model untouched."""
+    _, hf, from_folder = family
+    before = {k: v.clone() for k, v in list(hf.state_dict().items())[:3]}
+    model = interp.load_pretrained(hf)
+    tokens = _tokens()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), from_folder(tokens))
+    assert all(torch.equal(hf.state_dict()[k], v) for k, v in before.items())
+
+
+def half_gaps(name: str, dtype: torch.dtype, folder: Path) -> tuple[float, float]:
+    """(interp's, transformers') max |logit - the float32 logits| when both run in ``dtype``."""
+    torch.manual_seed(0)
+    hf = FAMILIES[name][0]()
+    hf.set_attn_implementation("eager")
+    _scale_weights(hf, seed=1)
+    hf.eval().save_pretrained(folder)
+    tokens = _tokens()
+    with torch.no_grad():
+        ref32 = hf(input_ids=tokens).logits
+        theirs = hf.to(dtype)(input_ids=tokens).logits.float()
+        ours = interp.load_pretrained(folder, dtype=dtype)(tokens).float()
+    return float((ours - ref32).abs().max()), float((theirs - ref32).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gemma3_text", "gemma2", "qwen3", "llama_llama3"])
+def test_half_precision_tracks_transformers(name: str, dtype: torch.dtype,
+                                            tmp_path: Path) -> None:
+    """Loaded in half precision (softmax in float32, RMSNorm normalising in float32), interp's
+    logits stay as close to the float32 ones as transformers' own half-precision run (within
+    3x: interp folds Gemma's ``1 + w`` into the half-precision weight at load)."""
+    ours, theirs = half_gaps(name, dtype, tmp_path)
+    assert ours <= 3 * theirs + 0.01, (ours, theirs)
+
+
+def test_legacy_rope_scaling_field(tmp_path: Path) -> None:
+    """A 4.x ``config.json`` (``rope_theta`` + ``rope_scaling``, as Llama 3.1 ships) reads the
+    same scaling as 5.x ``rope_parameters``."""
+    torch.manual_seed(0)
+    hf = FAMILIES["llama_llama3"][0]()
+    _scale_weights(hf, seed=1)
+    hf.eval().save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    params = raw.pop("rope_parameters")
+    raw["rope_theta"] = params.pop("rope_theta")
+    raw["rope_scaling"] = params
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model = interp.load_pretrained(tmp_path)
+    assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling.rope_type == "llama3"
+    with torch.no_grad():
+        assert (model(_tokens()) - hf(_tokens()).logits).abs().max() <= ATOL

@@ -99,8 +99,8 @@ def test_bad_sources(tmp_path: Path) -> None:
         load_pretrained(tmp_path / "nope")
     with pytest.raises(InterpError, match="no config.json"):
         load_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    with pytest.raises(InterpError, match="Unsupported model_type 'bloom'; supported: .*llama"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon"}))
+    with pytest.raises(InterpError, match="Unsupported model_type 'falcon'; supported: .*llama"):
         load_pretrained(tmp_path)
     with pytest.raises(InterpError, match="Unknown override"):
         load_pretrained(tmp_path, n_layerz=3)

@@ -33,6 +33,7 @@ def info_cmd(model: str, as_json: bool) -> None:
     cfg = common.model_config(m)
     outside, first = hook_names(m)
     n_params = param_count(m)
+    layers = _layer_lines(m)
     if as_json:
         from analyses.app.report import _json_safe
 
@@ -40,6 +41,7 @@ def info_cmd(model: str, as_json: bool) -> None:
             "model": model, "parameters": n_params, "config": cfg,
             "hooks": {"model": outside, "layer_0": first},
             "n_hooks": len(getattr(m, "hook_dict", {})),
+            "layers": layers,
         }), indent=2))
         return
     click.echo(f"model       {model}")
@@ -49,9 +51,24 @@ def info_cmd(model: str, as_json: bool) -> None:
     width = max((len(k) for k in cfg), default=0)
     for key, value in cfg.items():
         click.echo(f"  {key:<{width}}  {value}")
+    if layers:
+        click.echo("layers (attention, RoPE, soft-cap):")
+        for i, line in enumerate(layers):
+            click.echo(f"  {i:>3}  {line}")
     click.echo(f"hooks ({len(getattr(m, 'hook_dict', {}))} in all), outside the layers:")
     for name in outside:
         click.echo(f"  {name}")
     click.echo("hooks of layer 0 (MoE layers add router and expert hooks):")
     for name in first:
         click.echo(f"  {name}")
+
+
+def _layer_lines(m: object) -> list[str]:
+    """One line per layer (global or sliding window, RoPE base and scaling, soft-cap), for a
+    model with an interp config; per-layer patterns (Gemma 2/3, Qwen2 max_window_layers) are
+    read here rather than from a flat config dump."""
+    from interp.config import ModelConfig
+    from interp.config_variants import describe_layers
+
+    cfg = getattr(m, "cfg", None)
+    return describe_layers(cfg) if isinstance(cfg, ModelConfig) else []

@@ -186,8 +186,6 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         nh, nkv, dh = self.n_heads, self.n_kv_heads, self.d_head
-        if self.sliding:
-            ctx = ctx.local
         if self.cross:
             q = self.q_proj(x)
             k, v = self.kv_proj(kv_input).split([nkv * dh, nkv * dh], dim=-1)
@@ -202,6 +200,8 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = hp(self.hook_q, q), hp(self.hook_k, k), hp(self.hook_v, v)
+        if self.sliding:
+            ctx = ctx.local
         if self.use_rope:
             cos, sin = ctx.rope
             q = hp(self.hook_rot_q, apply_rope(q, cos, sin, cfg.rope_interleaved))
@@ -211,8 +211,9 @@ class Attention(nn.Module):
 
         if cfg.attn_kernel == "linear":
             z = self._linear(q, k, v, ctx)
-        elif (cfg.attn_kernel == "eager" or self.softcap is not None
-              or is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
+        elif cfg.attn_kernel == "eager" or is_hooked(self.hook_attn_scores) or is_hooked(
+            self.hook_pattern
+        ):
             z = self._eager(q, k, v, ctx)
         else:
             z = self._sdpa(q, k, v, ctx)
@@ -292,6 +293,8 @@ class Attention(nn.Module):
 
     def _sdpa(self, q, k, v, ctx: AttnContext) -> torch.Tensor:
         """PyTorch's fused attention (flash / memory-efficient): no N x N pattern is kept."""
+        if self.softcap is not None:  # SDPA cannot bend the scores: the eager path does
+            return self._eager(q, k, v, ctx)
         mask, is_causal = ctx.sdpa_mask(q.dtype)
         g = self.n_heads // self.n_kv_heads
         z = F.scaled_dot_product_attention(

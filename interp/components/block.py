@@ -58,7 +58,10 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def _mlp(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.mlp(x, token_mask) if isinstance(self.mlp, MoE) else self.mlp(x)
+        out = self.mlp(x, token_mask) if isinstance(self.mlp, MoE) else self.mlp(x)
+        if hasattr(self, "ln2_post"):  # sandwich / post-branch: the norm inside the branch
+            out = self.ln2_post(out)
+        return out
 
     def forward(
         self,
@@ -92,9 +95,6 @@ class Block(nn.Module):
             c = hp(self.hook_cross_attn_out, self.cross_attn(c_in, cross_ctx, kv_input=enc))
             x = apply_norm(self.ln_cross, x + c) if post else x + c
             x = hp(self.hook_resid_mid_cross, x)
-        m = self._mlp(x if post else apply_norm(self.ln2, x), token_mask)
-        if hasattr(self, "ln2_post"):
-            m = self.ln2_post(m)
-        m = hp(self.hook_mlp_out, m)
+        m = hp(self.hook_mlp_out, self._mlp(x if post else apply_norm(self.ln2, x), token_mask))
         x = apply_norm(self.ln2, x + m) if post else x + m
         return hp(self.hook_resid_post, x)

@@ -70,13 +70,13 @@ class Unembed(nn.Module):
         super().__init__()
         # a list, so the tied embedding is not registered a second time as a submodule
         self._tied = [tied_to] if tied_to is not None else None
-        if tied_to is None:
-            self.weight = nn.Parameter(torch.empty(cfg.d_vocab_out, cfg.d_model))
-        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out)) if cfg.unembed_bias else None
         self.softcap = cfg.final_softcap  # logits -> cap * tanh(logits / cap) (Gemma 2)
         if self.softcap is not None:
             self.hook_logits_precap = HookPoint()  # [batch, pos, d_vocab]
             self.hook_logits = HookPoint()  # [batch, pos, d_vocab], capped
+        if tied_to is None:
+            self.weight = nn.Parameter(torch.empty(cfg.d_vocab_out, cfg.d_model))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out)) if cfg.unembed_bias else None
 
     @property
     def _weight(self) -> Float[torch.Tensor, "d_vocab d_model"]:

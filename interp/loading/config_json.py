@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from interp.errors import InterpError
+from interp.rope_scaling import ROPE_TYPES
 
 #: no size or count in a model interp can run comes near this; larger is a corrupt file
 MAX_INT = 2**31 - 1
@@ -52,6 +53,8 @@ STRING_LISTS = ("architectures", "layer_types")
 INT_LISTS = ("mlp_only_layers",)
 #: RoPE parameters (transformers 5) or scaling (4.x): an object, its known fields checked too
 ROPE_OBJECTS = ("rope_parameters", "rope_scaling")
+#: the RoPE types interp implements (:mod:`interp.rope_scaling`)
+ROPE_KINDS = ("default", *ROPE_TYPES)
 
 
 def _is_int(x: Any) -> bool:
@@ -116,7 +119,19 @@ def check_config_fields(raw: dict[str, Any], path: Path) -> None:
         if not ok(value):
             raise _fail(path, field, value, want)
         if field in ROPE_OBJECTS:
-            for sub, sub_value in value.items():
-                sub_rule = _ROPE_RULES.get(sub)
-                if sub_rule is not None and sub_value is not None and not sub_rule[0](sub_value):
-                    raise _fail(path, f"{field}.{sub}", sub_value, sub_rule[1])
+            # one dict, or one per layer type (Gemma 3: {"full_attention": {...}, ...})
+            nested = [(f"{field}.{k}", v) for k, v in value.items() if isinstance(v, dict)]
+            for name, params in nested or [(field, value)]:
+                _check_rope(path, name, params)
+
+
+def _check_rope(path: Path, field: str, params: dict[str, Any]) -> None:
+    """The known fields of one RoPE dict, and its type among those interp implements."""
+    for sub, sub_value in params.items():
+        sub_rule = _ROPE_RULES.get(sub)
+        if sub_rule is not None and sub_value is not None and not sub_rule[0](sub_value):
+            raise _fail(path, f"{field}.{sub}", sub_value, sub_rule[1])
+    kind = params.get("rope_type", params.get("type"))
+    if kind is not None and kind not in ROPE_KINDS:
+        raise InterpError(f"{str(path)!r} field {field!r} has rope_type {_short(kind)}; "
+                          f"supported: {', '.join(ROPE_KINDS)}.")

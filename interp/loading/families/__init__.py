@@ -32,7 +32,18 @@ class Family:
 
 
 def _registry() -> dict[str, Family]:
-    from interp.loading.families import bert, gemma, gpt2, gpt_neox, llama, moe, t5
+    from interp.loading.families import (
+        bert,
+        bloom_mpt,
+        gemma,
+        gpt2,
+        gpt_neox,
+        gptj,
+        llama,
+        moe,
+        olmo2_phi3,
+        t5,
+    )
 
     fams = [
         Family("gpt2", gpt2.config_from_hf, gpt2.convert_state_dict),
@@ -40,6 +51,8 @@ def _registry() -> dict[str, Family]:
         Family("llama", llama.config_from_hf, llama.convert_state_dict),
         Family("mistral", llama.config_from_hf, llama.convert_state_dict),
         Family("qwen2", llama.config_from_hf, llama.convert_state_dict),
+        Family("qwen3", llama.config_from_hf, llama.convert_state_dict),
+        Family("qwen3_moe", moe.config_from_hf, moe.convert_state_dict),
         Family("mixtral", moe.config_from_hf, moe.convert_state_dict),
         Family("qwen2_moe", moe.config_from_hf, moe.convert_state_dict),
         Family("olmoe", moe.config_from_hf, moe.convert_state_dict),
@@ -48,6 +61,12 @@ def _registry() -> dict[str, Family]:
         Family("gemma", gemma.config_from_hf, gemma.convert_state_dict),
         Family("gemma2", gemma.config_from_hf, gemma.convert_state_dict),
         Family("gemma3_text", gemma.config_from_hf, gemma.convert_state_dict),
+        Family("gemma3", gemma.config_from_hf, gemma.convert_state_dict),
+        Family("olmo2", olmo2_phi3.config_from_hf, olmo2_phi3.convert_state_dict),
+        Family("phi3", olmo2_phi3.config_from_hf, olmo2_phi3.convert_state_dict),
+        Family("gptj", gptj.config_from_hf, gptj.convert_state_dict),
+        Family("bloom", bloom_mpt.config_from_hf, bloom_mpt.convert_state_dict),
+        Family("mpt", bloom_mpt.config_from_hf, bloom_mpt.convert_state_dict),
     ]
     return {f.name: f for f in fams}
 

@@ -7,7 +7,8 @@
   global layers, attention and final-logit soft-capping, scores scaled by
   ``query_pre_attn_scalar ** -0.5``.
 - Gemma 3: Gemma 2 without soft-caps, 5 sliding : 1 global, q/k RMSNorm per head, RoPE base
-  10,000 on sliding layers and 1e6 (optionally scaled) on global ones.
+  10,000 on sliding layers and 1e6 (optionally scaled) on global ones. ``gemma3_text`` is the
+  text-only checkpoint; a multimodal ``gemma3`` one loads its language model.
 """
 
 from __future__ import annotations
@@ -32,10 +33,23 @@ from interp.loading._common import (
 from interp.loading.families.llama import IGNORED, take_gated_mlp
 from interp.loading.families.variants import layer_types, rope_params
 
+#: the image side of a multimodal Gemma 3 checkpoint (``model_type`` gemma3): not loaded
+#: (in memory, transformers 5: ``model.vision_tower.``; on disk: ``vision_tower.``)
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.",
+                   "multi_modal_projector.")
+
 
 def config_from_hf(hf: Any) -> ModelConfig:
-    """Gemma / Gemma 2 / Gemma 3 text config.json -> ModelConfig."""
+    """Gemma / Gemma 2 / Gemma 3 text config.json -> ModelConfig. A multimodal Gemma 3
+    (``model_type`` gemma3) loads its language model from ``text_config``; its vision tower
+    is left out (interp runs token ids, not images)."""
     mt = hf_get(hf, "model_type")
+    if mt == "gemma3":
+        text = hf_require(hf, "text_config")
+        cfg = config_from_hf(text)
+        head = has_lm_head(hf)
+        return cfg.replace(has_unembed=head, tie_embeddings=head and bool(
+            hf_get(hf, "tie_word_embeddings", True)), extra={"hf_model_type": "gemma3"})
     n_heads = int(hf_require(hf, "num_attention_heads"))
     d_model = int(hf_require(hf, "hidden_size"))
     n_layers = int(hf_require(hf, "num_hidden_layers"))
@@ -91,9 +105,12 @@ def _norm(t: Tensors, name: str, d: int) -> torch.Tensor:
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor],
                        cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Gemma-family HF tensors -> core tensors."""
-    prefix = detect_prefix(state_dict.keys(), ("model.language_model.", "model.", ""),
-                           "embed_tokens.weight")
+    prefix = detect_prefix(state_dict.keys(), ("model.language_model.", "language_model.model.",
+                                               "model.", ""), "embed_tokens.weight")
     t = Tensors(state_dict, prefix, ignore=IGNORED)
+    for key in state_dict.keys():
+        if key.startswith(VISION_PREFIXES):
+            t.skip(key, absolute=True)
     d, nh, nkv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
     out: dict[str, torch.Tensor] = {}
     for i in range(cfg.n_layers):
@@ -122,9 +139,11 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor],
     out["embed.W_E"] = t.take("embed_tokens.weight", (cfg.d_vocab, d))
     out["ln_final.w"] = _norm(t, "norm.weight", d)
     if cfg.has_unembed:
+        head = next((n for n in ("lm_head.weight", "language_model.lm_head.weight")
+                     if t.has(n, absolute=True)), "lm_head.weight")
         if cfg.tie_embeddings:
-            t.skip("lm_head.weight", absolute=True)
+            t.skip(head, absolute=True)
         else:
-            out["unembed.weight"] = t.take("lm_head.weight", (cfg.d_vocab_out, d), absolute=True)
+            out["unembed.weight"] = t.take(head, (cfg.d_vocab_out, d), absolute=True)
     t.finish()
     return out

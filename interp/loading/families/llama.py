@@ -1,8 +1,10 @@
-"""Llama, Mistral and Qwen2: RMSNorm pre-norm decoders with RoPE, GQA and SwiGLU.
+"""Llama, Mistral, Qwen2 and Qwen3: RMSNorm pre-norm decoders with RoPE, GQA and SwiGLU.
 
 Differences are config fields: Qwen2 has biases on q, k, v (not on o); Mistral (and Qwen2 with
 ``use_sliding_window``) attends within a sliding window, ``causal & sliding_window(W)`` (a key
-is visible when ``q - k < W``, as transformers' ``sliding_window_overlay``).
+is visible when ``q - k < W``, as transformers' ``sliding_window_overlay``); Qwen2/3 with
+``max_window_layers`` slide on only some layers (``layer_types``). Qwen3 RMS-normalises q and k
+per head. Every ``rope_scaling`` type of :mod:`interp.rope_scaling` is read (Llama 3.x).
 The attention layout here is shared with the MoE families (:mod:`.moe`).
 """
 
@@ -14,7 +16,6 @@ from typing import Any
 import torch
 
 from interp.config import ModelConfig
-from interp.errors import InterpError
 from interp.loading._common import (
     Tensors,
     act_name,
@@ -24,8 +25,8 @@ from interp.loading._common import (
     hf_get,
     hf_require,
     make_config,
-    rope_theta,
 )
+from interp.loading.families.variants import layer_types, rope_params
 
 #: derived buffers some checkpoints carry (not weights)
 IGNORED = ("rotary_emb.inv_freq",)
@@ -38,11 +39,6 @@ def sliding_mask(hf: Any) -> str | None:
     if mt == "qwen2" or mt == "qwen2_moe":
         if not hf_get(hf, "use_sliding_window", False) or window is None:
             return None
-        layer_types = hf_get(hf, "layer_types")
-        if layer_types and len(set(layer_types)) > 1:
-            raise InterpError("Qwen2 checkpoints with sliding-window attention on only some "
-                              "layers are not supported (one mask serves every layer); set "
-                              "use_sliding_window=false.")
         return f"causal&sliding_window:{int(window)}"
     if window is None:
         return None
@@ -55,6 +51,10 @@ def decoder_fields(hf: Any) -> dict[str, Any]:
     d_model = int(hf_require(hf, "hidden_size"))
     head_dim = hf_get(hf, "head_dim") or d_model // n_heads
     mt = hf_get(hf, "model_type")
+    n_layers = int(hf_require(hf, "num_hidden_layers"))
+    # per-layer sliding (Qwen2/3 max_window_layers, layer_types); else one mask for every layer
+    lt = layer_types(hf, n_layers) if hf_get(hf, "sliding_window") is not None else None
+    rope_base, rope_scaling = rope_params(hf)
     if mt == "qwen2":  # biases on q, k, v only
         qkv_bias, out_bias = True, False
     elif mt == "qwen2_moe":
@@ -62,7 +62,7 @@ def decoder_fields(hf: Any) -> dict[str, Any]:
     else:
         qkv_bias = out_bias = bool(hf_get(hf, "attention_bias", False))
     return dict(
-        n_layers=int(hf_require(hf, "num_hidden_layers")),
+        n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,
         n_kv_heads=int(hf_get(hf, "num_key_value_heads") or n_heads),
@@ -70,7 +70,11 @@ def decoder_fields(hf: Any) -> dict[str, Any]:
         d_vocab=int(hf_require(hf, "vocab_size")),
         n_ctx=int(hf_get(hf, "max_position_embeddings") or 2048),
         positional="rope",
-        rope_base=rope_theta(hf),
+        rope_base=rope_base,
+        rope_scaling=rope_scaling,
+        layer_types=lt,
+        sliding_window=int(hf_get(hf, "sliding_window")) if lt else None,
+        qk_norm="head" if mt in ("qwen3", "qwen3_moe") else "none",
         norm="rmsnorm",
         norm_bias=False,
         norm_eps=float(hf_get(hf, "rms_norm_eps", 1e-6)),
@@ -78,7 +82,7 @@ def decoder_fields(hf: Any) -> dict[str, Any]:
         attn_out_bias=out_bias,
         has_unembed=has_lm_head(hf),
         tie_embeddings=has_lm_head(hf) and bool(hf_get(hf, "tie_word_embeddings", False)),
-        mask=sliding_mask(hf),
+        mask=None if lt else sliding_mask(hf),
         extra={"hf_model_type": mt},
     )
 

@@ -63,9 +63,26 @@ def config_from_hf(hf: Any) -> ModelConfig:
                       shared_expert_gate=True,
                       router_renormalize=bool(hf_get(hf, "norm_topk_prob", False)),
                       moe_layers=moe_layers)
-    else:  # pragma: no cover - the registry only sends these three here
+    elif mt == "qwen3_moe":  # Qwen2-MoE's routing without the shared expert; q/k norm per head
+        fields.update(n_experts=int(hf_require(hf, "num_experts")),
+                      d_mlp=int(hf_require(hf, "intermediate_size")),
+                      d_expert=int(hf_require(hf, "moe_intermediate_size")),
+                      router_renormalize=bool(hf_get(hf, "norm_topk_prob", False)),
+                      moe_layers=_sparse_layers(hf, fields["n_layers"]))
+    else:  # pragma: no cover - the registry only sends these four here
         raise InterpError(f"{mt!r} is not an MoE family.")
     return make_config(**fields)
+
+
+def _sparse_layers(hf: Any, n_layers: int) -> tuple[int, ...]:
+    """The MoE layers of a Qwen MoE config (``decoder_sparse_step``, ``mlp_only_layers``)."""
+    step = int(hf_get(hf, "decoder_sparse_step", 1) or 1)
+    dense = set(hf_get(hf, "mlp_only_layers") or [])
+    layers = tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0)
+    if not layers:
+        raise InterpError("This Qwen MoE config has no MoE layer (decoder_sparse_step / "
+                          "mlp_only_layers); load it as its dense family.")
+    return layers
 
 
 def _take_experts(t: Tensors, p: str, cfg: ModelConfig, out: dict[str, torch.Tensor], q: str,
