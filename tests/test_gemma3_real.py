@@ -110,11 +110,16 @@ TINY_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *"abcdefghijklmnopq
                "\u2581t", "th", "he", "\u2581the", "in", "er", "an", "\u2581a", "on", "at"]
 
 
-def _tiny_gemma3():
-    """A random 6-layer ``Gemma3ForCausalLM`` (5 sliding layers of window 4, then 1 global)."""
+def _tiny_gemma3(linear: float | None = None):
+    """A random 6-layer ``Gemma3ForCausalLM`` (5 sliding layers of window 4, then 1 global;
+    ``linear``: the global layers' RoPE scaled linearly by that factor, as Gemma 3 4B)."""
     import transformers
 
-    cfg = transformers.Gemma3TextConfig(
+    rope = None
+    if linear is not None:
+        rope = {"full_attention": {"rope_type": "linear", "factor": linear, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    cfg = transformers.Gemma3TextConfig(rope_parameters=rope,
         vocab_size=len(TINY_TOKENS), hidden_size=16, intermediate_size=24, num_hidden_layers=6,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
         sliding_window=4, max_position_embeddings=64, rms_norm_eps=1e-6)
@@ -127,7 +132,8 @@ def _tiny_gemma3():
     return model
 
 
-def _write_tiny_gguf(hf, path: Path, *, window: bool = True, pattern: object = None) -> None:
+def _write_tiny_gguf(hf, path: Path, *, window: bool = True, pattern: object = None,
+                     linear: float | None = None) -> None:
     """``hf`` as llama.cpp's Gemma3Model converter writes it: GGUF names, norms stored as
     ``w + 1``, q/k rows not permuted, tied embeddings, a SentencePiece ("llama") vocabulary."""
     from gguf import GGUFWriter
@@ -144,6 +150,10 @@ def _write_tiny_gguf(hf, path: Path, *, window: bool = True, pattern: object = N
         w.add_sliding_window(4)
     if pattern is not None:
         w.add_sliding_window_pattern(pattern)
+    if linear is not None:
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.LINEAR), w.add_rope_scaling_factor(linear)
     w.add_tokenizer_model("llama"), w.add_tokenizer_pre("default")
     w.add_token_list(TINY_TOKENS), w.add_token_scores([-1000.0] * 4 + [0.0] * (len(TINY_TOKENS)
                                                                               - 4))
@@ -185,6 +195,26 @@ def test_tiny_gemma3_gguf_matches_its_transformers_model(tiny) -> None:
     with torch.no_grad():
         ref = hf(tokens).logits
         np.testing.assert_allclose(model(tokens).numpy(), ref.numpy(), atol=2e-5, rtol=0)
+
+
+def test_tiny_gemma3_gguf_with_linear_rope_scaling(tmp_path: Path) -> None:
+    """Gemma 3 4B's kind of file: global layers' RoPE scaled linearly (factor 8), sliding
+    layers not; logits equal the transformers model with that ``rope_parameters``."""
+    from interp.loading.gguf import load_gguf
+
+    hf = _tiny_gemma3(linear=8.0)
+    path = tmp_path / "linear.gguf"
+    _write_tiny_gguf(hf, path, linear=8.0)
+    model = load_gguf(path, {})
+    assert model.cfg.rope_scaling is not None and model.cfg.rope_local_base == 1e4
+    tokens = torch.tensor([[2, 5, 9, 31, 12, 7, 40, 8, 33, 21, 6, 4, 19, 25, 30, 11, 17, 3]])
+    with torch.no_grad():
+        np.testing.assert_allclose(model(tokens).numpy(), hf(tokens).logits.numpy(), atol=2e-5,
+                                   rtol=0)
+    _write_tiny_gguf(hf, tmp_path / "plain.gguf")  # the same weights, the scaling left out
+    with torch.no_grad():
+        unscaled = load_gguf(tmp_path / "plain.gguf", {})(tokens)
+    assert (unscaled - hf(tokens).logits).abs().max() > 1e-3
 
 
 def test_tiny_gemma3_gguf_in_pieces_loads_identically(tiny, tmp_path: Path) -> None:

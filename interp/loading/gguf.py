@@ -170,13 +170,14 @@ def _vocab_size(reader: GGUFFile, a: str) -> int:
     return vocab
 
 
-def _unsupported_keys(reader: GGUFFile, a: str) -> None:
+def _unsupported_keys(reader: GGUFFile, a: str, scaled_rope: bool = False) -> None:
     """Keys that would change the model in ways interp does not implement: refused, since
-    ignoring them would load a silently different model."""
-    scaling = reader.metadata.get(a + "rope.scaling.type")
+    ignoring them would load a silently different model (``scaled_rope``: the architecture's
+    own reader maps RoPE scaling)."""
+    scaling = None if scaled_rope else reader.metadata.get(a + "rope.scaling.type")
     meta_check(reader, scaling in (None, "none"), f"key '{a}rope.scaling.type' is {scaling!r}; "
                "scaled RoPE is not supported")
-    factor = reader.metadata.get(a + "rope.scaling.factor")
+    factor = None if scaled_rope else reader.metadata.get(a + "rope.scaling.factor")
     meta_check(reader, factor in (None, 0.0, 1.0), f"key '{a}rope.scaling.factor' is "
                f"{factor!r}; scaled RoPE is not supported")
     experts = reader.metadata.get(a + "expert_count", 0)
@@ -215,7 +216,7 @@ def hf_config_dict(reader: GGUFFile) -> dict[str, Any]:
         v = meta_int(reader, a + key, default=head_dim)
         meta_check(reader, v == head_dim, f"key '{a}{key}' is {v}, not the head size {head_dim}; "
                    "only full-width RoPE with equal key and value sizes is supported")
-    _unsupported_keys(reader, a)
+    _unsupported_keys(reader, a, scaled_rope=arch == "gemma3")
     bos = "tokenizer.ggml.add_bos_token"
     meta_check(reader, bos not in reader.metadata or reader.types[bos] == 7,
                f"key {bos!r} must be a BOOL")

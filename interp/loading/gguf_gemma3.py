@@ -15,6 +15,9 @@ The GGUF is presented to interp as the Hugging Face checkpoint it was converted 
   the attention scale (``1/sqrt(head_dim)``, ``1/sqrt(d_model/n_heads)`` for the 62-layer 27B);
   newer converters may write ``attention.sliding_window_pattern`` and ``rope.freq_base_swa``,
   which are read when present.
+- **RoPE scaling.** Gemma 3 4B and larger stretch the global layers' RoPE linearly (factor 8):
+  ``rope.scaling.type`` ``linear`` and ``rope.scaling.factor`` map to the ``full_attention``
+  entry of ``rope_parameters``; the sliding layers are never scaled. Other kinds are refused.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-from interp.loading.gguf_format import GGUFFile, meta_check, meta_float, meta_int
+from interp.loading.gguf_format import STRING, GGUFFile, meta_check, meta_float, meta_int
 
 #: GGUF tensor name pieces -> transformers' Gemma 3 names (per block ``blk.{i}.``)
 BLOCK_NAMES = {
@@ -65,6 +68,22 @@ def _layer_types(reader: GGUFFile, a: str, n_layers: int) -> list[str]:
     return ["sliding_attention" if s else "full_attention" for s in sliding]
 
 
+def _global_rope(reader: GGUFFile, a: str, base: float) -> dict[str, Any]:
+    """The ``full_attention`` RoPE entry: plain, or linear scaling as the file states."""
+    kind_key, factor_key = a + "rope.scaling.type", a + "rope.scaling.factor"
+    kind = reader.metadata.get(kind_key)
+    meta_check(reader, kind is None or reader.types[kind_key] == STRING,
+               f"key '{kind_key}' must be a STRING")
+    factor = 1.0  # absent or 0: none (llama.cpp's reading)
+    if reader.metadata.get(factor_key) not in (None, 0, 0.0):
+        factor = meta_float(reader, factor_key)
+    meta_check(reader, kind in (None, "none", "linear"), f"key '{kind_key}' is {kind!r}; "
+               "Gemma 3 GGUF files are read with no or 'linear' RoPE scaling")
+    if kind != "linear" or factor == 1.0:
+        return {"rope_type": "default", "rope_theta": base}
+    return {"rope_type": "linear", "factor": factor, "rope_theta": base}
+
+
 def gemma3_config_dict(reader: GGUFFile, base: dict[str, Any]) -> dict[str, Any]:
     """The transformers ``gemma3_text`` config of a Gemma 3 GGUF file. ``base`` holds the keys
     every architecture shares, already read and checked (sizes, heads, vocabulary, eps)."""
@@ -91,7 +110,7 @@ def gemma3_config_dict(reader: GGUFFile, base: dict[str, Any]) -> dict[str, Any]
         "rope_theta": global_base,
         "rope_local_base_freq": local_base,
         "rope_parameters": {
-            "full_attention": {"rope_type": "default", "rope_theta": global_base},
+            "full_attention": _global_rope(reader, a, global_base),
             "sliding_attention": {"rope_type": "default", "rope_theta": local_base},
         },
         "attention_bias": False,
