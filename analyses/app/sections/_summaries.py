@@ -79,9 +79,11 @@ def moe_summary(summary: pd.DataFrame, experts: pd.DataFrame | None,
            f"{_g(s['cv_random'].iloc[0])})."]
     if "nmi_domain" in s and s["nmi_domain"].notna().any():
         b = s.loc[s["nmi_domain"].idxmax()]
-        out.append(f"Experts specialise by domain: NMI(expert; domain) {_g(b['nmi_domain'])} in "
-                   f"layer {int(b['layer'])} vs {_g(b['nmi_domain_baseline'])} with shuffled "
-                   f"labels (p = {_g(b['p_value'])}).")
+        verdict = ("Experts specialise by domain" if b["p_value"] <= 0.01 else
+                   "No domain specialisation at p <= 0.01")
+        out.append(f"{verdict}: NMI(expert; domain) {_g(b['nmi_domain'])} in layer "
+                   f"{int(b['layer'])} vs {_g(b['nmi_domain_baseline'])} with shuffled labels "
+                   f"(p = {_g(b['p_value'])}).")
         ex = experts.dropna(subset=["p_value"]) if experts is not None else pd.DataFrame()
         if len(ex):
             sig = ex[ex["p_value"] <= 0.01]
