@@ -46,12 +46,14 @@ def param_count(model: HookedTransformer) -> int:
 
 def param_groups(model: HookedTransformer) -> pd.DataFrame:
     """Distinct parameters per component (``embed``, ``attn``, ``mlp``, ``ln1``, ...), summed
-    over the blocks: where a model's size goes, largest first."""
+    over the blocks: where a model's size goes, largest first. Empty for a model that does not
+    list its parameters by name (a stand-in)."""
     import pandas as pd
 
     counts: dict[str, int] = {}
     seen: set[int] = set()
-    for name, p in model.named_parameters():
+    named = getattr(model, "named_parameters", None)
+    for name, p in named() if callable(named) else ():
         if id(p) in seen:  # tied weights count once, under the first name
             continue
         seen.add(id(p))
@@ -110,8 +112,9 @@ def overview_section(model: HookedTransformer, source: str) -> Section:
     groups = param_groups(model)
     from analyses.app import plots
 
-    figure = plots.bars(groups, "component", "parameters",
-                        title="Parameters per component (all blocks together)")
+    figures = {"model_params": plots.bars(
+        groups, "component", "parameters",
+        title="Parameters per component (all blocks together)")} if len(groups) else {}
     big = groups.iloc[0] if len(groups) else None
     summary = [
         f"{n_params:,} parameters in {int(cfg.get('n_layers', 0))} layers"
@@ -136,8 +139,8 @@ def overview_section(model: HookedTransformer, source: str) -> Section:
             + ", ".join(f"`{n}`" for n in first[:12]) + (" ..." if len(first) > 12 else ""),
         ],
         tables={"model_config": config_df, "model_config_set": chosen, "model_params": groups},
-        figures={"model_params": figure},
+        figures=figures,
         summary=summary,
-        summary_figure="model_params",
+        summary_figure=next(iter(figures), None),
         show_tables={"model_config_set": len(chosen)} if len(chosen) else {},
     )
