@@ -145,7 +145,8 @@ def test_masking_summary_says_why_heads_were_not_masked() -> None:
                           "label": ["baseline", "bidirectional", "soft:4"],
                           "hidden_cos_delta": [0.0, 0.2, 0.01], "mean_js": [0, 0.3, 0.1]})
     out = masking_summary({"mask_strategies": table}, {}, False, "Head masking not run: x.")
-    assert out[0].startswith("Largest effect of 2 mask strategies: bidirectional (1 - cosine 0.2")
+    assert out[0] == ("Largest effect of 2 mask strategies: bidirectional (1 - cosine 0.2, mean "
+                      "JS 0.3 bits).")
     assert out[-1] == "Head masking not run: x."
 
 
@@ -165,9 +166,8 @@ def test_heads_report(tmp_path: Path) -> None:
             assert counts[label] == int(count)
     checked = 0
     for item in items:
-        m = re.match(r"(L(\d+)H(\d+)) is a (\S+) head: its most-attended key is at offset "
-                     r"([+-]\d+) for (\d+)% of (\d+) queries", item)
-        if m:
+        for m in re.finditer(r"(L(\d+)H(\d+)) is a (\S+) head: its most-attended key is at "
+                             r"offset ([+-]\d+) for (\d+)% of (\d+) queries", item):
             r = h[(h["layer"] == int(m[2])) & (h["head"] == int(m[3]))].iloc[0]
             assert r["label"] == m[4] and int(r["positional_offset"]) == int(m[5])
             assert f"{r['positional_share']:.0%}" == f"{m[6]}%"

@@ -38,10 +38,8 @@ def masking_summary(tables: dict[str, pd.DataFrame], removable: dict[str, int],
     out = []
     if len(rows):
         big = rows.loc[rows[metric].astype(float).idxmax()]
-        small = rows.loc[rows[metric].astype(float).idxmin()]
         out.append(f"Largest effect of {len(rows)} mask strategies: {big['label']} ({what} "
-                   f"{_g(big[metric])}, mean JS {_g(big['mean_js'])} bits); smallest: "
-                   f"{small['label']} ({what} {_g(small[metric])}).")
+                   f"{_g(big[metric])}, mean JS {_g(big['mean_js'])} bits).")
         for label in ("bidirectional", "causal"):
             if label in set(rows["label"]) and label != big["label"]:
                 r = rows[rows["label"] == label].iloc[0]

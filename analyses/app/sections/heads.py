@@ -190,11 +190,12 @@ def _summary(res: H.HeadAnalysis) -> list[str]:
            + (f", {int(counts.iloc[4:].sum())} other" if len(counts) > 4 else "") + "."]
     pos = h[h["label"].isin(["previous-token", "next-token", "positional"])
             & (h["positional_share"] >= res.info["thresholds"]["positional"])]
-    if len(pos):
-        r = pos.sort_values(["positional_share", "positional_n"], ascending=False).iloc[0]
-        out.append(f"{_hl(r)} is a {r['label']} head: its most-attended key is at offset "
-                   f"{int(r['positional_offset']):+d} for {r['positional_share']:.0%} of "
-                   f"{int(r['positional_n'])} queries.")
+    if len(pos):  # the clearest head of each positional kind
+        best = (pos.sort_values(["positional_share", "positional_n"], ascending=False)
+                .drop_duplicates("label").head(2))
+        out.append("; ".join(f"{_hl(r)} is a {r.label} head: its most-attended key is at offset "
+                             f"{int(r.positional_offset):+d} for {r.positional_share:.0%} of "
+                             f"{int(r.positional_n)} queries" for r in best.itertuples()) + ".")
     else:
         out.append(f"No positional head: no head puts its most-attended key at one offset for "
                    f"{res.info['thresholds']['positional']:.0%} of the queries (best "
