@@ -197,9 +197,10 @@ def _summary(res: H.HeadAnalysis) -> list[str]:
                              f"{int(r.positional_offset):+d} for {r.positional_share:.0%} of "
                              f"{int(r.positional_n)} queries" for r in best.itertuples()) + ".")
     else:
+        best = h["positional_share"].max()
         out.append(f"No positional head: no head puts its most-attended key at one offset for "
-                   f"{res.info['thresholds']['positional']:.0%} of the queries (best "
-                   f"{h['positional_share'].max():.0%}).")
+                   f"{res.info['thresholds']['positional']:.0%} of the queries"
+                   + (f" (best {best:.0%})." if np.isfinite(best) else "."))
     ind = h.loc[h["induction"].idxmax()]
     n_ind = int((h["label"] == "induction").sum())
     if n_ind:
