@@ -203,13 +203,15 @@ def write_report(
     title: str | None = None,
     extra: dict | None = None,
     quiet: bool = False,
+    notes: list[str] | None = None,
 ) -> Path:
     """Write sections as one report folder and print where it went.
 
     ``model`` may be one model or a dict ``{source: model}`` when sections ran on
     different models (``interp report`` without MODEL). Model sources that are absolute
     paths are shown in the title, header and run.json as :func:`shown_path` shows them
-    (the report writer cleans the command line and configs itself).
+    (the report writer cleans the command line and configs itself). ``notes`` are lines for
+    the report's summary that no section carries (a section skipped, and why).
     """
     out = default_out(ctx, out)
     sources = [*model, model_source] if isinstance(model, dict) else [model_source]
@@ -224,6 +226,7 @@ def write_report(
         seed=seed,
         command=command_line(ctx),
         extra=extra,
+        notes=notes,
     )
     for section in sections:
         report.add(section)

@@ -1,7 +1,8 @@
 """What a model is, in the words ``interp info`` prints and every report starts with.
 
 :func:`overview_section` is the first section of ``interp report``: the model's config
-(inline only what differs from the defaults; the CSV has every field), its size and its hook
+(inline only what differs from the defaults; the CSV has every field), its size, where the
+parameters sit (a table and a small bar chart, the figure its summary shows) and its hook
 points. :func:`hook_names` and :func:`param_count` are shared with ``interp info``.
 """
 
@@ -15,9 +16,11 @@ from analyses.app.paths import scrub_paths, shown_path
 from analyses.app.report import Section
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from interp import HookedTransformer
 
-__all__ = ["hook_names", "overview_section", "param_count"]
+__all__ = ["hook_names", "overview_section", "param_count", "param_groups"]
 
 
 def hook_names(model: HookedTransformer) -> tuple[list[str], list[str]]:
@@ -39,6 +42,28 @@ def param_count(model: HookedTransformer) -> int:
     if hasattr(model, "param_count"):
         return int(model.param_count())
     return int(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
+
+
+def param_groups(model: HookedTransformer) -> pd.DataFrame:
+    """Distinct parameters per component (``embed``, ``attn``, ``mlp``, ``ln1``, ...), summed
+    over the blocks: where a model's size goes, largest first. Empty for a model that does not
+    list its parameters by name (a stand-in)."""
+    import pandas as pd
+
+    counts: dict[str, int] = {}
+    seen: set[int] = set()
+    named = getattr(model, "named_parameters", None)
+    for name, p in named() if callable(named) else ():
+        if id(p) in seen:  # tied weights count once, under the first name
+            continue
+        seen.add(id(p))
+        parts = name.split(".")
+        group = parts[2] if parts[0] == "blocks" and len(parts) > 3 else parts[0]
+        counts[group] = counts.get(group, 0) + int(p.numel())
+    df = pd.DataFrame({"component": list(counts), "parameters": list(counts.values())})
+    df = df.sort_values("parameters", ascending=False, kind="stable").reset_index(drop=True)
+    df["share"] = df["parameters"] / max(int(df["parameters"].sum()), 1)
+    return df
 
 
 def _config_defaults(model: HookedTransformer) -> dict[str, Any]:
@@ -84,6 +109,23 @@ def overview_section(model: HookedTransformer, source: str) -> Section:
     # has every field.
     chosen = config_df.loc[~config_df["default"], ["field", "value"]].reset_index(drop=True)
     n_params = param_count(model)
+    groups = param_groups(model)
+    from analyses.app import plots
+
+    figures = {"model_params": plots.bars(
+        groups, "component", "parameters",
+        title="Parameters per component (all blocks together)")} if len(groups) else {}
+    big = groups.iloc[0] if len(groups) else None
+    summary = [
+        f"{n_params:,} parameters in {int(cfg.get('n_layers', 0))} layers"
+        + (f" of {int(cfg['n_heads'])} heads" if cfg.get("n_heads") else "")
+        + (f", d_model {int(cfg['d_model'])}" if cfg.get("d_model") else "") + ".",
+        f"{len(getattr(model, 'hook_dict', {}))} hook points, {len(first)} per layer "
+        f"(layer 0) and {len(outside)} outside the blocks.",
+    ]
+    if big is not None:
+        summary.append(f"The largest component is {big['component']}: "
+                       f"{int(big['parameters']):,} parameters ({big['share']:.0%}).")
     return Section(
         key="model",
         title=f"Model: {shown_path(source)}",
@@ -96,6 +138,9 @@ def overview_section(model: HookedTransformer, source: str) -> Section:
             f"{len(getattr(model, 'hook_dict', {}))} hook points; layer 0 has {len(first)}: "
             + ", ".join(f"`{n}`" for n in first[:12]) + (" ..." if len(first) > 12 else ""),
         ],
-        tables={"model_config": config_df, "model_config_set": chosen},
+        tables={"model_config": config_df, "model_config_set": chosen, "model_params": groups},
+        figures=figures,
+        summary=summary,
+        summary_figure=next(iter(figures), None),
         show_tables={"model_config_set": len(chosen)} if len(chosen) else {},
     )

@@ -201,4 +201,26 @@ def _plot_section(scope: str, text: str, note: str, n_k: int, table: pd.DataFram
         tables={"patterns": table},
         figures=figures,
         timings={"total": seconds},
+        summary=_plot_summary(table),
+        summary_figure=next(iter(figures)),
     )
+
+
+def _plot_summary(table: pd.DataFrame) -> list[str]:
+    """The summary, read from ``patterns.csv``: the strongest single weight, and the heads that
+    attend most to the first, the previous and (when visible) the next token, mean over
+    queries."""
+    top = table.loc[table["weight"].idxmax()]
+    out = [f"Strongest weight: L{top['layer']}H{top['head']}, query {top['q']} "
+           f"{top['q_token']!r} puts {top['weight']:.2f} on key {top['k']} {top['k_token']!r}."]
+    n_q = int(table["q"].max()) + 1
+    for what, rows in (("the first token", table[table["k"] == 0]),
+                       ("the previous token", table[table["k"] == table["q"] - 1]),
+                       ("the next token", table[table["k"] == table["q"] + 1])):
+        mean = rows.groupby(["layer", "head"])["weight"].mean()
+        if rows.empty or not float(mean.max()) > 0:  # a causal model never sees the next token
+            continue
+        (layer, head), value = mean.idxmax(), float(mean.max())
+        out.append(f"Most attention to {what}: L{layer}H{head}, {value:.2f} on average over "
+                   f"{len(rows) // len(mean)} of {n_q} queries.")
+    return out

@@ -2,8 +2,10 @@
 
 :mod:`analyses.app.report` decides what a report holds and writes the folder; this module
 only turns it into text. Both pages show the same things in the same order: a header (title,
-model, seed, command), a table of contents, then per section its method, source, data,
-findings, figures and the tables chosen for inline display.
+model, seed, command), the report's summary (:mod:`analyses.app.summary`: the findings with
+their numbers and the one figure that shows them, first, so the answer comes before the
+method), a table of contents, then per section its own summary (when the report has several
+sections), method, source, data, findings, figures and the tables chosen for inline display.
 
 The HTML is self-contained and makes no request to the outside world: CSS is inline, figures
 are base64 data URIs, and external links are shown as text rather than followed (see
@@ -22,6 +24,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+from analyses.app.summary import report_summary, section_summary
 
 if TYPE_CHECKING:
     from analyses.app.report import Section
@@ -216,10 +220,20 @@ nav ul{columns:2}
 # --------------------------------------------------------------------------- the two pages
 
 
+def _md_summary(heading: str, items: Sequence[str], figure: str | None) -> list[str]:
+    """A summary block: its findings as a list, then its figure."""
+    lines = [heading, "", *(f"- {item}" for item in items), ""]
+    if figure is not None:
+        lines += [f"![{figure}](figures/{figure}.png)", ""]
+    return lines
+
+
 def render_markdown(title: str, meta: Sequence[tuple[str, str]],
-                    sections: Sequence[Section]) -> str:
-    """``index.md``: the header rows ``meta`` as a list, then every section in order."""
+                    sections: Sequence[Section], notes: Sequence[str] = ()) -> str:
+    """``index.md``: the summary, the header rows ``meta`` as a list, then every section in
+    order. ``notes`` are report-level lines for the summary (sections skipped and why)."""
     lines = [f"# {title}", ""]
+    lines += _md_summary("## Summary", *report_summary(sections, notes))
     for key, value in meta:
         lines.append(f"- **{key}:** `{value}`")
     lines += ["", "Versions, platform, full model config and timings: `run.json`.", ""]
@@ -229,6 +243,8 @@ def render_markdown(title: str, meta: Sequence[tuple[str, str]],
         lines.append("")
     for s in sections:
         lines += [f'<a id="{s.key}"></a>', "", f"## {s.title}", ""]
+        if len(sections) > 1:  # a lone section's summary is the report's, just above
+            lines += _md_summary("### Summary", *section_summary(s))
         for heading, body in (("Method", s.method), ("Source", s.source), ("Data", s.data)):
             lines += [f"### {heading}", "", body.strip() or "_not stated_", ""]
         lines += ["### Findings", ""]
@@ -252,16 +268,35 @@ def render_markdown(title: str, meta: Sequence[tuple[str, str]],
 
 
 def render_html(title: str, meta: Sequence[tuple[str, str]], sections: Sequence[Section],
-                pngs: dict[str, bytes]) -> str:
+                pngs: dict[str, bytes], notes: Sequence[str] = ()) -> str:
     """``index.html``: the same content as :func:`render_markdown`, with each figure's PNG
-    bytes (``pngs``, by figure name) inlined so the file stands alone."""
+    bytes (``pngs``, by figure name) inlined so the file stands alone.
+
+    A figure is inlined once, where it first appears (usually a summary); later places link
+    to it, so the page does not carry the same image twice.
+    """
     e = html.escape
+    shown: set[str] = set()
+
+    def figure(name: str) -> str:
+        if name in shown:
+            return (f'<p><a href="#fig-{e(name)}">{e(name)}</a> (figures/{e(name)}.png), '
+                    "shown above</p>")
+        shown.add(name)
+        return _html_figure(name, pngs[name])
+
+    def summary(tag: str, items: Sequence[str], fig: str | None) -> list[str]:
+        out = [f'<{tag} class="summary">Summary</{tag}>',
+               "<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>"]
+        return out + ([figure(fig)] if fig is not None else [])
+
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
+        *summary("h2", *report_summary(sections, notes)),
         '<table class="meta">',
         *(f"<tr><td>{e(k)}</td><td><code>{e(v)}</code></td></tr>" for k, v in meta),
         "</table>",
@@ -273,6 +308,8 @@ def render_html(title: str, meta: Sequence[tuple[str, str]], sections: Sequence[
         parts.append("</ul></nav>")
     for s in sections:
         parts.append(f'<section id="{e(s.key)}"><h2>{e(s.title)}</h2>')
+        if len(sections) > 1:
+            parts += summary("h3", *section_summary(s))
         for heading, body in (("Method", s.method), ("Source", s.source), ("Data", s.data)):
             parts.append(f"<h3>{heading}</h3>")
             parts.append(markdown_to_html(body.strip()) or "<p><em>not stated</em></p>")
@@ -284,7 +321,7 @@ def render_html(title: str, meta: Sequence[tuple[str, str]], sections: Sequence[
             parts.append("<p><em>no findings recorded</em></p>")
         if s.figures:
             parts.append("<h3>Figures</h3>")
-            parts += [_html_figure(name, pngs[name]) for name in s.figures]
+            parts += [figure(name) for name in s.figures]
         if s.tables:
             parts.append("<h3>Tables</h3>")
             for name, df in s.tables.items():

@@ -2,7 +2,8 @@
 
 Layout of a report folder::
 
-    index.md          every section: method, source, data, findings, figures, tables
+    index.md          the summary first, then every section: its summary, method, source,
+                      data, findings, figures, tables
     index.html        the same, self-contained (inline CSS, PNGs as base64 data URIs)
     figures/*.png     one per figure (+ *.svg with svg=True)
     data/*.csv        every table, in full (the figures can be redrawn from these)
@@ -76,6 +77,11 @@ class Section:
     picks tables to render inline and the maximum rows to show (the CSV is always
     complete). ``method``, ``source`` and ``data`` are Markdown; ``source`` carries full
     citations, ``data`` the corpus and its licence (UD EWT is CC BY-SA 4.0).
+
+    ``summary`` holds the three to five findings a reader needs first, with their numbers,
+    computed from the section's tables; ``summary_figure`` names the one figure (a key of
+    ``figures``) that shows them. Both are shown above the method
+    (:mod:`analyses.app.summary`).
     """
 
     key: str
@@ -88,6 +94,8 @@ class Section:
     figures: dict[str, Figure] = field(default_factory=dict)
     show_tables: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    summary: list[str] = field(default_factory=list)
+    summary_figure: str | None = None
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -144,6 +152,7 @@ class Report:
         seed: int,
         command: list[str] | str,
         extra: dict | None = None,
+        notes: list[str] | None = None,
     ) -> None:
         self.title = title
         self.model_source = model_source
@@ -151,6 +160,8 @@ class Report:
         self.seed = seed
         self.command = command
         self.extra = dict(extra or {})
+        # report-level lines for the summary: sections that did not run, and why
+        self.notes = list(notes or [])
         self.sections: list[Section] = []
 
     def add(self, section: Section) -> None:
@@ -164,6 +175,9 @@ class Report:
                 _check_name(kind, name)
                 if name in taken:
                     raise ReportError(f"{kind} name {name!r} is used by two sections")
+        if section.summary_figure is not None and section.summary_figure not in section.figures:
+            raise ReportError(f"section {section.key!r} summarises with figure "
+                              f"{section.summary_figure!r} it does not have")
         unknown = sorted(set(section.show_tables) - set(section.tables))
         if unknown:
             raise ReportError(
@@ -257,10 +271,10 @@ class Report:
                 pngs[name] = (root / "figures" / f"{name}.png").read_bytes()
         meta = self._meta_rows()
         (root / "index.md").write_text(
-            render_markdown(self.title, meta, self.sections), encoding="utf-8"
+            render_markdown(self.title, meta, self.sections, self.notes), encoding="utf-8"
         )
         (root / "index.html").write_text(
-            render_html(self.title, meta, self.sections, pngs), encoding="utf-8"
+            render_html(self.title, meta, self.sections, pngs, self.notes), encoding="utf-8"
         )
         (root / "run.json").write_text(
             json.dumps(self.run_info(), indent=2, sort_keys=True) + "\n", encoding="utf-8"

@@ -77,11 +77,13 @@ def report_cmd(ctx: click.Context, model: str | None, only: tuple[str, ...],
     sections = [overview_section(get(main_source), main_source)]
     ran: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    notes: list[str] = []  # for the summary: what did not run, and why
     for spec in specs:
         source = model or spec.default_model or common.DEFAULT_MODEL
         m = get(source)
         if not spec.applies(m):
             skipped[spec.key] = f"does not apply to {shown_path(source)}"
+            notes.append(f"{spec.title} (`{spec.key}`): not run, it {skipped[spec.key]}.")
             continue
         section = _run_section(spec, m, {**opts, "model_source": source}, quiet)
         if len(models) > 1 or source != main_source:
@@ -91,6 +93,8 @@ def report_cmd(ctx: click.Context, model: str | None, only: tuple[str, ...],
     if len(sections) == 1 and not quiet:
         click.echo(f"note: no analysis section applies ({len(specs)} registered); "
                    "the report has the model overview only", err=True)
+    notes += [f"`{name}`: not run, its module failed to import ({reason})."
+              for name, reason in sorted(FAILED.items())]
     sources = sorted(models)
     common.write_report(
         sections, out=out, force=force, model_source=", ".join(sources),
@@ -98,6 +102,7 @@ def report_cmd(ctx: click.Context, model: str | None, only: tuple[str, ...],
         svg=svg, quiet=quiet, title=f"interp report: {', '.join(sources)}",
         extra={"sections_ran": ran, "sections_skipped": skipped,
                "topics_failed_to_import": dict(FAILED), "options": opts},
+        notes=notes,
     )
 
 

@@ -8,7 +8,9 @@ How a topic plugs in (one file, ``analyses/app/sections/<topic>.py``, nothing el
     from analyses.app.sections import register
 
     def build(model, opts: dict, progress) -> Section:
-        ...                       # call analyses/<topic>.py, return a Section
+        ...                       # call analyses/<topic>.py, return a Section whose
+                                  # summary (3-5 findings with numbers read from its
+                                  # tables) and summary_figure open the report
 
     def applies(model) -> bool:   # e.g. MoE only when model.cfg has experts
         return True

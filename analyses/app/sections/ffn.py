@@ -33,6 +33,7 @@ from analyses.app.sections._ffn_figures import (
     logit_lens_figure,
     trace_figure,
 )
+from analyses.app.sections._summaries import ffn_summary
 from interp.progress import progress_bar
 
 SOURCE = (
@@ -285,7 +286,10 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
                    data=data, findings=findings, tables=tables, figures=figures,
                    show_tables={k: v for k, v in show.items()
                                 if k in tables and k != "ffn_trace_average"},
-                   timings={k: float(v) for k, v in res["timings"].items()})
+                   timings={k: float(v) for k, v in res["timings"].items()},
+                   summary=ffn_summary(res),
+                   summary_figure="ffn_trace_noise" if "ffn_trace_noise" in figures
+                   else "ffn_kv_agreement")
 
 
 register("ffn", title="FFN knowledge storage", build=build, applies=applies,

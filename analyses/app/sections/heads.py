@@ -191,6 +191,49 @@ def _findings(res: H.HeadAnalysis, model: HookedTransformer) -> list[str]:
     return out
 
 
+def _summary(res: H.HeadAnalysis) -> list[str]:
+    """Three to five findings for the summary, every number read from ``heads.csv``,
+    ``heads_layers.csv`` or ``syntax_best.csv``: the label counts, the clearest positional
+    head, the strongest induction (or its absence), the sink layer, the best syntactic head."""
+    h = res.heads
+    counts = h["label"].value_counts()
+    out = [f"{len(h)} heads: " + ", ".join(f"{v} {k}" for k, v in counts.head(4).items())
+           + (f", {int(counts.iloc[4:].sum())} other" if len(counts) > 4 else "") + "."]
+    pos = h[h["label"].isin(["previous-token", "next-token", "positional"])
+            & (h["positional_share"] >= res.info["thresholds"]["positional"])]
+    if len(pos):  # the clearest head of each positional kind
+        best = (pos.sort_values(["positional_share", "positional_n"], ascending=False)
+                .drop_duplicates("label").head(2))
+        out.append("; ".join(f"{_hl(r)} is a {r.label} head: its most-attended key is at offset "
+                             f"{int(r.positional_offset):+d} for {r.positional_share:.0%} of "
+                             f"{int(r.positional_n)} queries" for r in best.itertuples()) + ".")
+    else:
+        best = h["positional_share"].max()
+        out.append(f"No positional head: no head puts its most-attended key at one offset for "
+                   f"{res.info['thresholds']['positional']:.0%} of the queries"
+                   + (f" (best {best:.0%})." if np.isfinite(best) else "."))
+    ind = h.loc[h["induction"].idxmax()]
+    n_ind = int((h["label"] == "induction").sum())
+    if n_ind:
+        out.append(f"{n_ind} induction head(s); the strongest, {_hl(ind)}, gives "
+                   f"{ind['induction']:.2f} of its attention to the token after the earlier copy.")
+    else:
+        out.append(f"No induction head: the strongest prefix matching is {_hl(ind)} at "
+                   f"{ind['induction']:.2f}.")
+    lay = res.layers
+    if "sink_first" in lay and len(lay):
+        top = lay.loc[lay["sink_first"].idxmax()]
+        out.append(f"First-token sink: layer {int(top['layer'])} gives it {top['sink_first']:.2f} "
+                   f"of its attention on average ({int((h['label'] == 'sink').sum())} sink heads).")
+    bs = res.best_syntax.dropna(subset=["accuracy"])
+    if len(bs):
+        r = bs.sort_values("margin", ascending=False).iloc[0]
+        out.append(f"Syntax: best margin over a fixed offset is {r['relation']} ({r['direction']}) "
+                   f"{_hl(r)} {r['accuracy']:.0%} vs {r['baseline_accuracy']:.0%} "
+                   f"({int(r['n'])} pairs).")
+    return out[:5]
+
+
 # --------------------------------------------------------------------------- builders
 
 
@@ -247,6 +290,8 @@ def build(model: HookedTransformer, opts: dict, progress: Progress) -> Section:
         figures=figures,
         show_tables=show,
         timings=timings,
+        summary=_summary(res),
+        summary_figure="heads_labels",
     )
 
 
@@ -294,7 +339,19 @@ def build_compare(models: dict[str, HookedTransformer], opts: dict, progress: Pr
         figures={"heads_compare_labels": compare_figure(df)},
         show_tables={"heads_compare_summary": len(summary_df)},
         timings={"total": time.perf_counter() - t0},
+        summary=_compare_summary(summary_df),
+        summary_figure="heads_compare_labels",
     )
+
+
+def _compare_summary(summary: pd.DataFrame) -> list[str]:
+    """One line per model (five at most), its numbers from ``heads_compare_summary.csv``."""
+    out = [f"{r.model} ({r.positional_encoding}): strongest induction head "
+           f"{r.best_induction_head} {r.induction:.2f}, previous-token {r.best_prev_token_head} "
+           f"{r.prev_token:.2f}." for r in summary.head(5).itertuples()]
+    if len(summary) > 5:
+        out[-1] += f" ({len(summary) - 4} more models in the table.)"
+    return out
 
 
 def check_focus(model: HookedTransformer, layer: int | None, head: int | None) -> None:

@@ -29,6 +29,7 @@ from analyses.app.cli import (
 )
 from analyses.app.report import Section
 from analyses.app.sections import register
+from analyses.app.sections._summaries import masking_summary
 from interp.progress import Progress, progress_bar
 
 if TYPE_CHECKING:
@@ -217,6 +218,7 @@ def build(model: HookedTransformer, opts: dict, progress: Progress) -> Section:
     strategies = masking.parse_strategies(opts.get("strategies"), model.cfg.mask, T)
     has_head = bool(model.cfg.has_unembed)
     part = _Part()
+    head_note = None
     _strategies_part(part, model, batches, strategies, seed, progress)
     notes = []
     if not has_head:
@@ -224,6 +226,10 @@ def build(model: HookedTransformer, opts: dict, progress: Progress) -> Section:
     if any(s.token_mask_rate is not None for s in strategies):
         notes.append(f"Token masking writes the {masking.replacement_token(model)[1]}; special "
                      "tokens are never replaced.")
+    if not has_head:
+        head_note = "Head masking not run: the model has no LM head, so there is no loss."
+    elif opts.get("no_heads"):
+        head_note = "Head masking not run (--no-heads)."
     if has_head and not opts.get("no_heads"):
         lbs = masking.loss_batches(model, batches, seed=seed)
         _heads_part(part, model, lbs, opts, seed, progress)
@@ -247,6 +253,9 @@ def build(model: HookedTransformer, opts: dict, progress: Progress) -> Section:
         figures=part.figures,
         show_tables=shown,
         timings=part.timings,
+        summary=masking_summary(part.tables, part.removable, has_head, head_note),
+        summary_figure=next((f for f in ("masking_strategies", "masking_pruning_curves")
+                             if f in part.figures), None),
     )
 
 
@@ -258,6 +267,7 @@ class _Part:
     figures: dict[str, Figure] = field(default_factory=dict)
     findings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    removable: dict[str, int] = field(default_factory=dict)  # unit -> removable within 5%
 
 
 def _batches(model: HookedTransformer, opts: dict, seed: int) -> tuple[list, str]:
@@ -351,6 +361,7 @@ def _heads_part(part: _Part, model: HookedTransformer, lbs: list, opts: dict, se
                                         n_random=int(opts.get("random_orders", 3)), seed=seed,
                                         progress=progress)
     n_ok = masking.max_removable(model, lbs, imp, curve)
+    part.removable["head"] = n_ok
     part.timings["head_pruning"] = time.perf_counter() - t0
     corr = masking.importance_correlations(merged)
     part.findings += _head_findings(merged, curve, corr, n_ok, "head", len(merged))
@@ -382,6 +393,7 @@ def _experts_part(part: _Part, model: HookedTransformer, lbs: list, opts: dict, 
                                            n_random=int(opts.get("random_orders", 3)), seed=seed,
                                            progress=progress)
     e_ok = masking.max_removable(model, lbs, eimp, ecurve, unit="expert")
+    part.removable["expert"] = e_ok
     part.timings["experts"] = time.perf_counter() - t0
     part.findings += _head_findings(emerged, ecurve, masking.importance_correlations(emerged),
                                     e_ok, "expert", len(emerged))

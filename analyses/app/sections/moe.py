@@ -34,6 +34,7 @@ from analyses.app.sections._moe_corpus import (
     DEFAULT_SEQ_LEN,
     _corpus,
 )
+from analyses.app.sections._summaries import moe_summary
 
 # expert x domain heatmaps drawn (first, last and evenly spaced layers); the CSV has all
 MAX_HEATMAPS = 4
@@ -314,6 +315,12 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
         timings["ablation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
     notes = []
+    abl_note = None
+    if abl is None:
+        abl_note = ("Expert ablation not run: " + (
+            "it measures next-token loss and this model is an encoder."
+            if cfg.architecture != "decoder" else "--no-ablation." if opts.get("no_ablation")
+            else "every expert is always chosen (top-k = number of experts)."))
     if cfg.architecture != "decoder":
         notes.append("Expert ablation is skipped: it measures next-token loss, and this model is "
                      "an encoder.")
@@ -336,7 +343,18 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
         show_tables={"moe_overview": 32,
                      **({"moe_ablation_summary": 20} if abl_sum is not None else {})},
         timings=timings,
+        summary=moe_summary(s, tables.get("moe_experts"), abl, abl_sum, abl_note),
+        summary_figure=_summary_figure(s, figures),
     )
+
+
+def _summary_figure(s: pd.DataFrame, figures: dict[str, Any]) -> str:
+    """The domain heatmap of the most domain-specialised layer when drawn, else the load."""
+    if "nmi_domain" in s and s["nmi_domain"].notna().any():
+        name = f"moe_domain_l{int(s.loc[s['nmi_domain'].idxmax(), 'layer'])}"
+        if name in figures:
+            return name
+    return "moe_load"
 
 
 register("moe", title="MoE expert specialisation", build=build, applies=is_moe,
