@@ -81,6 +81,7 @@ class HookedBase(Interventions, HookedRootModule):
         self.prepend_bos: bool = cfg.default_prepend_bos
         self.tokenizer: Any = None
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_tokens = HookPoint()  # [batch, pos] token ids (opt-in: cfg.use_hook_tokens)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         if cfg.positional in ("learned", "sinusoidal"):
             self.pos_embed = PosEmbed(cfg.n_ctx, cfg.d_model, learned=cfg.positional == "learned")
@@ -197,6 +198,7 @@ class HookedBase(Interventions, HookedRootModule):
         positions: Int[torch.Tensor, " pos"],
         token_type_ids: Int[torch.Tensor, "batch pos"] | None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
+        tokens = hp(self.hook_tokens, tokens)  # as TL: the embedding sees edits, the loss not
         x = hp(self.hook_embed, self.embed(tokens))  # [batch, pos, d_model]
         if hasattr(self, "pos_embed"):
             pe = self.pos_embed(positions)[None].expand(tokens.shape[0], -1, -1)
@@ -267,7 +269,7 @@ class HookedBase(Interventions, HookedRootModule):
         or the final hidden states [batch, pos, d_model] for a model without an unembedding
         (a bare encoder such as ``minilm``); pass ``return_type=`` to choose."""
         kwargs["names_filter"] = cache_names_filter(
-            self.hook_dict, kwargs.get("names_filter"), self.use_attn_result
+            self.hook_dict, kwargs.get("names_filter"), self.use_attn_result, self.use_flags
         )
         with recording():
             out, cache = super().run_with_cache(
