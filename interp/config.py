@@ -357,6 +357,21 @@ class ModelConfig:
     def device(self) -> None:  # some TransformerLens helpers look for cfg.device
         return None
 
+    # Stand-ins for TL's config names that the tlhooks tests need (patching k/v, head
+    # detector); the tlweights branch's interp.config_tl defines them fully: drop these two
+    # properties when merging it.
+    @property
+    def n_key_value_heads(self) -> int | None:
+        """TL: the key/value heads of grouped-query attention, None for plain multi-head."""
+        return self.n_kv_heads if self.n_kv_heads != self.n_heads else None
+
+    @property
+    def dtype(self) -> Any:
+        """TL: the parameters' dtype (float32, as models are built)."""
+        import torch  # the config module stays torch-free at import time
+
+        return torch.float32
+
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.n_experts) and layer in (self.moe_layers or ())
 
