@@ -291,3 +291,22 @@ def test_split_input_with_kv_cache_equals_the_full_forward() -> None:
     first = model(TOKENS[:, :4], past_kv=cache)
     last = model(TOKENS[:, 4:], past_kv=cache)
     torch.testing.assert_close(torch.cat([first, last], 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("part", ["q", "k", "v"])
+def test_in_place_edits_of_q_k_v_work_under_autograd(part: str) -> None:
+    """TL's Main Demo ablates a head by writing into hook_v in place, gradients on."""
+    model = make(VARIANTS["gqa_rope"])
+
+    def ablate(x, hook):
+        x[:, :, 1, :] = 0.0
+        return x
+
+    def clone_ablate(x, hook):
+        return ablate(x.clone(), hook)
+
+    name = f"blocks.0.attn.hook_{part}"
+    loss = model.run_with_hooks(TOKENS, return_type="loss", fwd_hooks=[(name, ablate)])
+    loss.backward()
+    want = model.run_with_hooks(TOKENS, return_type="loss", fwd_hooks=[(name, clone_ablate)])
+    torch.testing.assert_close(loss, want)

@@ -191,9 +191,13 @@ class Attention(nn.Module):
                 "kv", kv_per_head, strict=True))
         elif self.cross:
             q = self.q_proj(x)
-            k, v = self.kv_proj(kv_input).split([nkv * dh, nkv * dh], dim=-1)
+            kv = self.kv_proj(kv_input)
+            k, v = kv.narrow(-1, 0, nkv * dh), kv.narrow(-1, nkv * dh, nkv * dh)
         else:
-            q, k, v = self.qkv(x).split([nh * dh, nkv * dh, nkv * dh], dim=-1)
+            # narrow, not split: a split's outputs refuse in-place edits under autograd, and
+            # TL code edits hook_q/k/v in place (value[:, :, head] = 0)
+            qkv = self.qkv(x)
+            q, k, v = (qkv.narrow(-1, s, n) for s, n in self._qkv_slices())
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         S_new = k.shape[1]
@@ -225,6 +229,11 @@ class Attention(nn.Module):
             result = hp(self.hook_result, torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(dim=2) + self.b_O
         return self.o(z.reshape(B, T, nh * dh))
+
+    def _qkv_slices(self) -> tuple[tuple[int, int], ...]:
+        """(start, width) of q, k and v in the fused projection's output."""
+        nq, nkv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        return (0, nq), (nq, nkv), (nq + nkv, nkv)
 
     def _per_head(
         self, part: str, x: Float[torch.Tensor, "batch pos head d_model"]
