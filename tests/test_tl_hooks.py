@@ -5,8 +5,9 @@
 When on, editing them changes the output exactly as the math says: head h's input copy
 reaches only head h's q (KV head j's only its k or v), ablating a head through
 ``hook_result`` equals ablating it through ``hook_z``, and identity edits leave the logits
-bit-equal. Checked on the variants they touch: MHA, GQA with RoPE, parallel attention+MLP,
-post-norm, MoE, and the encoder-decoder's decoder (cross-attention keeps its fused path).
+bit-equal. Checked on the variants they touch: MHA, GQA/MQA with RoPE, parallel
+attention+MLP, post-norm, MoE, linear attention with per-head q/k norms, and the
+encoder-decoder (both stacks' self-attention; cross-attention keeps its fused path).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ VARIANTS = {
     "post_norm": dict(norm_placement="post"),
     "moe": dict(n_experts=3, experts_per_token=2, norm="rmsnorm"),
     "encoder_decoder": dict(architecture="encoder_decoder", n_decoder_layers=2),
+    "linear_attention": dict(attn_kernel="linear", positional="rope", qk_norm="head"),
 }
 SETTERS = {
     "use_split_qkv_input": "set_use_split_qkv_input",
