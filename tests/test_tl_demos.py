@@ -93,6 +93,13 @@ def repeated(case: Case, n: int = 10, batch: int = 2) -> torch.Tensor:
     return torch.cat([torch.full((batch, 1), bos), half, half], dim=1)
 
 
+def bias_diff(case: Case) -> torch.Tensor:
+    """b_U[answer] - b_U[wrong]: the part of a logit difference no residual component writes
+    (processing folds the final LayerNorm's bias into b_U)."""
+    m = case.model
+    return m.b_U[m.to_single_token(case.answer)] - m.b_U[m.to_single_token(case.wrong)]
+
+
 def logit_diff(case: Case, logits: torch.Tensor) -> torch.Tensor:
     m = case.model
     return logits[:, -1, m.to_single_token(case.answer)] - logits[:, -1, m.to_single_token(
@@ -427,8 +434,8 @@ def _(case: Case) -> None:
     scaled = cache.apply_ln_to_stack(final[None], layer=-1, pos_slice=-1)[0]
     direction = m.tokens_to_residual_directions(case.answer) - m.tokens_to_residual_directions(
         case.wrong)
-    torch.testing.assert_close(scaled @ direction, logit_diff(case, logits), atol=1e-3,
-                               rtol=1e-3)
+    torch.testing.assert_close(scaled @ direction + bias_diff(case), logit_diff(case, logits),
+                               atol=1e-3, rtol=1e-3)
 
 
 @check("EA-logit-attrs-sum", processed=True)
@@ -439,7 +446,8 @@ def _(case: Case) -> None:
     stack = cache.decompose_resid(layer=-1, pos_slice=-1)
     attrs = cache.logit_attrs(stack, tokens=case.answer, incorrect_tokens=case.wrong,
                               pos_slice=-1)
-    torch.testing.assert_close(attrs.sum(0), logit_diff(case, logits), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(attrs.sum(0) + bias_diff(case), logit_diff(case, logits),
+                               atol=1e-3, rtol=1e-3)
 
 
 @check("EA-processing-keeps-logits", processed=True)
