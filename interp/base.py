@@ -80,6 +80,7 @@ class HookedBase(TextInputs, Interventions, HookedRootModule):
         self.attention_override: AttentionOverride | None = None  # see interp.state
         self.tokenizer: Any = None
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_tokens = HookPoint()  # [batch, pos] token ids (opt-in: cfg.use_hook_tokens)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         if cfg.positional in ("learned", "sinusoidal"):
             self.pos_embed = PosEmbed(cfg.n_ctx, cfg.d_model, learned=cfg.positional == "learned")
@@ -199,6 +200,7 @@ class HookedBase(TextInputs, Interventions, HookedRootModule):
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         """Token (+ position, + token type) embeddings; ``positions`` per row [batch, pos] when
         padding shifts them (left padding: each row's first real token is position 0)."""
+        tokens = hp(self.hook_tokens, tokens)  # as TL: the embedding sees edits, the loss not
         x = hp(self.hook_embed, self.embed(tokens))  # [batch, pos, d_model]
         if hasattr(self, "pos_embed"):
             pe = self.pos_embed(positions)
@@ -281,7 +283,7 @@ class HookedBase(TextInputs, Interventions, HookedRootModule):
         ``start_at_layer=``, ...): text is tokenized by the model's BOS rule with its padding
         masked, so each row of a batch records what it records alone."""
         kwargs["names_filter"] = cache_names_filter(
-            self.hook_dict, kwargs.get("names_filter"), self.use_attn_result
+            self.hook_dict, kwargs.get("names_filter"), self.use_attn_result, self.use_flags
         )
         with recording():
             out, cache = super().run_with_cache(

@@ -291,6 +291,13 @@ class ModelConfig(TLConfigNames):
 
     # --- misc ---
     init_std: float = 0.02
+    # --- TransformerLens' opt-in hook points (off by default, as in TL; a hook registered on
+    # one fires whatever the flag). Flip them on a model with model.set_use_*(bool).
+    use_attn_result: bool = False  # attn.hook_result: per-head outputs before the sum
+    use_split_qkv_input: bool = False  # hook_q/k/v_input: one residual copy per (KV) head
+    use_attn_in: bool = False  # hook_attn_in: one residual copy per head for q, k and v
+    use_hook_mlp_in: bool = False  # hook_mlp_in: the residual entering the MLP's norm
+    use_hook_tokens: bool = False  # hook_tokens: the token ids entering the embedding
     # free-form provenance (loader, source, task); read-only after construction
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # private: which fields were derived, and to what (see the module docstring)

@@ -33,6 +33,7 @@ FLAGS = (
     "rope_interleaved", "embed_norm", "final_norm", "norm_bias", "attn_qkv_bias",
     "attn_out_bias", "mlp_bias", "unembed_bias", "router_renormalize", "shared_expert_gate",
     "default_prepend_bos",
+    "use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in", "use_hook_tokens",
 )
 #: positive scalars: field -> (smallest, largest or None, why the bounds). A bound is where
 #: float32 arithmetic under- or overflows at forward time, or where larger values change nothing

@@ -31,10 +31,24 @@ NamesFilter = str | list[str] | tuple[str, ...] | Callable[[str], bool] | None
 
 
 def hp(hook: HookPoint, x: Any) -> Any:
-    """Pass ``x`` through ``hook`` only if a hook is registered on it (forward or backward)."""
+    """Pass ``x`` through ``hook`` only if something watches it: a registered hook (forward or
+    backward), or a forward replaced on the instance (see :func:`is_reached`)."""
     if hook._forward_hooks or hook._backward_hooks or hook._forward_pre_hooks:
         return hook(x)
+    if "forward" in hook.__dict__:
+        return hook(x)
     return x
+
+
+def is_reached(hook: HookPoint) -> bool:
+    """Whether a tool watches ``hook``: a registered hook, or a ``forward`` set on the instance.
+
+    nnsight (0.8) registers no torch hooks: it puts a controller in each wrapped module's
+    ``__dict__["forward"]`` and expects every module to be called, in order; a skipped hook
+    point makes its trace raise an out-of-order error. Any instance-level forward is treated
+    the same way, so such tools see every hook point and unwrapped models keep the fast path.
+    """
+    return is_hooked(hook) or "forward" in hook.__dict__
 
 
 def is_hooked(hook: HookPoint) -> bool:
@@ -56,20 +70,40 @@ def check_hook_names(hook_dict: Mapping[str, HookPoint], names: Iterable[str]) -
             raise unknown_hook_error(str(n), hook_dict.keys())
 
 
+#: TransformerLens' opt-in hook points (name suffix -> the config flag that turns it on)
+OPT_IN_HOOKS: dict[str, str] = {
+    "attn.hook_result": "use_attn_result",
+    "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input",
+    "hook_v_input": "use_split_qkv_input",
+    "hook_attn_in": "use_attn_in",
+    "hook_mlp_in": "use_hook_mlp_in",
+    "hook_tokens": "use_hook_tokens",
+}
+
+
+def opt_in_off(name: str, flags: Mapping[str, bool]) -> bool:
+    """Whether ``name`` is an opt-in hook point whose flag is off in ``flags``."""
+    return any(name.endswith(s) and not flags.get(f, False) for s, f in OPT_IN_HOOKS.items())
+
+
 def cache_names_filter(
-    hook_dict: Mapping[str, HookPoint], names_filter: NamesFilter, use_attn_result: bool
+    hook_dict: Mapping[str, HookPoint], names_filter: NamesFilter, use_attn_result: bool,
+    flags: Mapping[str, bool] | None = None,
 ) -> NamesFilter:
     """The ``names_filter`` to hand TransformerLens' ``run_with_cache``.
 
     Names given as a string or a list must exist (TransformerLens would silently cache
-    nothing). With no filter, ``hook_result`` is skipped unless the model computes per-head
-    results (it is opt-in, as in TransformerLens)."""
+    nothing). With no filter, the opt-in hook points (:data:`OPT_IN_HOOKS`) whose flag is off
+    are skipped, as TransformerLens' cache leaves them out: caching one would switch on its
+    computation (``hook_result``, the split q/k/v inputs) for every layer."""
     if isinstance(names_filter, str | list | tuple):
         names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
         check_hook_names(hook_dict, names)
         return names
-    if names_filter is None and not use_attn_result:
-        return lambda name: not name.endswith("hook_result")
+    if names_filter is None:
+        on = {**(flags or {}), "use_attn_result": use_attn_result}
+        return lambda name: not opt_in_off(name, on)
     return names_filter
 
 

@@ -142,8 +142,48 @@ class Interventions:
     def set_use_attn_result(self, use: bool) -> None:
         """Compute ``hook_result`` (per-head outputs) in every forward, as TransformerLens'
         flag."""
+        self._set_use_flag("use_attn_result", use)
         for attn in self._attention_modules():
             attn.use_attn_result = bool(use)
+
+    def set_use_split_qkv_input(self, use: bool) -> None:
+        """Give each head its own copy of the residual for q (``hook_q_input``, [batch, pos,
+        head, d_model]) and each KV head its own for k and v (``hook_k_input``,
+        ``hook_v_input``, [batch, pos, kv_head, d_model]), as TransformerLens' flag; the norm
+        is applied to each copy."""
+        self._set_use_flag("use_split_qkv_input", use)
+
+    def set_use_attn_in(self, use: bool) -> None:
+        """Give each head its own copy of the residual entering attention (``hook_attn_in``,
+        [batch, pos, head, d_model]), as TransformerLens' flag. With grouped KV heads, KV head
+        j reads the copy of its group's first query head."""
+        self._set_use_flag("use_attn_in", use)
+
+    def set_use_hook_mlp_in(self, use: bool) -> None:
+        """Fire ``hook_mlp_in`` (the residual entering the MLP's norm), as TransformerLens."""
+        self._set_use_flag("use_hook_mlp_in", use)
+
+    def set_use_hook_tokens(self, use: bool) -> None:
+        """Fire ``hook_tokens`` (the ids entering the embedding), as TransformerLens."""
+        self._set_use_flag("use_hook_tokens", use)
+
+    def _set_use_flag(self, name: str, use: bool) -> None:
+        """Swap ``cfg`` for a copy with ``name=use`` in the model and in every module sharing
+        it, so that ``model.cfg.use_*`` reads what the forward does (TransformerLens code
+        reads the flags there)."""
+        if not isinstance(use, bool):
+            raise InterpError(f"set_{name} takes True or False, got {use!r}.")
+        old = self.cfg
+        new = old.replace(**{name: use})
+        for module in self.modules():  # type: ignore[attr-defined]
+            if getattr(module, "cfg", None) is old:
+                module.cfg = new
+
+    @property
+    def use_flags(self) -> dict[str, bool]:
+        """TransformerLens' opt-in hook flags as the forward uses them (name -> on)."""
+        names = ("use_split_qkv_input", "use_attn_in", "use_hook_mlp_in", "use_hook_tokens")
+        return {"use_attn_result": self.use_attn_result} | {n: getattr(self.cfg, n) for n in names}
 
     @property
     def use_attn_result(self) -> bool:

@@ -12,6 +12,11 @@ Each kind is one typed attribute, changed only through the model method named be
   ``{StackLayer: Tensor}`` dict.
 - ``attn.use_attn_result`` (bool) on each attention module, compute ``hook_result`` in every
   forward: ``model.set_use_attn_result(use)``; ``model.use_attn_result`` reads it.
+- TransformerLens' opt-in hook flags (``use_split_qkv_input``, ``use_attn_in``,
+  ``use_hook_mlp_in``, ``use_hook_tokens``, and ``use_attn_result`` above): config fields, so
+  ``model.set_use_*(bool)`` swaps the model's config for a replaced copy, shared by every module
+  that held the old one (TransformerLens code reads ``model.cfg.use_*``);
+  ``model.use_flags`` reads them all.
 - ``moe.expert_mask`` (bool ``Tensor [expert]`` or None) on each MoE layer, the experts kept:
   ``model.set_expert_mask(layer, mask)``.
 - ``moe.last_losses`` (``{"aux", "z"}``), written by every MoE forward; ``model.moe_losses()``

@@ -55,7 +55,9 @@ SCALAR_FIELDS = ["logit_scale", "rope_base", "norm_eps", "attn_scale", "soft_mas
                  "attn_temperature", "moe_aux_loss_coef", "router_z_loss_coef", "init_std"]
 FLAGS = ["attn_only", "parallel_attn_mlp", "tie_embeddings", "has_unembed", "mlm_head",
          "embed_norm", "final_norm", "norm_bias", "attn_qkv_bias", "attn_out_bias", "mlp_bias",
-         "unembed_bias", "rope_interleaved", "router_renormalize", "shared_expert_gate"]
+         "unembed_bias", "rope_interleaved", "router_renormalize", "shared_expert_gate",
+         "use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in",
+         "use_hook_tokens", "default_prepend_bos"]
 
 
 def _log_uniform(lo: float, hi: float) -> st.SearchStrategy[float]:

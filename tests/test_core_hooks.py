@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from interp import HookNameError, InterpError, ModelConfig, build_model
+from interp.hooks import opt_in_off
 
 GOLDEN = Path(__file__).parent / "golden"
 BASE = dict(n_layers=2, d_model=16, n_heads=4, d_vocab=23, n_ctx=16)
@@ -84,9 +85,9 @@ def test_cache_holds_exactly_the_golden_hook_names(name: str, update_golden: boo
     assert names == expected, (
         f"hook names changed; rerun with --update-golden and review the diff of {path}"
     )
-    # every declared hook point fires except the opt-in per-head results
+    # every declared hook point fires except TransformerLens' opt-in ones (flags off)
     declared = set(model.hook_dict)
-    assert declared - set(names) == {n for n in declared if n.endswith("attn.hook_result")}
+    assert declared - set(names) == {n for n in declared if opt_in_off(n, {})}
 
 
 # DESIGN.md's hook-name list, plus the documented extras (token types, embedding norm, the
@@ -101,6 +102,8 @@ DESIGN_PATTERNS = [
     r"hook_decoder_pos_embed",
     r"(ln_embed|ln_final|encoder_final_ln)\.hook_(scale|normalized)",
     rf"{_L}\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out|cross_attn_out|resid_mid_cross)",
+    rf"{_L}\.hook_(attn_in|q_input|k_input|v_input|mlp_in)",
+    r"hook_tokens",
     rf"{_L}\.(ln1|ln2|ln_cross)\.hook_(scale|normalized)",
     rf"{_L}\.(attn|cross_attn)\.hook_(q|k|v|attn_scores|pattern|z|result)",
     rf"{_L}\.attn\.hook_(rot_q|rot_k|q_feat|k_feat)",

@@ -20,7 +20,7 @@ from transformer_lens.hook_points import HookPoint
 from interp.components.context import AttnContext
 from interp.components.norms import RMSNorm
 from interp.config import ModelConfig
-from interp.hooks import hp, is_hooked
+from interp.hooks import hp, is_hooked, is_reached
 from interp.perf.kernels import Linear
 from interp.positions import apply_rope
 from interp.state import StackLayer
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.stack, self.layer, self.cross = cfg, stack, layer, cross
         self.head_gate: torch.Tensor | None = None  # [head] multiplier on hook_z (interp.state)
-        self.use_attn_result = False  # compute hook_result in every forward (interp.state)
+        self.use_attn_result = cfg.use_attn_result  # hook_result in every forward (interp.state)
         nh, nkv, dh, d = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
         self.n_heads, self.n_kv_heads, self.d_head = nh, nkv, dh
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else dh**-0.5
@@ -180,17 +180,29 @@ class Attention(nn.Module):
         *,
         kv_input: Float[torch.Tensor, "batch kv_pos d_model"] | None = None,
         past: LayerKV | None = None,
+        kv_per_head: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         """x [batch, pos, d_model] -> [batch, pos, d_model]; ``kv_input`` is the encoder output
-        of cross-attention, ``past`` the layer's cache during incremental decoding."""
+        of cross-attention, ``past`` the layer's cache during incremental decoding.
+
+        TransformerLens' split inputs: ``x`` [batch, pos, head, d_model] holds one (normed)
+        copy per query head and ``kv_per_head`` the key and value inputs [batch, pos, kv_head,
+        d_model]; head h's copy meets only head h's rows of W_Q (W_K, W_V per KV head)."""
         cfg = self.cfg
-        B, T, _ = x.shape
+        B, T = x.shape[:2]
         nh, nkv, dh = self.n_heads, self.n_kv_heads, self.d_head
-        if self.cross:
+        if kv_per_head is not None:
+            q, k, v = self._per_head("q", x), *(self._per_head(p, t) for p, t in zip(
+                "kv", kv_per_head, strict=True))
+        elif self.cross:
             q = self.q_proj(x)
-            k, v = self.kv_proj(kv_input).split([nkv * dh, nkv * dh], dim=-1)
+            kv = self.kv_proj(kv_input)
+            k, v = kv.narrow(-1, 0, nkv * dh), kv.narrow(-1, nkv * dh, nkv * dh)
         else:
-            q, k, v = self.qkv(x).split([nh * dh, nkv * dh, nkv * dh], dim=-1)
+            # narrow, not split: a split's outputs refuse in-place edits under autograd, and
+            # TL code edits hook_q/k/v in place (value[:, :, head] = 0)
+            qkv = self.qkv(x)
+            q, k, v = (qkv.narrow(-1, s, n) for s, n in self._qkv_slices())
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         S_new = k.shape[1]
@@ -211,7 +223,7 @@ class Attention(nn.Module):
 
         if cfg.attn_kernel == "linear":
             z = self._linear(q, k, v, ctx)
-        elif cfg.attn_kernel == "eager" or is_hooked(self.hook_attn_scores) or is_hooked(
+        elif cfg.attn_kernel == "eager" or is_reached(self.hook_attn_scores) or is_reached(
             self.hook_pattern
         ):
             z = self._eager(q, k, v, ctx)
@@ -224,6 +236,18 @@ class Attention(nn.Module):
             result = hp(self.hook_result, torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(dim=2) + self.b_O
         return self.o(z.reshape(B, T, nh * dh))
+
+    def _qkv_slices(self) -> tuple[tuple[int, int], ...]:
+        """(start, width) of q, k and v in the fused projection's output."""
+        nq, nkv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        return (0, nq), (nq, nkv), (nq + nkv, nkv)
+
+    def _per_head(
+        self, part: str, x: Float[torch.Tensor, "batch pos head d_model"]
+    ) -> Float[torch.Tensor, "batch pos head_x_d_head"]:
+        """q, k or v of per-head input copies, flat as the fused projection returns them."""
+        out = torch.einsum("bphm,hmd->bphd", x, self._w(part)) + self._b(part)
+        return out.flatten(2)
 
     def _repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
         g = self.n_heads // self.n_kv_heads
@@ -319,7 +343,7 @@ class Attention(nn.Module):
             kf = kf * ctx.padding[:, :, None, None].to(kf.dtype)
         causal = ctx.mask.is_causal
         eps = 1e-6
-        hooked = is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)
+        hooked = is_reached(self.hook_attn_scores) or is_reached(self.hook_pattern)
         if hooked or len(ctx.q_pos) != kf.shape[1]:
             scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf)
             if causal:
