@@ -308,13 +308,25 @@ def _(case: Case) -> None:
     assert qk.eigenvalues.shape == (case.model.cfg.d_head,)
 
 
-@check("MD-tokens-to-residual-directions")
+@check("MD-tokens-to-residual-directions", processed=True)
 def _(case: Case) -> None:
+    """As TL's demo, which loads with fold_ln: the direction is the unembedding column."""
     m = case.model
     d = m.tokens_to_residual_directions(case.answer)
     torch.testing.assert_close(d, m.W_U[:, m.to_single_token(case.answer)])
     two = m.tokens_to_residual_directions(torch.tensor([[1, 2]]))
     assert two.shape == (1, 2, m.cfg.d_model)
+
+
+@check("MD-tokens-to-residual-directions-raw")
+def _(case: Case) -> None:
+    """Differs from TL on purpose (README table): without fold_ln the direction carries the
+    final norm's gain, so that TL's logit_attrs stay exact on raw weights."""
+    m = case.model
+    column = m.W_U[:, m.to_single_token(case.answer)]
+    w = m.ln_final.weight_or_none if hasattr(m, "ln_final") else None
+    expected = column if w is None else column * w
+    torch.testing.assert_close(m.tokens_to_residual_directions(case.answer), expected)
 
 
 @check("MD-stop-at-layer")
@@ -849,7 +861,7 @@ def test_tl_demo_check(cid: str, name: str) -> None:
 
 
 def test_suite_size() -> None:
-    assert 60 <= len(_params()) <= 120, len(_params())
+    assert 60 <= len(_params()) <= 140, len(_params())
 
 
 def test_skips_match_the_readme_table() -> None:
