@@ -110,3 +110,29 @@ def test_bad_maps_are_one_line_errors() -> None:
     with pytest.raises(interp.InterpError, match="memory size"):
         parse_size("lots")
     assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("2 MB") == 2_000_000
+
+
+def test_info_prints_memory_per_dtype_and_context(tmp_path: Path) -> None:
+    """``interp info``'s estimate equals the bytes a full cache really holds."""
+    import json
+
+    from click.testing import CliRunner
+
+    from analyses.app.cli import cli
+
+    cfg = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_vocab": 300, "n_ctx": 48}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    text = CliRunner().invoke(cli, ["info", str(path)])
+    assert text.exit_code == 0 and "full cache" in text.output, text.output
+    rows = json.loads(CliRunner().invoke(cli, ["info", str(path), "--json"]).output)["memory"]
+    assert {(r["dtype"], r["context"]) for r in rows} == {
+        (d, 48) for d in ("float32", "bfloat16", "float16")}
+    model = interp.load_pretrained(path, seed=0)
+    _, cache = model.run_with_cache(torch.zeros(1, 48, dtype=torch.long))
+    f32 = next(r for r in rows if r["dtype"] == "float32")
+    assert f32["full_cache_bytes"] == sum(v.numel() * 4 for v in cache.values())
+    assert f32["parameters_bytes"] == 4 * model.param_count()
+    assert f32["resid_hook_bytes"] == 48 * 32 * 4
+    assert next(r for r in rows if r["dtype"] == "float16")["full_cache_bytes"] * 2 == (
+        f32["full_cache_bytes"])
