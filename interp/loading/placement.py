@@ -19,6 +19,10 @@ The embedding always sits on a real device (inputs start there and ``model.devic
 it); a tied unembedding shares its device. ``"auto"`` fills the devices of ``max_memory`` in
 order (default: each GPU's free memory, then the CPU's available memory) unit by unit, in
 forward order, and sends the rest to disk.
+
+Limit: the loaders build the whole model on the CPU first and :func:`dispatch` places it
+after, so the checkpoint must fit in CPU memory while it loads (resident memory drops once
+units go to a GPU or to disk); loading straight into place, unit by unit, is not done yet.
 """
 
 from __future__ import annotations
