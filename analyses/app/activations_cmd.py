@@ -81,7 +81,8 @@ def activations_cmd(model: str, hooks: str, corpus: Path, out: Path, seq_len: in
 
     \b
     Example:
-      interp activations minilm --hooks blocks.0.hook_resid_post,blocks.5.hook_resid_post --corpus analyses/data/sample_text.txt --out acts --shard-tokens 256
+      interp activations minilm --hooks blocks.0.hook_resid_post,blocks.5.hook_resid_post \\
+        --corpus analyses/data/sample_text.txt --out acts --shard-tokens 256
     """
     from interp.activation_store import write_activations
 
