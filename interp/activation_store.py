@@ -102,6 +102,9 @@ def _check_hooks(model: Any, hooks: Sequence[str]) -> list[str]:
 
             close = difflib.get_close_matches(name, list(known), n=3)
             raise InterpError(f"Unknown hook {name!r}; closest: {', '.join(close) or 'none'}.")
+        if re.search(r"\.experts\.\d+\.", name):
+            raise InterpError(f"{name} holds only the tokens routed to that expert; store "
+                              "the layer's mlp.hook_post or hook_mlp_out instead.")
         if name.endswith(_TOKEN_MAJOR):
             raise InterpError(f"{name} is [batch, head, q, k], not one row per token; store "
                               "hook_z, hook_q/k/v or the residual hooks instead.")

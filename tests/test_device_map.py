@@ -136,3 +136,17 @@ def test_info_prints_memory_per_dtype_and_context(tmp_path: Path) -> None:
     assert f32["resid_hook_bytes"] == 48 * 32 * 4
     assert next(r for r in rows if r["dtype"] == "float16")["full_cache_bytes"] * 2 == (
         f32["full_cache_bytes"])
+
+
+def test_temporary_offload_folder_goes_with_the_model() -> None:
+    import gc
+
+    m = _model()
+    dm = {u: "cpu" for u in placement_units(m)} | {"blocks.0": "disk"}
+    dispatch(m, dm)
+    folder = m.offload_folder
+    assert [p.name for p in folder.iterdir()] == ["blocks.0.safetensors"]
+    m(TOKENS)  # runs with the weights loaded from that folder
+    del m
+    gc.collect()
+    assert not folder.exists()

@@ -28,7 +28,9 @@ units go to a GPU or to disk); loading straight into place, unit by unit, is not
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -230,7 +232,8 @@ def dispatch(model: nn.Module, device_map: str | Mapping[str, str],
              offload_dir: str | Path | None = None) -> nn.Module:
     """Place ``model``'s units by ``device_map`` (``"auto"`` or ``{unit: device}``) and hook
     their inputs across devices; returns the model (changed in place), with
-    ``model.hf_device_map`` (the map used, as transformers names it)."""
+    ``model.hf_device_map`` (the map used, as transformers names it). Without
+    ``offload_dir``, disk units go to a temporary folder removed when the model is."""
     if device_map == "auto":
         device_map = infer_device_map(model, max_memory)
     elif isinstance(device_map, str) or not isinstance(device_map, Mapping):
@@ -245,8 +248,11 @@ def dispatch(model: nn.Module, device_map: str | Mapping[str, str],
     for name, module in units.items():
         dev = dm[name]
         if dev == DISK:
-            if folder is None:
-                folder = Path(offload_dir or tempfile.mkdtemp(prefix="interp_offload_"))
+            if folder is None and offload_dir is None:  # ours: removed with the model
+                folder = Path(tempfile.mkdtemp(prefix="interp_offload_"))
+                weakref.finalize(model, shutil.rmtree, folder, True)
+            elif folder is None:
+                folder = Path(offload_dir)  # type: ignore[arg-type]
                 folder.mkdir(parents=True, exist_ok=True)
             module.to(exec_device)  # non-weight state (hook points) lives where it runs
             _attach(module, exec_device, _Offloaded(module, folder / f"{name}.safetensors",
@@ -255,4 +261,5 @@ def dispatch(model: nn.Module, device_map: str | Mapping[str, str],
             module.to(dev)
             _attach(module, torch.device(dev), None)
     model.hf_device_map = dict(dm)
+    model.offload_folder = folder  # where disk units' weights are (None: no disk unit)
     return model
