@@ -117,3 +117,47 @@ def test_bad_input_is_one_line(tmp_path: Path, monkeypatch, model) -> None:
         interp.write_activations(model, ["x"], ["blocks.0.attn.hook_pattern"], tmp_path / "b")
     with pytest.raises(interp.InterpError, match="no index.json"):
         interp.ActivationStore(tmp_path / "nowhere")
+
+
+_KILLED_RUN = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+import interp
+from test_activations import HOOKS, _model, _texts
+m = _model()
+m.blocks[0].hook_resid_pre.add_hook(lambda t, hook: time.sleep(0.2))  # slow enough to kill
+interp.write_activations(m, _texts(60), HOOKS, {out!r}, seq_len=32, batch_tokens=200,
+                         shard_tokens=150)
+"""
+
+
+@pytest.mark.slow  # a second interpreter and a deliberately slowed run: ~20 s
+def test_run_killed_by_sigkill_resumes_byte_identical(tmp_path: Path, model) -> None:
+    """A real kill (SIGKILL, whatever it was writing) between or inside shards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = {"seq_len": 32, "batch_tokens": 200, "shard_tokens": 150}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    interp.write_activations(model, _texts(60), HOOKS, whole, **kw)
+    code = _KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(killed))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        index = killed / "index.json"
+        if index.exists() and len(json.loads(index.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not json.loads((killed / "index.json").read_text())["complete"]
+    interp.write_activations(_model(), _texts(60), HOOKS, killed, **kw)
+    files = sorted(p.name for p in whole.iterdir())
+    assert files == sorted(p.name for p in killed.iterdir())
+    for name in files:
+        assert (whole / name).read_bytes() == (killed / name).read_bytes(), name
