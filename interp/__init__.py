@@ -9,6 +9,7 @@
 """
 
 from interp import masks
+from interp.activation_store import ActivationStore, write_activations
 from interp.config import ModelConfig
 from interp.errors import HookNameError, InterpError
 from interp.masks import MaskSpec, parse_mask
@@ -39,6 +40,7 @@ def load_pretrained_no_processing(source, **overrides):
 
 
 __all__ = [
+    "ActivationStore",
     "HookNameError",
     "HookedEncoderDecoder",
     "HookedTransformer",
@@ -53,4 +55,5 @@ __all__ = [
     "load_pretrained_no_processing",
     "masks",
     "parse_mask",
+    "write_activations",
 ]

@@ -70,6 +70,7 @@ class InterpGroup(click.Group):
         Here rather than at import so the heavy imports run inside :meth:`_run`'s error
         handling, after :func:`main` installed the signal handlers.
         """
+        from analyses.app.activations_cmd import activations_cmd
         from analyses.app.info_cmd import info_cmd
         from analyses.app.plot_cmd import plot_cmd
         from analyses.app.report_cmd import report_cmd
@@ -78,6 +79,8 @@ class InterpGroup(click.Group):
         for command in (info_cmd, plot_cmd, report_cmd):
             if command.name not in self.commands:
                 self.add_command(command)
+        if activations_cmd.name not in self.commands:
+            self.add_command(activations_cmd)
         load_topics()
 
     def list_commands(self, ctx: click.Context) -> list[str]:

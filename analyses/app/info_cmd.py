@@ -34,6 +34,7 @@ def info_cmd(model: str, as_json: bool) -> None:
     outside, first = hook_names(m)
     n_params = param_count(m)
     layers = _layer_lines(m)
+    memory = _memory_rows(m)
     if as_json:
         from analyses.app.report import _json_safe
 
@@ -42,6 +43,7 @@ def info_cmd(model: str, as_json: bool) -> None:
             "hooks": {"model": outside, "layer_0": first},
             "n_hooks": len(getattr(m, "hook_dict", {})),
             "layers": layers,
+            "memory": memory,
         }), indent=2))
         return
     click.echo(f"model       {model}")
@@ -55,6 +57,7 @@ def info_cmd(model: str, as_json: bool) -> None:
         click.echo("layers (attention, RoPE, soft-cap):")
         for i, line in enumerate(layers):
             click.echo(f"  {i:>3}  {line}")
+    _echo_memory(memory)
     click.echo(f"hooks ({len(getattr(m, 'hook_dict', {}))} in all), outside the layers:")
     for name in outside:
         click.echo(f"  {name}")
@@ -72,3 +75,25 @@ def _layer_lines(m: object) -> list[str]:
 
     cfg = getattr(m, "cfg", None)
     return describe_layers(cfg) if isinstance(cfg, ModelConfig) else []
+
+
+def _memory_rows(m: object) -> list[dict]:
+    """Parameter and activation memory per dtype and context (:mod:`interp.memory_estimate`),
+    for decoder/encoder stacks (an encoder-decoder needs decoder inputs to measure: none)."""
+    from interp.config import ModelConfig
+    from interp.memory_estimate import memory_table
+
+    if not isinstance(getattr(m, "cfg", None), ModelConfig) or not hasattr(m, "blocks"):
+        return []
+    return memory_table(m)
+
+
+def _echo_memory(rows: list[dict]) -> None:
+    if not rows:
+        return
+    click.echo("memory (parameters; full cache and one hook_resid_post, per sequence):")
+    click.echo(f"  {'dtype':<9} {'context':>7}  {'parameters':>10}  {'full cache':>10}  "
+               f"{'resid hook':>10}")
+    for r in rows:
+        click.echo(f"  {r['dtype']:<9} {r['context']:>7}  {r['parameters']:>10}  "
+                   f"{r['full_cache']:>10}  {r['resid_hook']:>10}")

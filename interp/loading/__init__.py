@@ -142,13 +142,23 @@ def load_pretrained(source: Any, **overrides: Any) -> Any:
     >>> # model = interp.load_pretrained("minilm")
     >>> # model = interp.load_pretrained("path/to/hf_folder", attn_kernel="eager")
     >>> # model = interp.load_pretrained("smollm2-135m", process_weights=True)  # as TL
+    >>> # model = interp.load_pretrained("smollm2-135m", device_map="auto", max_memory={
+    >>> #     "cuda:0": "1GB", "cpu": "2GB"})  # layers across devices, the rest on disk
     """
+    placement = {k: overrides.pop(k) for k in ("device_map", "max_memory", "offload_dir")
+                 if k in overrides}
     processing = _processing_options(overrides)
     model = _load_raw(source, overrides)
     if processing is not None:
         from interp.processing import process_weights
 
         process_weights(model, **processing)
+    if placement.get("device_map") is not None:  # layers across devices: interp.loading.placement
+        from interp.loading.placement import dispatch
+
+        dispatch(model, **placement)
+    elif len(placement) > (1 if "device_map" in placement else 0):
+        raise InterpError("max_memory and offload_dir go with device_map='auto' or a dict.")
     return model
 
 
