@@ -18,10 +18,37 @@ from interp.components.learned_masks import AdaptiveSpan, l0_penalty, span_penal
 from interp.errors import InterpError
 from interp.train.tasks.base import Task
 
-__all__ = ["MASK_PARAMETERS", "fit_learned_masks"]
+__all__ = ["MASK_PARAMETERS", "fit_learned_masks", "with_learned_masks"]
 
 #: parameter names (last part) of the learned masks
 MASK_PARAMETERS = ("span_frac", "log_alpha")
+
+
+def with_learned_masks(model: Any, **flags: Any) -> Any:
+    """A copy of ``model`` whose config turns on learned masks (``adaptive_span=True``,
+    ``l0_head_gates=True``, ``selective_attention=True``, ``span_ramp``): every weight of the
+    original, the new mask parameters at their initial values (full span, gates at 1), so at
+    evaluation it computes exactly what ``model`` does until the masks are trained."""
+    from interp.model import build_model
+
+    unknown = sorted(set(flags) - {"adaptive_span", "l0_head_gates", "selective_attention",
+                                   "span_ramp"})
+    if unknown:
+        raise InterpError(f"with_learned_masks takes only learned-mask flags, got "
+                          f"{', '.join(unknown)}.")
+    try:
+        cfg = model.cfg.replace(**flags)
+    except ValueError as e:
+        raise InterpError(str(e)) from None
+    new = build_model(cfg, tokenizer=getattr(model, "tokenizer", None))
+    dev = next(model.parameters()).device
+    new = new.to(dev)
+    res = new.load_state_dict(model.state_dict(), strict=False)
+    extra = [k for k in res.missing_keys if k.rsplit(".", 1)[-1] not in MASK_PARAMETERS]
+    if extra or res.unexpected_keys:  # cannot happen for a model of this package
+        raise InterpError(f"with_learned_masks could not copy the weights: missing {extra}, "
+                          f"unexpected {res.unexpected_keys}.")
+    return new.eval()
 
 
 def _mask_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -1,0 +1,89 @@
+"""What learned masks learned: spans per head, hard-concrete gates, and their agreement with
+Michel et al.'s importance.
+
+A model built with ``adaptive_span=True`` (Sukhbaatar et al. 2019) or ``l0_head_gates=True``
+(Voita et al. 2019) carries its masks as parameters; these functions read them into tidy
+frames. :func:`gate_importance_agreement` puts a gate table beside
+:func:`analyses.masking.head_importance`'s: heads the L0 penalty closes should be the ones whose
+gate gradient said they matter least.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from interp.errors import InterpError
+
+__all__ = ["gate_importance_agreement", "learned_gates", "learned_spans"]
+
+
+def _attn_layers(model: Any) -> list[tuple[int, Any]]:
+    return [(i, blk.attn) for i, blk in enumerate(model.blocks)]
+
+
+@torch.no_grad()
+def learned_spans(model: Any) -> pd.DataFrame:
+    """One row per head: ``layer, head, span`` (z, in positions: keys up to z back are fully
+    seen), ``reach`` (z + ramp: no key further back is seen at all), ``span_frac`` (z / n_ctx)."""
+    rows = []
+    for layer, attn in _attn_layers(model):
+        if attn.span is None:
+            continue
+        z = attn.span.spans.float().cpu()
+        for h in range(len(z)):
+            rows.append({"layer": layer, "head": h, "span": float(z[h]),
+                         "reach": float(z[h]) + attn.span.ramp,
+                         "span_frac": float(z[h]) / attn.span.max_span})
+    if not rows:
+        raise InterpError("This model has no learned spans; build it with adaptive_span=True.")
+    return pd.DataFrame(rows, columns=["layer", "head", "span", "reach", "span_frac"])
+
+
+@torch.no_grad()
+def learned_gates(model: Any) -> pd.DataFrame:
+    """One row per head: ``layer, head, log_alpha``, ``gate`` (the deterministic evaluation
+    gate in [0, 1]), ``open_probability`` (P(gate != 0), the L0 term), ``pruned`` (gate == 0:
+    the head's output is removed exactly)."""
+    rows = []
+    for layer, attn in _attn_layers(model):
+        if attn.gates is None:
+            continue
+        was = attn.gates.training
+        attn.gates.eval()
+        gate = attn.gates().float().cpu()
+        attn.gates.train(was)
+        la = attn.gates.log_alpha.float().cpu()
+        p_open = attn.gates.open_probability().float().cpu()
+        for h in range(len(gate)):
+            rows.append({"layer": layer, "head": h, "log_alpha": float(la[h]),
+                         "gate": float(gate[h]), "open_probability": float(p_open[h]),
+                         "pruned": bool(gate[h] == 0)})
+    if not rows:
+        raise InterpError("This model has no head gates; build it with l0_head_gates=True.")
+    cols = ["layer", "head", "log_alpha", "gate", "open_probability", "pruned"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def gate_importance_agreement(gates: pd.DataFrame, importance: pd.DataFrame) -> dict[str, float]:
+    """Spearman rank correlation of the learned gates' ``log_alpha`` with Michel et al.'s
+    ``importance`` (both frames keyed by ``layer, head``), and how many heads were pruned.
+
+    ``importance_pruned`` / ``importance_kept``: mean importance of the pruned and the kept
+    heads (the gates agree when the pruned ones are the least important)."""
+    from scipy.stats import spearmanr
+
+    both = gates.merge(importance, on=["layer", "head"], how="inner")
+    if len(both) < 3:
+        raise InterpError("Gate and importance tables share fewer than 3 heads; compute both "
+                          "on the same model.")
+    x, y = both["log_alpha"].to_numpy(float), both["importance"].to_numpy(float)
+    rho = float(spearmanr(x, y).statistic) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
+    pruned = both["pruned"].to_numpy(bool)
+    mean = (lambda m: float(y[m].mean()) if m.any() else float("nan"))
+    return {"spearman": rho, "n_heads": len(both), "n_pruned": int(pruned.sum()),
+            "pruned_fraction": float(pruned.mean()), "importance_pruned": mean(pruned),
+            "importance_kept": mean(~pruned)}
