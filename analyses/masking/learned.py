@@ -83,7 +83,10 @@ def gate_importance_agreement(gates: pd.DataFrame, importance: pd.DataFrame) -> 
     x, y = both["log_alpha"].to_numpy(float), both["importance"].to_numpy(float)
     rho = float(spearmanr(x, y).statistic) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
     pruned = both["pruned"].to_numpy(bool)
-    mean = (lambda m: float(y[m].mean()) if m.any() else float("nan"))
+
+    def mean(m: np.ndarray) -> float:
+        return float(y[m].mean()) if m.any() else float("nan")
+
     return {"spearman": rho, "n_heads": len(both), "n_pruned": int(pruned.sum()),
             "pruned_fraction": float(pruned.mean()), "importance_pruned": mean(pruned),
             "importance_kept": mean(~pruned)}

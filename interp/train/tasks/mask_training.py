@@ -100,7 +100,8 @@ def fit_learned_masks(
                     if isinstance(m, AdaptiveSpan):
                         m.span_frac.clamp_(0.0, 1.0)
             if step % log_every == 0 or step == steps:
-                rows.append({"step": step, "loss": float(ce.detach()), "span_penalty": float(sp.detach()),
+                rows.append({"step": step, "loss": float(ce.detach()),
+                             "span_penalty": float(sp.detach()),
                              "l0_penalty": float(l0.detach())})
     finally:
         for p in frozen:
