@@ -214,3 +214,31 @@ def test_l0_gates_prune_half_the_induction_heads_in_importance_order():
     assert agree["pruned_fraction"] >= 0.5
     assert agree["spearman"] > 0.3 and agree["importance_pruned"] < agree["importance_kept"]
     assert mean_loss(gated, lbs) - mean_loss(plain, lbs) < 0.5
+
+
+def test_masking_report_lists_learned_spans_and_gates(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import analyses.app.sections.masking as sec
+    from analyses.app.cli import cli
+
+    torch.manual_seed(0)
+    plain = HookedTransformer(ModelConfig(**{**BASE, "d_vocab": 256, "n_ctx": 32}))
+    model = with_learned_masks(plain, adaptive_span=True, l0_head_gates=True, span_ramp=4)
+    with torch.no_grad():
+        model.blocks[0].attn.gates.log_alpha[1] = -10.0
+        model.blocks[1].attn.span.span_frac.fill_(0.25)
+    monkeypatch.setattr(sec, "load_model", lambda *a, **k: model)
+    out = tmp_path / "r"
+    res = CliRunner().invoke(cli, ["masking", "m", "--seq-len", "16", "--max-tokens", "48",
+                                   "--pruning-steps", "2", "--random-orders", "1", "--strategy",
+                                   "causal", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    spans = pd.read_csv(out / "data" / "learned_spans.csv")
+    assert spans.loc[spans.layer == 1, "span"].round(3).tolist() == [8.0] * 4
+    gates = pd.read_csv(out / "data" / "learned_gates.csv")
+    assert gates["pruned"].tolist() == [False, True] + [False] * 6
+    text = "\n".join(p.read_text() for p in out.glob("*.md"))
+    assert "1 of 8 heads pruned" in text and "Spearman(log_alpha" in text

@@ -18,7 +18,7 @@ import torch
 
 from interp.errors import InterpError
 
-__all__ = ["gate_importance_agreement", "learned_gates", "learned_spans"]
+__all__ = ["gate_importance_agreement", "learned_gates", "learned_mask_tables", "learned_spans"]
 
 
 def _attn_layers(model: Any) -> list[tuple[int, Any]]:
@@ -90,3 +90,33 @@ def gate_importance_agreement(gates: pd.DataFrame, importance: pd.DataFrame) -> 
     return {"spearman": rho, "n_heads": len(both), "n_pruned": int(pruned.sum()),
             "pruned_fraction": float(pruned.mean()), "importance_pruned": mean(pruned),
             "importance_kept": mean(~pruned)}
+
+
+def learned_mask_tables(model: Any, importance: pd.DataFrame | None = None
+                        ) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """The masking report's part for a model with learned masks: tables ``learned_spans`` and
+    ``learned_gates`` (those it has) and one finding line each; with ``importance``
+    (:func:`analyses.masking.head_importance`) the gates' Spearman agreement with it. A model
+    without learned masks gives ``({}, [])``."""
+    attns = [attn for _, attn in _attn_layers(model)]
+    tables: dict[str, pd.DataFrame] = {}
+    findings: list[str] = []
+    if any(a.span is not None for a in attns):
+        spans = learned_spans(model)
+        tables["learned_spans"] = spans
+        findings.append(f"Learned attention spans (Sukhbaatar et al. 2019): median "
+                        f"{spans['span'].median():.1f} positions, range "
+                        f"{spans['span'].min():.1f}-{spans['span'].max():.1f} (ramp "
+                        f"{model.cfg.span_ramp}).")
+    if any(a.gates is not None for a in attns):
+        gates = learned_gates(model)
+        tables["learned_gates"] = gates
+        line = (f"Hard-concrete head gates (Voita et al. 2019): {int(gates['pruned'].sum())} of "
+                f"{len(gates)} heads pruned (gate exactly 0).")
+        if importance is not None and len(gates) >= 3:
+            rho = gate_importance_agreement(gates, importance)["spearman"]
+            line += (f" Spearman(log_alpha, Michel importance) = {rho:.2f}." if np.isfinite(rho)
+                     else " Spearman with Michel importance undefined (untrained gates are all "
+                     "equal).")
+        findings.append(line)
+    return tables, findings
