@@ -72,6 +72,10 @@ def gate_importance_agreement(gates: pd.DataFrame, importance: pd.DataFrame) -> 
     """Spearman rank correlation of the learned gates' ``log_alpha`` with Michel et al.'s
     ``importance`` (both frames keyed by ``layer, head``), and how many heads were pruned.
 
+    ``spearman_gate`` ranks by the evaluation gate instead, pruned heads tied at 0: the
+    log-alpha of heads the penalty closed differ by noise only (all near -7), which the plain
+    ``spearman`` ranks as if it meant something.
+
     ``importance_pruned`` / ``importance_kept``: mean importance of the pruned and the kept
     heads (the gates agree when the pruned ones are the least important)."""
     from scipy.stats import spearmanr
@@ -81,13 +85,19 @@ def gate_importance_agreement(gates: pd.DataFrame, importance: pd.DataFrame) -> 
         raise InterpError("Gate and importance tables share fewer than 3 heads; compute both "
                           "on the same model.")
     x, y = both["log_alpha"].to_numpy(float), both["importance"].to_numpy(float)
-    rho = float(spearmanr(x, y).statistic) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
+    g = both["gate"].to_numpy(float)
+
+    def rank_corr(a: np.ndarray) -> float:
+        return float(spearmanr(a, y).statistic) if np.ptp(a) > 0 and np.ptp(y) > 0 else np.nan
+
+    rho = rank_corr(x)
     pruned = both["pruned"].to_numpy(bool)
 
     def mean(m: np.ndarray) -> float:
         return float(y[m].mean()) if m.any() else float("nan")
 
-    return {"spearman": rho, "n_heads": len(both), "n_pruned": int(pruned.sum()),
+    return {"spearman": rho, "spearman_gate": rank_corr(g), "n_heads": len(both),
+            "n_pruned": int(pruned.sum()),
             "pruned_fraction": float(pruned.mean()), "importance_pruned": mean(pruned),
             "importance_kept": mean(~pruned)}
 

@@ -83,8 +83,20 @@ def fit_learned_masks(
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
-    rows: list[dict[str, float]] = []
     model.train()
+    # the gates' noise comes from torch's global generator: seed it inside fork_rng, which
+    # restores the caller's state afterwards (a seeded run, no process-wide side effect)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _loop(model, task, opt, gen, dev, frozen, steps=steps, batch_size=batch_size,
+                     span_coef=span_coef, l0_coef=l0_coef, log_every=log_every)
+
+
+def _loop(model: Any, task: Task, opt: torch.optim.Optimizer, gen: torch.Generator,
+          dev: torch.device, frozen: list[torch.nn.Parameter], *, steps: int, batch_size: int,
+          span_coef: float, l0_coef: float, log_every: int) -> pd.DataFrame:
+    """The optimisation steps of :func:`fit_learned_masks`; unfreezes ``frozen`` at the end."""
+    rows: list[dict[str, float]] = []
     try:
         for step in range(1, steps + 1):
             batch = task.sample(batch_size, gen)
