@@ -242,3 +242,14 @@ def test_masking_report_lists_learned_spans_and_gates(monkeypatch, tmp_path):
     assert gates["pruned"].tolist() == [False, True] + [False] * 6
     text = "\n".join(p.read_text() for p in out.glob("*.md"))
     assert "1 of 8 heads pruned" in text and "Spearman(log_alpha" in text
+
+
+def test_short_span_decodes_the_same_with_and_without_the_kv_cache():
+    _, m = _pair(adaptive_span=True, span_ramp=2, base={"n_kv_heads": 2})
+    with torch.no_grad():
+        m.blocks[0].attn.span.span_frac.fill_(0.2)
+        m.blocks[1].attn.span.span_frac.copy_(torch.tensor([0.05, 0.3, 1.0, 0.1]))
+    prompt = _tokens(5, 2)
+    cached = m.generate(prompt, max_new_tokens=6, verbose=False)
+    fresh = m.generate(prompt, max_new_tokens=6, verbose=False, use_past_kv_cache=False)
+    assert torch.equal(cached, fresh)
