@@ -21,6 +21,7 @@ from transformer_lens.hook_points import HookPoint
 
 from interp.components.context import AttnContext, local_context
 from interp.components.embeddings import Embed, PosEmbed
+from interp.components.learned_masks import LEARNED_MASK_INIT
 from interp.components.moe import MoE
 from interp.components.norms import make_norm
 from interp.config import ModelConfig
@@ -118,7 +119,9 @@ class HookedBase(TextInputs, Interventions, HookedRootModule):
             if p.is_meta:
                 continue
             last = name.rsplit(".", 1)[-1]
-            if last in ("w",) or (last == "weight" and p.ndim == 1):
+            if last in LEARNED_MASK_INIT:  # learned masks start open: plain attention
+                nn.init.constant_(p, LEARNED_MASK_INIT[last])
+            elif last in ("w",) or (last == "weight" and p.ndim == 1):
                 nn.init.ones_(p)
             elif last in ("b", "bias", "b_U", "W_rel") or p.ndim == 1:
                 nn.init.zeros_(p)

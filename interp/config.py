@@ -269,6 +269,12 @@ class ModelConfig(TLConfigNames):
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(d_model))
 
+    # --- learned masks (interp.components.learned_masks; checked in interp.config_variants) ---
+    adaptive_span: bool = False  # a learned span per head (Sukhbaatar et al. 2019)
+    span_ramp: int = 32  # R, the width of the span mask's linear ramp, in positions
+    l0_head_gates: bool = False  # hard-concrete head gates (Louizos et al. 2018; Voita et al. 2019)
+    selective_attention: bool = False  # head 0 hides earlier tokens (Leviathan et al. 2024)
+
     # --- mixture of experts ---
     n_experts: int = 0  # 0 = dense FFN everywhere
     experts_per_token: int = 2  # top-k

@@ -69,6 +69,7 @@ def _ffn(cfg: ModelConfig, moe: bool) -> int:
 def _block(cfg: ModelConfig, *, cross: bool, moe: bool) -> int:
     """One residual block: norm + attention, norm + cross-attention, norm + FFN."""
     total = _norm(cfg, cfg.d_model) + _attention(cfg)
+    total += cfg.n_heads * (int(cfg.adaptive_span) + int(cfg.l0_head_gates))  # learned masks
     if cross:
         total += _norm(cfg, cfg.d_model) + _attention(cfg)
     if not cfg.attn_only:

@@ -58,6 +58,7 @@ def check_variants(cfg: ModelConfig) -> None:
         raise ValueError(f"attn_softcap bends the scores, which attn_kernel={cfg.attn_kernel!r} "
                          "never forms; use attn_kernel='auto' or 'eager'.")
     _finite_positive("embed_scale", cfg.embed_scale, 0.0, 1e4)
+    _check_learned_masks(cfg)
     if cfg.norm_placement in ("sandwich", "post_branch"):
         if cfg.norm == "none":
             raise ValueError(f"norm_placement={cfg.norm_placement!r} needs a norm; set "
@@ -68,6 +69,27 @@ def check_variants(cfg: ModelConfig) -> None:
         if cfg.architecture == "encoder_decoder":
             raise ValueError(f"norm_placement={cfg.norm_placement!r} is implemented for "
                              "decoder-only and encoder-only stacks; use 'pre' or 'post'.")
+
+
+def _check_learned_masks(cfg: ModelConfig) -> None:
+    """Adaptive span and selective attention edit the scores of a causal self-attention."""
+    for name in ("adaptive_span", "l0_head_gates", "selective_attention"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}.")
+    r = cfg.span_ramp
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 2**31:
+        raise ValueError(f"span_ramp must be a positive integer (positions), got {r!r}.")
+    for name in ("adaptive_span", "selective_attention"):
+        if not getattr(cfg, name):
+            continue
+        if cfg.attn_kernel in ("sdpa", "linear"):
+            raise ValueError(f"{name} edits the attention scores, which attn_kernel="
+                             f"{cfg.attn_kernel!r} never forms; use attn_kernel='auto' or 'eager'.")
+        hides_later = not bool(cfg.mask.build(8, 8).triu(diagonal=1).any())
+        if cfg.architecture != "decoder" or not hides_later:
+            raise ValueError(f"{name} counts back from each query, so it needs a causal decoder "
+                             f"(architecture='decoder', a mask hiding later keys); got "
+                             f"architecture={cfg.architecture!r}, mask={cfg.mask}.")
 
 
 def _check_layer_types(cfg: ModelConfig) -> None:

@@ -58,6 +58,7 @@ FLAGS = ["attn_only", "parallel_attn_mlp", "tie_embeddings", "has_unembed", "mlm
          "unembed_bias", "rope_interleaved", "router_renormalize", "shared_expert_gate",
          "use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in",
          "use_hook_tokens", "default_prepend_bos"]
+FLAGS += ["adaptive_span", "l0_head_gates", "selective_attention"]  # learned masks
 
 
 def _log_uniform(lo: float, hi: float) -> st.SearchStrategy[float]:
@@ -175,6 +176,8 @@ def _attention(draw: Any) -> dict[str, Any]:
         kw["attn_temperature"] = draw(_log_uniform(0.25, 4.0))
     if draw(st.booleans()):
         kw["attn_scale"] = draw(_log_uniform(0.01, 2.0))
+    if draw(st.integers(0, 3)) == 0:
+        kw["span_ramp"] = draw(st.integers(1, 64))
     return kw
 
 

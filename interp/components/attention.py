@@ -18,8 +18,10 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from interp.components.context import AttnContext
+from interp.components.learned_masks import AdaptiveSpan, HardConcreteGates, SelectiveAttention
 from interp.components.norms import RMSNorm
 from interp.config import ModelConfig
+from interp.errors import InterpError
 from interp.hooks import hp, is_hooked, is_reached
 from interp.perf.kernels import Linear
 from interp.positions import apply_rope
@@ -100,6 +102,29 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
         self.hook_result = HookPoint()  # [batch, pos, head, d_model] (opt-in)
+        self._init_learned_masks(cfg, cross)
+
+    def _init_learned_masks(self, cfg: ModelConfig, cross: bool) -> None:
+        """Adaptive span, hard-concrete gates, selective attention (interp.components.
+        learned_masks); self-attention only, each with its hook."""
+        on = not cross
+        self.span = AdaptiveSpan(self.n_heads, cfg.n_ctx, cfg.span_ramp) if (
+            on and cfg.adaptive_span) else None
+        self.gates = HardConcreteGates(self.n_heads) if on and cfg.l0_head_gates else None
+        self.selective = SelectiveAttention() if on and cfg.selective_attention else None
+        if self.span is not None:
+            self.hook_span_mask = HookPoint()  # [head, q_pos, k_pos]
+        if self.gates is not None:
+            self.hook_head_gates = HookPoint()  # [head]
+        if self.selective is not None:
+            self.hook_selection = HookPoint()  # [batch, q_pos, k_pos]
+        # these edit the scores, which only the eager kernel forms
+        self._edits_scores = self.span is not None or self.selective is not None
+
+    def _span_bias(self, ctx: AttnContext, k_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """log of the span mask, [head, q, k], through ``hook_span_mask``."""
+        mask = hp(self.hook_span_mask, self.span.mask(ctx.q_pos, k_len))
+        return AdaptiveSpan.bias(mask, dtype)
 
     @property
     def where(self) -> StackLayer:
@@ -223,13 +248,14 @@ class Attention(nn.Module):
 
         if cfg.attn_kernel == "linear":
             z = self._linear(q, k, v, ctx)
-        elif cfg.attn_kernel == "eager" or is_reached(self.hook_attn_scores) or is_reached(
-            self.hook_pattern
-        ):
+        elif (cfg.attn_kernel == "eager" or self._edits_scores
+              or is_reached(self.hook_attn_scores) or is_reached(self.hook_pattern)):
             z = self._eager(q, k, v, ctx)
         else:
             z = self._sdpa(q, k, v, ctx)
         z = hp(self.hook_z, z)  # [batch, pos, head, d_head]
+        if self.gates is not None:  # hard-concrete gates (Voita et al. 2019)
+            z = z * hp(self.hook_head_gates, self.gates()).to(z.dtype)[None, None, :, None]
         if self.head_gate is not None:
             z = z * self.head_gate.to(z.dtype)[None, None, :, None]
         if self.use_attn_result or is_hooked(self.hook_result):
@@ -274,12 +300,16 @@ class Attention(nn.Module):
             and ctx.pos_bias is None
             and ctx.temperature == 1.0
             and ctx.penalty is None
+            and self.selective is None
         ):
             # The common case (a structural mask, no padding, bias, penalty or temperature): scale
             # and mask in the matmul's own epilogue, scores = min-or-0 + scale * q.k^T (baddbmm),
             # one pass over the [batch, head, q, k] buffer instead of three. Masked entries equal
             # finfo.min exactly, as masked_fill would write.
             bias = ctx.hard_bias(q.dtype, rows=g).reshape(g * T, S)  # batch-free, [g * q, k]
+            if self.span is not None:  # per head: [kv_head, g * q, k], tiled over the batch
+                span = self._span_bias(ctx, S, q.dtype).reshape(nkv, g * T, S)
+                bias = (bias + span).clamp(min=torch.finfo(q.dtype).min).repeat(B, 1, 1)
             q3, k3 = qh.reshape(B * nkv, g * T, dh), kh.reshape(B * nkv, S, dh)
             scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=self.scale)
             return self._softmax_pv(scores.view(B, nh, T, S), vh, q.dtype, g)
@@ -291,13 +321,26 @@ class Attention(nn.Module):
             scores = torch.tanh(scores / self.softcap) * self.softcap
         if ctx.pos_bias is not None:
             scores = scores.add_(ctx.pos_bias.to(scores.dtype))
+        selection = None
+        if self.selective is not None:  # from head 0's scores (Leviathan et al. 2024)
+            if T != S:
+                raise InterpError("selective_attention needs the whole sequence in one forward "
+                                  "(no KV cache); generate with use_past_kv_cache=False.")
+            selection = hp(self.hook_selection, self.selective(scores[:, 0].clone(), ctx.q_pos,
+                                                               ctx.hard()))
         if ctx.temperature != 1.0:
             scores = scores.div_(ctx.temperature)
         soft = ctx.soft(scores.dtype)
         if soft is not None:
             scores = scores.add_(soft)
+        if self.span is not None:
+            scores = scores + self._span_bias(ctx, S, scores.dtype)[None]
+        if selection is not None:
+            scores = scores - selection[:, None].to(scores.dtype)
         if hard is not None:
             scores = scores.masked_fill_(~hard, torch.finfo(scores.dtype).min)
+        if self.span is not None or selection is not None:
+            scores = scores.clamp(min=torch.finfo(scores.dtype).min)
         return self._softmax_pv(scores, vh, q.dtype, g)
 
     def _softmax_pv(

@@ -30,6 +30,7 @@ from analyses.app.cli import (
 from analyses.app.report import Section
 from analyses.app.sections import register
 from analyses.app.sections._summaries import masking_summary
+from analyses.masking.learned import learned_mask_tables
 from interp.progress import Progress, progress_bar
 
 if TYPE_CHECKING:
@@ -366,6 +367,9 @@ def _heads_part(part: _Part, model: HookedTransformer, lbs: list, opts: dict, se
     corr = masking.importance_correlations(merged)
     part.findings += _head_findings(merged, curve, corr, n_ok, "head", len(merged))
     part.tables["head_importance"] = merged
+    learned, lines = learned_mask_tables(model, imp)  # adaptive spans, L0 gates (if any)
+    part.tables.update(learned)
+    part.findings += lines
     part.tables["pruning_curve"] = curve
     part.figures["masking_head_importance"] = plots.heatmap(
         _head_matrix(merged, "importance"),
