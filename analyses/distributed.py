@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from interp.errors import InterpError
 
-__all__ = ["RankFailure", "World", "all_max", "env_world_size", "reduce_sums", "session",
-           "shard", "sum_values", "world"]
+__all__ = ["RankFailure", "World", "all_max", "env_world_size", "gather_objects", "reduce_sums",
+           "session", "shard", "sum_values", "world"]
 
 T = TypeVar("T")
 
@@ -144,6 +144,22 @@ def all_max(value: int) -> int:
         return value
     t = _all_reduce(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank: for what does not add
+    up as a tensor sum (sparse tables, reservoir samples), merged afterwards by the caller."""
+    w = world()
+    if w.size == 1:
+        return [obj]
+    _test_kill()
+    out: list[Any] = [None] * w.size
+    try:
+        dist.all_gather_object(out, obj)
+    except RuntimeError as e:
+        raise RankFailure(f"rank {w.rank}: another rank of this distributed run failed or was "
+                          f"killed ({str(e).splitlines()[0][:120]}).") from None
+    return out
 
 
 def reduce_sums(obj: object, names: Iterable[str]) -> None:
