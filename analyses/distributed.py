@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from interp.errors import InterpError
 
-__all__ = ["RankFailure", "World", "all_max", "env_world_size", "gather_objects", "reduce_sums",
-           "session", "shard", "sum_values", "world"]
+__all__ = ["RankFailure", "World", "all_max", "env_world_size", "gather_in_order", "gather_objects",
+           "mine", "reduce_sums", "session", "shard", "sum_values", "world"]
 
 T = TypeVar("T")
 
@@ -160,6 +160,24 @@ def gather_objects(obj: T) -> list[T]:
         raise RankFailure(f"rank {w.rank}: another rank of this distributed run failed or was "
                           f"killed ({str(e).splitlines()[0][:120]}).") from None
     return out
+
+
+def mine(index: int) -> bool:
+    """Whether item ``index`` of a list every rank holds (facts, prompts) is this rank's to
+    compute (round-robin); always true in a plain run."""
+    w = world()
+    return index % w.size == w.rank
+
+
+def gather_in_order(local: dict[int, T], n: int) -> list[T]:
+    """The items ``0..n-1`` that the ranks computed (each rank's ``{index: item}`` for the
+    indices :func:`mine` gave it), in index order on every rank: the one-process list."""
+    if world().size == 1:
+        return [local[i] for i in range(n)]
+    merged: dict[int, T] = {}
+    for part in gather_objects(local):
+        merged.update(part)
+    return [merged[i] for i in range(n)]
 
 
 def reduce_sums(obj: object, names: Iterable[str]) -> None:
