@@ -101,6 +101,8 @@ def _blame(failed: dict[int, int], logs: list[Path], nproc: int) -> tuple[str, i
 def launch(argv: list[str], nproc: int) -> int:
     """Run ``interp <argv>`` as ``nproc`` local ranks; return the exit code for the shell."""
     port = _free_port()
+    # one rank per core share, as torchrun does (each rank's torch would otherwise use them all)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
     with tempfile.TemporaryDirectory(prefix="interp-ranks-") as tmp:
         logs = [Path(tmp) / f"rank{r}.err" for r in range(nproc)]
         procs: list[subprocess.Popen] = []
@@ -108,7 +110,7 @@ def launch(argv: list[str], nproc: int) -> int:
             for r in range(nproc):
                 env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
                            LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port))
+                           MASTER_PORT=str(port), OMP_NUM_THREADS=threads)
                 with open(logs[r], "wb") as err:
                     procs.append(subprocess.Popen(
                         [sys.executable, "-m", "analyses.app.cli", *argv], env=env,
