@@ -133,7 +133,7 @@ def _close(a: pd.DataFrame, b: pd.DataFrame) -> None:
         if a[c].dtype.kind == "f":
             np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-12, equal_nan=True, err_msg=c)
         else:
-            assert (a[c].astype(str) == b[c].astype(str)).all(), c
+            assert (a[c].fillna("").astype(str) == b[c].fillna("").astype(str)).all(), c
 
 
 @pytest.mark.slow  # two spawned ranks importing torch and a tokenizer: ~30 s on 2 cores
