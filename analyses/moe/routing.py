@@ -66,16 +66,20 @@ def _token_names(model: HookedTransformer) -> Callable[[int], str] | None:
     return names
 
 
-def _merge_ranks(acc: RoutingAccumulator) -> RoutingAccumulator:
+def _merge_ranks(acc: RoutingAccumulator, peak: int) -> tuple[RoutingAccumulator, int]:
     """Every rank's counts merged in rank order (:meth:`RoutingAccumulator.merge`: sums, the
-    sparse token x expert table, the reservoir of smallest keys), the same on every rank."""
+    sparse token x expert table, the reservoir of smallest keys), the same on every rank, and
+    the peak accumulator size (the merged one's, as one process would hold). A plain run:
+    ``acc`` and ``peak`` as they are."""
+    if distributed.world().size == 1:
+        return acc, peak
     acc.gen = None  # not picklable; the permutation nulls are drawn later from ``seed``
     acc._top1.clear()
     parts = distributed.gather_objects(acc)
     merged = parts[0]
     for other in parts[1:]:
         merged.merge(other)
-    return merged
+    return merged, max(peak, merged.nbytes())
 
 
 def routing_stats(model: HookedTransformer, batches: Iterable[Any], *,
@@ -129,7 +133,6 @@ def routing_stats(model: HookedTransformer, batches: Iterable[Any], *,
     peak = 0
     was_training = model.training
     model.eval()
-    world = distributed.world()
     try:
         for i, item in enumerate(progress(batches, desc="routing", total=total)):
             tokens, domains, mask = _as_batch(item)
@@ -137,7 +140,7 @@ def routing_stats(model: HookedTransformer, batches: Iterable[Any], *,
                 break
             _check_ids(tokens, cfg.n_ctx, cfg.d_vocab)
             valid = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
-            if i % world.size != world.rank:  # another rank's batch (analyses.distributed)
+            if not distributed.mine(i):  # another rank's batch (analyses.distributed)
                 acc.skip(valid)
                 seen += int(valid.sum())
                 continue
@@ -153,9 +156,7 @@ def routing_stats(model: HookedTransformer, batches: Iterable[Any], *,
     if seen == 0:
         raise InterpError("The corpus gave no tokens; give the MoE analysis some text or a "
                           "domain stream.")
-    if world.size > 1:
-        acc = _merge_ranks(acc)
-        peak = max(peak, acc.nbytes())
+    acc, peak = _merge_ranks(acc, peak)
     res = acc.result(domain_names=domain_names, token_names=_token_names(model), n_perm=n_perm,
                      min_token_count=min_token_count, seed=seed)
     res.peak_accumulator_bytes = peak
