@@ -223,3 +223,14 @@ def test_a_killed_rank_fails_the_run_cleanly(tmp_path, killed):
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no temporary report folder
     # the --out lock is free again: a normal run on the same folder succeeds
     assert _run([*CASES["heads"], "--out", str(out), "-q"]).returncode == 0
+
+
+@pytest.mark.slow
+def test_bad_input_under_nproc_is_the_ranks_own_one_line(tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    r = _run(["--nproc", "2", *CASES["heads"], "--out", str(out), "-q"])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {out} already exists; use --force to replace it"], r.stderr
+    assert not any(out.iterdir())
