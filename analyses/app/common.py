@@ -97,6 +97,16 @@ def default_out(ctx: click.Context, out: Path | None) -> Path:
     return out if out is not None else Path("reports") / (ctx.info_name or "report")
 
 
+def _main_rank() -> bool:
+    """Whether this process writes reports: always, except ranks > 0 of a distributed run
+    (:mod:`analyses.distributed`; torch is imported only when ``WORLD_SIZE`` > 1)."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1", "0"):
+        return True
+    from analyses import distributed
+
+    return distributed.world().is_main
+
+
 def prepare_out(ctx: click.Context, out: Path | None, force: bool) -> Path:
     """Resolve ``--out`` and fail now, before any slow work, if the report could not be
     written there: no writable place for it, another run writing it, or an existing folder
@@ -107,6 +117,8 @@ def prepare_out(ctx: click.Context, out: Path | None, force: bool) -> Path:
     point, with or without ``--force``; the "already exists" check is made under the lock.
     """
     path = default_out(ctx, out).expanduser().absolute()
+    if not _main_rank():
+        return path  # only rank 0 of a distributed run writes (and locks) the report
     if path.exists() and not path.is_dir():
         raise ReportError(f"{path} exists and is not a folder")
     parent = path.parent
@@ -214,6 +226,8 @@ def write_report(
     the report's summary that no section carries (a section skipped, and why).
     """
     out = default_out(ctx, out)
+    if not _main_rank():
+        return out.expanduser().absolute()  # rank 0 writes; the sums it holds are the total
     sources = [*model, model_source] if isinstance(model, dict) else [model_source]
     if isinstance(model, dict):
         config = {shown_path(src): scrub_paths(model_config(m)) for src, m in model.items()}

@@ -116,8 +116,9 @@ class InterpGroup(click.Group):
         """Run the command and turn what it raised into an exit code and one stderr line."""
         debug = bool(os.environ.get("INTERP_DEBUG"))
         try:
-            rv = super().main(args=args, prog_name=prog_name or "interp",
-                              complete_var=complete_var, standalone_mode=False, **extra)
+            with _distributed(args):
+                rv = super().main(args=args, prog_name=prog_name or "interp",
+                                  complete_var=complete_var, standalone_mode=False, **extra)
             return rv if isinstance(rv, int) else 0
         except click.exceptions.Exit as e:
             return e.exit_code
@@ -141,9 +142,36 @@ class InterpGroup(click.Group):
             return 2
 
 
+def _distributed(args: Sequence[str] | None) -> contextlib.AbstractContextManager:
+    """The process group of a torchrun / SLURM / ``--nproc`` rank (``WORLD_SIZE`` > 1), for
+    the whole command; nothing (and no torch import) otherwise."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1", "0"):
+        return contextlib.nullcontext()
+    from analyses import distributed
+
+    argv = list(sys.argv[1:] if args is None else args)
+    device = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--device"), "auto")
+    return distributed.session(device)
+
+
+def _launch(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    """``--nproc N``: run the command as N local ranks (:mod:`analyses.app.launch`) and exit
+    with their result."""
+    if value is None or value <= 1 or ctx.resilient_parsing:
+        return
+    from analyses.app.launch import launch, strip_nproc
+
+    argv = strip_nproc(list(ctx.meta.get("interp.argv", sys.argv))[1:])
+    ctx.exit(launch(argv, value))
+
+
 @click.group("interp", cls=InterpGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                           "max_content_width": 100})
 @click.version_option(package_name="interp", prog_name="interp")
+@click.option("--nproc", type=click.IntRange(min=1), default=None, expose_value=False,
+              is_eager=False, callback=_launch,
+              help="Run the command as N local processes that share the work "
+                   "(torch.distributed, like torchrun --nproc-per-node N): heads, moe.")
 def cli() -> None:
     """interp: hook any transformer, classify its heads, probe FFN knowledge, measure
     MoE specialisation and masking effects, and write reports.

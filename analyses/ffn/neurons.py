@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from analyses import distributed
 from analyses.ffn.prepare import PreparedFact
 from analyses.ffn.readout import _kv_rows, _last_probs, _unembed, check_model, dense_layers
 from interp import HookedTransformer, KVCache
@@ -170,8 +171,10 @@ def refined_neurons(model: HookedTransformer, facts: Sequence[PreparedFact], *, 
     check_model(model)
     if not 0 < threshold <= 1 or not 0 < share <= 1:
         raise InterpError(f"threshold and share must be in (0, 1], got {threshold} and {share}.")
-    refined = []
-    for f in progress(facts, desc="knowledge neurons", total=len(facts)):
+    local: dict[int, dict] = {}
+    for i, f in enumerate(progress(facts, desc="knowledge neurons", total=len(facts))):
+        if not distributed.mine(i):  # another rank's fact (analyses.distributed)
+            continue
         prompts = f.prompts
         counts: dict[tuple[int, int], int] = {}
         attr_sum = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp)
@@ -186,8 +189,9 @@ def refined_neurons(model: HookedTransformer, facts: Sequence[PreparedFact], *, 
                 counts[(layer, neuron)] = counts.get((layer, neuron), 0) + 1
         need = share * len(prompts) - 1e-9
         mean = attr_sum / len(prompts)
-        refined.append({k: (float(mean[k]), c / len(prompts))
-                        for k, c in counts.items() if c >= need})
+        local[i] = {k: (float(mean[k]), c / len(prompts)) for k, c in counts.items()
+                    if c >= need}
+    refined = distributed.gather_in_order(local, len(facts))
     return refined
 
 

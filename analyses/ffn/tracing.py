@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from analyses import distributed
 from analyses.ffn.prepare import PreparedFact
 from analyses.ffn.readout import _kv_rows, _token_str, _unembed, check_model, dense_layers
 from interp import HookedTransformer, KVCache
@@ -338,11 +339,16 @@ def causal_trace(model: HookedTransformer, facts: Sequence[PreparedFact], *,
     gen = torch.Generator().manual_seed(seed)
     pool = facts if subject_pool is None else subject_pool
     n_repl = n_samples if n_replacements is None else n_replacements
-    rows = []
+    per_fact: dict[int, list[dict]] = {}
     for i in progress(range(len(facts)), desc="causal tracing", total=len(facts)):
         f = facts[i]
+        if not distributed.mine(i):  # another rank's fact: draw its noise all the same, so
+            for corruption in corruptions:  # every rank's generator stays in step
+                _corrupt(model, f, corruption, n_samples, noise_scale, std, pool, n_repl, gen)
+            continue
         patches = _build_patches(model, f, kinds, window, single_kinds, positions)
         str_tokens = [_token_str(model, t) for t in f.tokens]
+        rows = per_fact[i] = []
         for corruption in corruptions:
             inputs = _corrupt(model, f, corruption, n_samples, noise_scale, std, pool, n_repl, gen)
             if inputs is None:
@@ -360,7 +366,8 @@ def causal_trace(model: HookedTransformer, facts: Sequence[PreparedFact], *,
                              "restored_prob": restored[j],
                              "indirect_effect": restored[j] - p_corr,
                              "n_samples": int(corrupted.shape[0])})
-    return pd.DataFrame(rows)
+    ordered = distributed.gather_in_order(per_fact, len(facts))  # the ranks' facts, in order
+    return pd.DataFrame([row for rows in ordered for row in rows])
 
 
 def average_trace(trace: pd.DataFrame) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from analyses import distributed
 from analyses.heads.batches import (
     RelationIndex,
     VocabInfo,
@@ -56,16 +57,17 @@ def _scan_corpus(model: HookedTransformer, tok_acc: TokenStats, rel: RelationInd
         syn_acc = SyntaxStats(model, rel)
         batches = sentence_batches(model, sentences, batch_size=batch_size,
                                    max_tokens=max_tokens, relations=rel)
-        n = scan(model, batches, [tok_acc, syn_acc], progress=progress, desc="parsed sentences")
-        if n == 0:
+        n = scan(model, distributed.shard(batches), [tok_acc, syn_acc], progress=progress,
+                 desc="parsed sentences")
+        if distributed.sum_values([n])[0] == 0:
             raise InterpError("The text holds no sentences to analyse; pass a non-empty --text "
                               "or --conllu file.")
         info.update(source="parsed sentences", n_pairs=syn_acc.n_pairs)
         return syn_acc
     if texts is not None:
         batches = token_batches(model, texts, batch_size=batch_size, max_tokens=max_tokens)
-        n = scan(model, batches, [tok_acc], progress=progress, desc="text")
-        if n == 0:
+        n = scan(model, distributed.shard(batches), [tok_acc], progress=progress, desc="text")
+        if distributed.sum_values([n])[0] == 0:
             raise InterpError("The text is empty; pass a file with some text in it.")
         info.update(source="text")
     return None
@@ -82,7 +84,9 @@ def analyze(model: HookedTransformer, *, sentences: Iterable[Sentence] | None = 
     the syntactic scores; ``texts`` (plain) give only the token-level ones; with neither, the
     token-level scores come from the repeated random tokens (all a model without a text
     tokenizer can read). Repeated random tokens always give the induction scores. Everything
-    streams: memory is independent of the corpus size.
+    streams: memory is independent of the corpus size. Under a process group (torchrun,
+    ``interp --nproc``) each rank scans every ``size``-th batch and the sums are added over
+    the ranks before any ratio is taken (:mod:`analyses.distributed`): the same numbers.
     """
     check_model(model)
     if model.cfg.architecture == "encoder_decoder":
@@ -101,8 +105,14 @@ def analyze(model: HookedTransformer, *, sentences: Iterable[Sentence] | None = 
     accs: list[Accumulator] = [rep_acc] if corpus else [rep_acc, tok_acc]
     randoms = random_batches(model, n_seqs=n_random, half_len=half_len, batch_size=batch_size,
                              seed=seed, vocab=vocab)
-    scan(model, randoms, accs, progress=progress, desc="repeated random tokens",
-         total=math.ceil(n_random / batch_size))
+    world = distributed.world()
+    n_batches = math.ceil(n_random / batch_size)
+    scan(model, distributed.shard(randoms), accs, progress=progress,
+         desc="repeated random tokens", total=len(range(world.rank, n_batches, world.size)))
+    for acc in (tok_acc, rep_acc, *([syn_acc] if syn_acc is not None else [])):
+        acc.reduce()  # sums over the ranks of a distributed run (analyses.distributed)
+    if syn_acc is not None:
+        info["n_pairs"] = syn_acc.n_pairs  # the total over the ranks
     if not corpus:
         info.update(source="repeated random tokens")
     info.update(n_tokens=tok_acc.n_tokens, n_sequences=tok_acc.n_seqs, n_random=rep_acc.n_seqs,

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analyses import distributed
 from analyses.heads.batches import TokenBatch, VocabInfo, random_batches
 from analyses.heads.scan import Accumulator, check_model, scan
 from interp import HookedTransformer
@@ -31,8 +32,11 @@ class RepeatStats(Accumulator):
     """Induction / duplicate-token / previous-token / first-token attention on repeated random
     tokens."""
 
+    SUMS = ("ind", "dup", "prev", "first", "n_second", "n_rest", "n_seqs")
+
     def __init__(self, model: HookedTransformer):
         self.L, self.H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+        self.n = 0  # tokens per copy, set by the batches (the same in every batch)
         f = dict(dtype=torch.float64, device=model.W_E.device)
         self.ind = torch.zeros(self.L, self.H, **f)
         self.dup = torch.zeros(self.L, self.H, **f)
@@ -54,6 +58,12 @@ class RepeatStats(Accumulator):
         self.n_second += B * n
         self.n_rest += B * (T - 1)
         self.n_seqs += B
+
+    def reduce(self) -> None:
+        """Sum over the ranks; the copy length is the same everywhere (a rank without a batch
+        takes it from the others)."""
+        super().reduce()
+        self.n = distributed.all_max(self.n)
 
     def update(self, layer: int, pattern: torch.Tensor) -> None:
         p = pattern.float()

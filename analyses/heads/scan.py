@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from analyses import distributed
 from analyses.heads.batches import TokenBatch
 from interp import HookedTransformer
 from interp.errors import InterpError
@@ -29,7 +30,15 @@ DIRECTIONS = ("dependent->head", "head->dependent")
 
 class Accumulator:
     """Running sums for all layers; ``begin`` sees each batch once, ``update`` each layer's
-    pattern."""
+    pattern. ``SUMS`` names the running sums (tensors and counts) that add over batches:
+    :meth:`reduce` sums them over the ranks of a distributed run (:mod:`analyses.distributed`),
+    which is exact because every score is a ratio of such sums."""
+
+    SUMS: tuple[str, ...] = ()
+
+    def reduce(self) -> None:
+        """Sum this rank's running sums with every other rank's (nothing in a plain run)."""
+        distributed.reduce_sums(self, self.SUMS)
 
     def begin(self, batch: TokenBatch) -> None:  # pragma: no cover - interface
         raise NotImplementedError

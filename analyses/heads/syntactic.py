@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analyses import distributed
 from analyses.heads.batches import RelationIndex, TokenBatch, is_causal
 from analyses.heads.scan import DIRECTIONS, OFFSETS, Accumulator
 from interp import HookedTransformer
@@ -27,6 +28,8 @@ SYNTAX_COLUMNS = ["relation", "direction", "layer", "head", "accuracy", "baselin
 
 class SyntaxStats(Accumulator):
     """Clark et al. (2019) word-level dependency accuracy per (relation, direction, head)."""
+
+    SUMS = ("hits", "n", "base", "n_pairs")
 
     def __init__(self, model: HookedTransformer, relations: RelationIndex):
         self.L, self.H = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -49,6 +52,18 @@ class SyntaxStats(Accumulator):
         self.n = torch.cat([self.n, self.n.new_zeros(pad)])
         self.base = torch.cat([self.base, self.base.new_zeros(pad, len(OFFSETS))])
         self.cap = new
+
+    def reduce(self) -> None:
+        """Sum over the ranks after padding every rank's tables to the largest capacity (ranks
+        that saw different batches may have grown them differently)."""
+        cap = distributed.all_max(self.cap)
+        if cap > self.cap:
+            pad = cap - self.cap
+            self.hits = torch.cat([self.hits, self.hits.new_zeros(self.L, pad, self.H)], 1)
+            self.n = torch.cat([self.n, self.n.new_zeros(pad)])
+            self.base = torch.cat([self.base, self.base.new_zeros(pad, len(OFFSETS))])
+            self.cap = cap
+        super().reduce()
 
     def begin(self, batch: TokenBatch) -> None:
         if batch.piece2word is None or batch.pairs is None:

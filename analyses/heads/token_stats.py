@@ -67,6 +67,8 @@ class TokenStats(Accumulator):
     """Positional, sink/delimiter, range and semantic sums per head (see the module docstring)."""
 
     KINDS = ("first", "bos", "cls", "sep", "special", "punct")
+    SUMS = ("top", "top_all", "n_top", "n_pos", "off", "n_off", "kind", "n_q", "dist", "udist",
+            "ent", "entn", "n_range", "sa", "saa", "sas", "sn", "ss", "sss", "n_tokens", "n_seqs")
 
     def __init__(self, model: HookedTransformer, vocab: VocabInfo, *, semantic: bool = True):
         self.L, self.H = int(model.cfg.n_layers), int(model.cfg.n_heads)

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from analyses import distributed
 from analyses.masking.ablation import expert_sweep
 from analyses.moe.inputs import _as_batch, moe_layers
 from interp import HookedTransformer
@@ -46,9 +47,11 @@ def _per_token_loss(model: HookedTransformer, tokens: torch.Tensor,
 def _domain_losses(model: HookedTransformer, held: Held,
                    names: list[str]) -> dict[str, tuple[float, int]]:
     """Mean next-token loss and token count per domain of the predicted token, and over every
-    token ("all"); unnamed domain ids are named by their number."""
+    token ("all"); unnamed domain ids are named by their number. In a distributed run each
+    rank takes every ``size``-th batch and the (sum, count) pairs are added over the ranks."""
     sums: dict[int, list[float]] = {}
-    for tokens, domains, mask in held:
+    w = distributed.world()
+    for tokens, domains, mask in held[w.rank::w.size]:
         ce, ok = _per_token_loss(model, tokens, mask)
         d = domains[:, 1:] if domains is not None else torch.full_like(ce, -1, dtype=torch.long)
         for key in [-2, *sorted(int(x) for x in d[ok].unique() if int(x) >= 0)]:
@@ -56,8 +59,21 @@ def _domain_losses(model: HookedTransformer, held: Held,
             s = sums.setdefault(key, [0.0, 0])
             s[0] += float(ce[sel].sum())
             s[1] += int(sel.sum())
+    if w.size > 1:
+        sums = _add_over_ranks(sums)
     return {("all" if key == -2 else (names[key] if key < len(names) else str(key))):
             (s[0] / max(s[1], 1), s[1]) for key, s in sums.items()}
+
+
+def _add_over_ranks(sums: dict[int, list[float]]) -> dict[int, list[float]]:
+    """Per-domain (loss sum, token count) of every rank, added in rank order."""
+    total: dict[int, list[float]] = {}
+    for part in distributed.gather_objects(sums):
+        for key, (loss, count) in part.items():
+            s = total.setdefault(key, [0.0, 0])
+            s[0] += loss
+            s[1] += count
+    return dict(sorted(total.items()))
 
 
 def _hold(batches: Iterable[Any], max_tokens: int) -> Held:

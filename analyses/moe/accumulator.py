@@ -125,6 +125,15 @@ class RoutingAccumulator:
             self._add_reservoir(a, ix, n)
         self._top1[layer] = top1
 
+    def skip(self, valid: torch.Tensor) -> None:
+        """Account for a batch another rank of a distributed run reads: draw the random
+        reservoir keys :meth:`update` would have drawn for it (one ``rand`` per layer), so
+        every rank's keys, and so the merged reservoir, are the one-process ones."""
+        n = int(valid.sum())
+        if n and self.R:
+            for _ in self.layers:
+                torch.rand(n, generator=self.gen)
+
     def _add_router(self, a: _LayerAcc, lg: torch.Tensor, w: torch.Tensor) -> None:
         """Router probabilities and entropy; margins: top-1 vs top-2 weight, and the logit gap
         at the top-k selection boundary."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from analyses import distributed
 from analyses.moe.accumulator import RoutingAccumulator
 from analyses.moe.inputs import _as_batch, moe_layers
 from analyses.moe.result import MoEResult
@@ -65,6 +66,22 @@ def _token_names(model: HookedTransformer) -> Callable[[int], str] | None:
     return names
 
 
+def _merge_ranks(acc: RoutingAccumulator, peak: int) -> tuple[RoutingAccumulator, int]:
+    """Every rank's counts merged in rank order (:meth:`RoutingAccumulator.merge`: sums, the
+    sparse token x expert table, the reservoir of smallest keys), the same on every rank, and
+    the peak accumulator size (the merged one's, as one process would hold). A plain run:
+    ``acc`` and ``peak`` as they are."""
+    if distributed.world().size == 1:
+        return acc, peak
+    acc.gen = None  # not picklable; the permutation nulls are drawn later from ``seed``
+    acc._top1.clear()
+    parts = distributed.gather_objects(acc)
+    merged = parts[0]
+    for other in parts[1:]:
+        merged.merge(other)
+    return merged, max(peak, merged.nbytes())
+
+
 def routing_stats(model: HookedTransformer, batches: Iterable[Any], *,
                   domain_names: Sequence[str] | None = None, n_perm: int = 200,
                   min_token_count: int = 5, max_tokens: int | None = None,
@@ -79,7 +96,9 @@ def routing_stats(model: HookedTransformer, batches: Iterable[Any], *,
     ``n_perm`` permuted tables per test (p-values are ``(1 + #null >= observed) / (1 +
     n_perm)``); ``min_token_count`` excludes rarer tokens from the token statistics (their
     shares are trivially high; the permutation baseline covers the rest of that bias).
-    ``max_tokens`` stops early.
+    ``max_tokens`` stops early. Under a process group (torchrun, ``interp --nproc``) each
+    rank routes every ``size``-th batch and the accumulators are merged before any statistic
+    or permutation null is computed (:mod:`analyses.distributed`): the one-process numbers.
 
     Frames of the :class:`MoEResult`:
 
@@ -115,12 +134,16 @@ def routing_stats(model: HookedTransformer, batches: Iterable[Any], *,
     was_training = model.training
     model.eval()
     try:
-        for item in progress(batches, desc="routing", total=total):
+        for i, item in enumerate(progress(batches, desc="routing", total=total)):
             tokens, domains, mask = _as_batch(item)
             if max_tokens is not None and seen >= max_tokens:
                 break
             _check_ids(tokens, cfg.n_ctx, cfg.d_vocab)
             valid = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
+            if not distributed.mine(i):  # another rank's batch (analyses.distributed)
+                acc.skip(valid)
+                seen += int(valid.sum())
+                continue
             got = _capture(model, layers, tokens, mask)
             for layer in layers:
                 pre = f"blocks.{layer}.mlp."
@@ -133,6 +156,7 @@ def routing_stats(model: HookedTransformer, batches: Iterable[Any], *,
     if seen == 0:
         raise InterpError("The corpus gave no tokens; give the MoE analysis some text or a "
                           "domain stream.")
+    acc, peak = _merge_ranks(acc, peak)
     res = acc.result(domain_names=domain_names, token_names=_token_names(model), n_perm=n_perm,
                      min_token_count=min_token_count, seed=seed)
     res.peak_accumulator_bytes = peak
