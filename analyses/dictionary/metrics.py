@@ -100,6 +100,13 @@ def ce_loss_recovered(model: object, sae: SAE, batches: Iterable[torch.Tensor]) 
     return res
 
 
+def _token_text(model: object, token: int) -> str:
+    """A token as text, or ``<id>`` for a model without a tokenizer (a trained toy)."""
+    if getattr(model, "tokenizer", None) is None:
+        return f"<{token}>"
+    return str(model.to_string([token]))  # type: ignore[attr-defined]
+
+
 @torch.no_grad()
 def top_examples(model: object, sae: SAE, batches: Iterable[torch.Tensor], *,
                  features: list[int], k: int = 5, window: int = 8) -> pd.DataFrame:
@@ -130,7 +137,7 @@ def top_examples(model: object, sae: SAE, batches: Iterable[torch.Tensor], *,
     rows = []
     for feat in features:
         for rank, (v, _, ctx, _) in enumerate(sorted(heaps[feat], reverse=True)):
-            strs = [model.to_string([t]) for t in ctx]  # type: ignore[attr-defined]
+            strs = [_token_text(model, t) for t in ctx]
             rows.append({"feature": feat, "rank": rank, "activation": v, "token": strs[-1],
                          "context": "".join(strs[:-1]) + f"[{strs[-1]}]"})
     return pd.DataFrame(rows, columns=["feature", "rank", "activation", "token", "context"])

@@ -155,7 +155,8 @@ class SAE(nn.Module):
     def pre_acts(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
         """The encoder's affine map before the sparsifying nonlinearity."""
         x = x.to(self.W_enc.dtype)
-        if self.cfg.apply_b_dec_to_input:
+        # a transcoder's b_dec lives in the output space: never subtract it from the input
+        if self.cfg.apply_b_dec_to_input and not self.cfg.is_transcoder:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
 
