@@ -36,7 +36,8 @@ __all__ = ["NEGATIVE_WORDS", "POSITIVE_WORDS", "SENTIMENT_PAIRS", "actadd_vector
 # Contrastive pairs for sentiment, written for this project: each pair differs only in the
 # sentiment of its last words, so the difference isolates sentiment (Rimsky et al.'s design).
 SENTIMENT_PAIRS: tuple[tuple[str, str], ...] = (
-    ("I watched the film yesterday and it was wonderful", "I watched the film yesterday and it was awful"),
+    ("I watched the film yesterday and it was wonderful",
+     "I watched the film yesterday and it was awful"),
     ("The food at this place is delicious", "The food at this place is disgusting"),
     ("My day at work was great and happy", "My day at work was terrible and sad"),
     ("I love my new phone, it is excellent", "I hate my new phone, it is horrible"),
@@ -148,23 +149,36 @@ def steering_curve(
 
     Returns one row per generation: ``coeff``, ``prompt``, ``sample``, ``continuation`` (the
     generated text only) and ``score``. ``samples=1`` decodes greedily; more samples draw
-    with temperature 1 from seeds ``seed + i``, the same seeds at every coefficient.
+    with temperature 1 from seed ``seed``, the same at every coefficient. A [d_model] (CAA)
+    vector generates all prompts of a coefficient as one left-padded batch (steering every
+    position, padding included, changes nothing the mask hides); an ActAdd vector, which is
+    aligned to the prompt's first positions, generates prompt by prompt.
     """
     if not prompts:
         raise InterpError("The steering curve needs at least one prompt.")
     rows = []
-    grid = [(c, p, s) for c in coeffs for p in prompts for s in range(samples)]
-    it: Iterable[tuple[float, str, int]] = grid
+    todo = [p for p in prompts for _ in range(samples)]
+    groups = [todo] if vector.ndim == 1 else [[p] for p in todo]
+    grid = [(c, g) for c in coeffs for g in groups]
+    it: Iterable[tuple[float, list[str]]] = grid
     if progress is not None:
         it = progress(grid, desc="steered generation", total=len(grid))
-    for coeff, prompt, s in it:
+    for coeff, group in it:
+        n_prompt = model.text_batch(group, None, "left").tokens.shape[1]
         with steer(model, hook_name, vector, coeff), torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=samples > 1,
-                                 seed=seed + s, return_type="tokens", stop_at_eos=True)
-        n_prompt = model.to_tokens(prompt).shape[1]
-        text = model.to_string(out[0, n_prompt:].tolist())
-        rows.append({"coeff": float(coeff), "prompt": prompt, "sample": s,
-                     "continuation": text, "score": score(text)})
+            out = model.generate(group, max_new_tokens=max_new_tokens, do_sample=samples > 1,
+                                 seed=seed, return_type="tokens", padding_side="left")
+        for i, prompt in enumerate(group):
+            text = _continuation(model, out[i, n_prompt:])
+            rows.append({"coeff": float(coeff), "prompt": prompt, "sample": i % samples,
+                         "continuation": text, "score": score(text)})
     return pd.DataFrame(rows)
 
 
+def _continuation(model: Any, ids: torch.Tensor) -> str:
+    """Generated ids as text, stopping at the first end-of-sequence token."""
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    ids_l = ids.tolist()
+    if eos is not None and eos in ids_l:
+        ids_l = ids_l[:ids_l.index(eos)]
+    return str(model.to_string(ids_l)) if ids_l else ""

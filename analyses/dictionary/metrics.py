@@ -74,16 +74,22 @@ def feature_recovery(sae: SAE, true_dirs: torch.Tensor) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def ce_loss_recovered(model: object, sae: SAE, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+def ce_loss_recovered(model: object, sae: SAE, batches: Iterable[torch.Tensor], *,
+                      skip_first: bool = True) -> dict[str, float]:
     """Next-token loss clean, with the SAE spliced in (no error term), and with the SAE's
-    output hook zero-ablated; ``ce_recovered`` as in the module docstring. Decoders only."""
+    output hook zero-ablated; ``ce_recovered`` as in the module docstring. Decoders only.
+    ``skip_first`` leaves the first position alone in both (the SAE is trained without it;
+    see :func:`~analyses.dictionary.splice.splice`)."""
     m = model
     out_name = sae.cfg.hook_name_out or sae.cfg.hook_name
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero_ablated": 0.0}
     n = 0
 
     def zero(x: torch.Tensor, hook: object) -> torch.Tensor:
-        return torch.zeros_like(x)
+        out = torch.zeros_like(x)
+        if skip_first and x.shape[1] > 1:
+            out[:, 0] = x[:, 0]
+        return out
 
     batches = list(batches)
     for tokens in batches:
@@ -91,12 +97,13 @@ def ce_loss_recovered(model: object, sae: SAE, batches: Iterable[torch.Tensor]) 
         sums["ce_zero_ablated"] += float(m.run_with_hooks(  # type: ignore[attr-defined]
             tokens, return_type="loss", fwd_hooks=[(out_name, zero)]))
         n += 1
-    with splice(m, sae, keep_error=False):
+    with splice(m, sae, keep_error=False, skip_first=skip_first):
         for tokens in batches:
             sums["ce_spliced"] += float(m(tokens, return_type="loss"))  # type: ignore[operator]
     res = {k: v / max(n, 1) for k, v in sums.items()}
     gap = res["ce_zero_ablated"] - res["ce_clean"]
-    res["ce_recovered"] = (res["ce_zero_ablated"] - res["ce_spliced"]) / gap if gap else float("nan")
+    recovered = (res["ce_zero_ablated"] - res["ce_spliced"]) / gap if gap else float("nan")
+    res["ce_recovered"] = recovered
     return res
 
 

@@ -46,13 +46,16 @@ def _rebuild_hook_dict(model: Any) -> None:
     model.hook_dict = HookDict(model.hook_dict)
 
 
-def _replacer(sae: SAE, keep_error: bool, inputs: dict[str, torch.Tensor] | None) -> Any:
+def _replacer(sae: SAE, keep_error: bool, inputs: dict[str, torch.Tensor] | None,
+              skip_first: bool) -> Any:
     """The forward hook on the replaced hook point: SAE output (+ error) instead of ``x``."""
 
     def hook(module: Any, args: Any, x: torch.Tensor) -> torch.Tensor:
         source = inputs["x"] if inputs is not None else x
         recons = sae(source)
         if not keep_error:
+            if skip_first and x.ndim >= 3 and x.shape[1] > 1:
+                recons = torch.cat([x[:, :1], recons[:, 1:]], dim=1)
             return sae.hook_sae_output(recons)
         edited = any(h._forward_hooks for h in (sae.hook_sae_input, sae.hook_sae_acts,
                                                  sae.hook_sae_recons))
@@ -67,8 +70,14 @@ def _replacer(sae: SAE, keep_error: bool, inputs: dict[str, torch.Tensor] | None
 
 
 @contextmanager
-def splice(model: Any, saes: SAE | Sequence[SAE], *, keep_error: bool = True) -> Iterator[Any]:
+def splice(model: Any, saes: SAE | Sequence[SAE], *, keep_error: bool = True,
+           skip_first: bool = False) -> Iterator[Any]:
     """Splice ``saes`` into ``model`` for the ``with`` block (see the module docstring).
+
+    ``skip_first`` (with ``keep_error=False``) leaves each sequence's first position as it
+    was: SAEs trained without it (:func:`~analyses.dictionary.train.collect_activations`)
+    cannot reconstruct its outsized norm, and a wrong attention-sink residual would break
+    every later position's attention, measuring the sink rather than the SAE.
 
     Hook names are checked first: an unknown one raises the model's one-line error listing the
     closest real names. On exit the model is as before (its hook points, its hooks).
@@ -100,7 +109,8 @@ def splice(model: Any, saes: SAE | Sequence[SAE], *, keep_error: bool = True) ->
                     store["x"] = x
 
                 handles.append(model.hook_dict[sae.cfg.hook_name].register_forward_hook(keep))
-            handles.append(point.register_forward_hook(_replacer(sae, keep_error, inputs)))
+            replace = _replacer(sae, keep_error, inputs, skip_first)
+            handles.append(point.register_forward_hook(replace))
             for suffix in HOOK_SUFFIXES:
                 point.add_module(suffix, getattr(sae, suffix))
                 attached.append((point, suffix))

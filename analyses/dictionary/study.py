@@ -98,6 +98,7 @@ def model_study(
     rest evaluate. Long because it is the study's one linear recipe: data, SAE, metrics."""
     names = [hook_name] + ([hook_name_out] if hook_name_out else [])
     model.check_hook_names(names)
+    seq_len = min(seq_len, int(model.cfg.n_ctx))
     n_seqs = max(2, -(-max_tokens // max(1, seq_len - 1)))
     batches = text_to_batches(model, text, seq_len=seq_len, n_seqs=n_seqs, batch_size=batch_size)
     seqs = torch.cat(batches)
