@@ -159,8 +159,9 @@ def sae_cmd(ctx: click.Context, model: str, hook: str | None, hook_out: str | No
     \b
     Example:
       interp sae interp/data/induction.pt --hook blocks.1.hook_resid_post --steps 300 \\
-          --max-tokens 1024 --out reports/sae_induction
-      interp sae smollm2-135m --hook blocks.10.hook_resid_post --save saes/smol_l10
+          --out reports/sae_induction
+      interp sae smollm2-135m --hook blocks.10.hook_resid_post --steps 300 \\
+          --save saes/smol_l10 --out reports/sae_smol
     """
     from analyses.dictionary.saelens_format import load_saelens, save_saelens
 

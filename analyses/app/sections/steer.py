@@ -119,8 +119,10 @@ def steer_cmd(ctx: click.Context, model: str, hook: str | None, coeffs: str,
 
     \b
     Example:
-      interp steer smollm2-135m --hook blocks.10.hook_resid_pre --coeffs=-2,0,2
-      interp steer smollm2-135m --positive Love --negative Hate --coeffs 0,5
+      interp steer smollm2-135m --hook blocks.10.hook_resid_pre --coeffs=-2,0,2 \\
+          --out reports/steer
+      interp steer smollm2-135m --positive Love --negative Hate --coeffs 0,5 \\
+          --out reports/steer_actadd
     """
     if (positive is None) != (negative is None):
         raise CliError("ActAdd needs both --positive and --negative (or neither, for CAA)")
