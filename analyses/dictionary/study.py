@@ -86,21 +86,40 @@ class ModelStudy:
     notes: list[str] = field(default_factory=list)
 
 
+def repeated_random_batches(model: Any, *, n_seqs: int, seq_len: int, batch_size: int,
+                            seed: int = 0) -> list[torch.Tensor]:
+    """Sequences of random tokens repeated once (x1..xn x1..xn): the data of models trained
+    on the induction task, whose vocabulary holds no English (``interp/data/induction.pt``)."""
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.randint(1, int(model.cfg.d_vocab), (n_seqs, max(1, seq_len // 2)), generator=gen)
+    seqs = torch.cat([half, half], dim=1).to(model.device)
+    return [seqs[i:i + batch_size] for i in range(0, n_seqs, batch_size)]
+
+
 def model_study(
-    model: Any, text: str, *, hook_name: str, hook_name_out: str | None = None,
+    model: Any, text: str | None, *, hook_name: str, hook_name_out: str | None = None,
     sae: SAE | None = None, architecture: str = "topk", expansion: int = 4, k: int = 32,
     l1: float = 1.0, steps: int = 1500, max_tokens: int = 8192, seq_len: int = 64,
     batch_size: int = 8, n_features: int = 8, n_examples: int = 5, seed: int = 0,
     progress: Callable[..., Iterable] | None = None,
 ) -> ModelStudy:
     """Train (or evaluate a given ``sae``) at ``hook_name`` on ``text``; see the module
-    docstring. The text is cut into ``seq_len``-token sequences; the first 80% train, the
-    rest evaluate. Long because it is the study's one linear recipe: data, SAE, metrics."""
+    docstring. ``text=None`` uses :func:`repeated_random_batches`. The text is cut into
+    ``seq_len``-token sequences; the first 80% train, the rest evaluate. Long because it is
+    the study's one linear recipe: data, SAE, metrics."""
     names = [hook_name] + ([hook_name_out] if hook_name_out else [])
     model.check_hook_names(names)
     seq_len = min(seq_len, int(model.cfg.n_ctx))
     n_seqs = max(2, -(-max_tokens // max(1, seq_len - 1)))
-    batches = text_to_batches(model, text, seq_len=seq_len, n_seqs=n_seqs, batch_size=batch_size)
+    notes: list[str] = []
+    if text is None:
+        batches = repeated_random_batches(model, n_seqs=n_seqs, seq_len=seq_len,
+                                          batch_size=batch_size, seed=seed)
+        notes.append("Data: repeated random token sequences (the model's vocabulary does not "
+                     "cover the English sample).")
+    else:
+        batches = text_to_batches(model, text, seq_len=seq_len, n_seqs=n_seqs,
+                                  batch_size=batch_size)
     seqs = torch.cat(batches)
     cut = max(1, int(0.8 * len(seqs)))
     if cut >= len(seqs):
@@ -110,7 +129,6 @@ def model_study(
     recorded = collect_activations(model, names, train_b)
     eval_rec = collect_activations(model, names, eval_b)
     x, y = recorded[0], recorded[-1] if hook_name_out else None
-    notes: list[str] = []
     history = pd.DataFrame(columns=["step", "loss", "mse", "l0"])
     if sae is None:
         d = x.shape[1]

@@ -90,9 +90,16 @@ def run(model: HookedTransformer, opts: dict, progress: Progress) -> tuple[Secti
                               toy_steps=opts.get("toy_steps", 1500))
     timings["toy"] = time.perf_counter() - t0
     hook = opts.get("hook") or f"blocks.{model.cfg.n_layers // 2}.hook_resid_post"
+    text = opts.get("text")
+    if text is None:
+        text = load_sample_text()
+        try:  # a toy vocabulary (the induction model's) cannot read English: use its task data
+            model.to_tokens(text[:200])
+        except InterpError:
+            text = None
     t0 = time.perf_counter()
     study = model_study(
-        model, opts.get("text") or load_sample_text(), hook_name=hook,
+        model, text, hook_name=hook,
         hook_name_out=opts.get("hook_out"), sae=opts.get("sae"),
         architecture=opts.get("architecture", "topk"), expansion=opts.get("expansion", 4),
         k=opts.get("k", 32), l1=opts.get("l1", 1.0), steps=opts.get("steps", 1500),
