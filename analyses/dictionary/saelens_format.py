@@ -61,6 +61,7 @@ def save_saelens(sae: SAE, folder: str | Path) -> Path:
     }
     if c.architecture == "topk":
         cfg["k"] = c.k
+        cfg["rescale_acts_by_decoder_norm"] = False  # 6.x TopK option; ours never rescales
     if c.is_transcoder:
         cfg["d_out"] = c.d_in  # SAELens' Transcoder field; ours map d_in to d_in
     (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
@@ -83,6 +84,10 @@ def _config(raw: dict[str, Any], where: Path) -> SAEConfig:
                           "file; fold the scale into W_enc/W_dec first or use one saved with "
                           "normalize_activations='none'.")
     arch = _FROM_SAELENS[arch_raw]
+    if raw.get("rescale_acts_by_decoder_norm"):
+        raise InterpError(f"{where} is a TopK SAE that rescales activations by decoder norms; "
+                          "interp does not implement that option (fold the norms into W_enc "
+                          "and W_dec, or save with rescale_acts_by_decoder_norm=False).")
     if "d_out" in raw and int(raw["d_out"]) != int(raw["d_in"]):
         raise InterpError(f"{where} is a transcoder from width {raw['d_in']} to "
                           f"{raw['d_out']}; interp's transcoders map a width to itself.")
