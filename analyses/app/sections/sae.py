@@ -168,7 +168,7 @@ def sae_cmd(ctx: click.Context, model: str, hook: str | None, hook_out: str | No
       interp sae interp/data/induction.pt --hook blocks.1.hook_resid_post --steps 300 \\
           --out reports/sae_induction
       interp sae smollm2-135m --hook blocks.10.hook_resid_post --steps 300 \\
-          --save saes/smol_l10 --out reports/sae_smol
+          --save reports/sae_smol_l10 --out reports/sae_smol
     """
     from analyses.dictionary.saelens_format import load_saelens, save_saelens
 
