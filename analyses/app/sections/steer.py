@@ -51,7 +51,8 @@ def _findings(curve: pd.DataFrame, hook: str, method: str, norm: float) -> list[
         f"{mean[lo]:+.3f} at coefficient {lo:g}, {base:+.3f} unsteered, {mean[hi]:+.3f} at "
         f"{hi:g}.",
         f"Correlation of coefficient and score over {len(curve)} generations: {corr:+.2f} "
-        "(positive: the vector moves sentiment the way it was built).",
+        + ("(the vector moves sentiment the way it was built)." if corr > 0 else
+           "(not in the direction the vector was built: try another hook or coefficients)."),
     ]
 
 
@@ -69,7 +70,6 @@ def build_steering(model: object, opts: dict) -> Section:
                            max_new_tokens=opts["max_new_tokens"], seed=opts["seed"],
                            progress=opts.get("progress"))
     findings = _findings(curve, hook, method, float(vec.norm()))
-    shown = curve[curve.coeff.isin([min(opts["coeffs"]), 0.0, max(opts["coeffs"])])]
     return Section(
         key="steer", title="Steering", method=METHOD, source=SOURCE,
         data="Sentiment prompt pairs and lexicon written for this project "
@@ -79,7 +79,7 @@ def build_steering(model: object, opts: dict) -> Section:
                                             title=f"Sentiment of steered generations ({hook})",
                                             xlabel="steering coefficient",
                                             ylabel="lexicon score")},
-        show_tables={"steer_generations": len(shown) if len(shown) else 20},
+        show_tables={"steer_generations": 60},
         timings={"steering": time.perf_counter() - t0}, summary=findings,
         summary_figure="steer_curve")
 
