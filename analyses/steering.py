@@ -16,6 +16,10 @@ hook point, so the model's other hooks and the KV cache work as usual: every cac
 value was computed with the steering applied). :func:`steering_curve` generates with a range of
 coefficients and scores each continuation with :func:`lexicon_score`, so the report shows how a
 measurable property moves with the coefficient.
+
+An SAE feature is a steering vector too: ``steer(model, sae.cfg.hook_name, sae.W_dec[i], c)``
+adds feature ``i``'s decoder direction; to clamp or ablate a feature's *activation* instead,
+splice the SAE (:func:`analyses.dictionary.splice.splice`) and hook ``<hook>.hook_sae_acts``.
 """
 
 from __future__ import annotations

@@ -185,8 +185,10 @@ def test_bad_input_one_line_each(model, tokens, tmp_path) -> None:
     save_file({"W_enc": torch.zeros(4, 8)}, str(tmp_path / "sae_weights.safetensors"))
     with pytest.raises(InterpError, match="normalises its inputs"):
         load_saelens(tmp_path)
+    save_saelens(wrong, tmp_path / "wide")
     runner = CliRunner()
     for args, needle in (
+        (["--load", str(tmp_path / "wide")], "train or load an SAE for that hook (d_in=64)"),
         (["--hook", "blocks.0.hook_resid_psot"], "Closest real names"),
         (["--load", str(tmp_path)], "normalises its inputs"),
     ):

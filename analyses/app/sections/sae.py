@@ -130,6 +130,16 @@ def run(model: HookedTransformer, opts: dict, progress: Progress) -> tuple[Secti
         timings=timings, summary=findings[:3], summary_figure="sae_toy_recovery"), study.sae
 
 
+def _check_width(model: HookedTransformer, sae: SAE, hook: str) -> None:
+    """Raise the SAE's one-line width error if ``hook`` is not ``sae.cfg.d_in`` wide."""
+    import torch
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.ones(1, 2, dtype=torch.long, device=model.device),
+                                        names_filter=[hook])
+    sae.with_config(hook_name=hook)._check_width(cache[hook])
+
+
 @cli.command("sae")
 @model_argument()
 @click.option("--hook", default=None, metavar="NAME",
@@ -189,6 +199,8 @@ def sae_cmd(ctx: click.Context, model: str, hook: str | None, hook_out: str | No
     try:
         if hook is not None or hook_out is not None:
             m.check_hook_names([h for h in (hook, hook_out) if h])
+        if sae is not None and hook is not None:
+            _check_width(m, sae, hook)  # before the toy study: fail in a second, not a minute
         section, trained = run(m, {"seed": seed, "batch_size": batch_size, "max_tokens": max_tokens,
                             "hook": hook, "hook_out": hook_out, "architecture": architecture,
                             "expansion": expansion, "k": k, "l1": l1, "steps": steps,
