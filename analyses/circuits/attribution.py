@@ -107,7 +107,7 @@ def _nodes(model) -> tuple[list, list]:
     """Senders (name, order, hook, index into the hook's head dim or None) and receivers
     (name, order, hook, head index or None); a sender feeds a receiver of larger order."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    n_kv = getattr(model.cfg, "n_key_value_heads", None) or H
+    n_kv = model.cfg.n_kv_heads or H
     hd = model.hook_dict
     senders = [("embed", -1, "blocks.0.hook_resid_pre", None)]
     receivers = []

@@ -44,8 +44,7 @@ def parse_receiver(model, text: str) -> tuple[str, int | None, int]:
         raise InterpError(f"Receiver {text!r} is not 'L<layer>H<head>.<q|k|v>' (e.g. 'L1H0.k') "
                           "or 'logits'.")
     layer, head, x = int(found.group(1)), int(found.group(2)), found.group(3)
-    n = model.cfg.n_heads if x == "q" else (getattr(model.cfg, "n_key_value_heads", None)
-                                            or model.cfg.n_heads)
+    n = model.cfg.n_heads if x == "q" else (model.cfg.n_kv_heads or model.cfg.n_heads)
     if layer >= L or head >= n:
         raise InterpError(f"Receiver {text!r} does not exist: the model has {L} layers and "
                           f"{n} {x} heads per layer.")
