@@ -23,23 +23,23 @@ __all__ = ["METRICS", "Metric", "answer_prob", "get_metric", "kl_from_clean", "l
 Metric = Callable[..., torch.Tensor]
 
 
-def logit_diff(logits: Float[torch.Tensor, "batch d_vocab"], answer: Int[torch.Tensor, "batch"],
-               wrong: Int[torch.Tensor, "batch"], clean_logits: torch.Tensor) -> torch.Tensor:
+def logit_diff(logits: Float[torch.Tensor, "batch d_vocab"], answer: Int[torch.Tensor, " batch"],
+               wrong: Int[torch.Tensor, " batch"], clean_logits: torch.Tensor) -> torch.Tensor:
     """logit(answer) - logit(wrong): linear in the final residual, so its gradient is exact
     for the last layer's attribution and it does not saturate like a probability."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, answer] - logits[rows, wrong]
 
 
-def answer_prob(logits: Float[torch.Tensor, "batch d_vocab"], answer: Int[torch.Tensor, "batch"],
-                wrong: Int[torch.Tensor, "batch"], clean_logits: torch.Tensor) -> torch.Tensor:
+def answer_prob(logits: Float[torch.Tensor, "batch d_vocab"], answer: Int[torch.Tensor, " batch"],
+                wrong: Int[torch.Tensor, " batch"], clean_logits: torch.Tensor) -> torch.Tensor:
     """The probability of the answer token."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits.float().softmax(-1)[rows, answer]
 
 
 def kl_from_clean(logits: Float[torch.Tensor, "batch d_vocab"],
-                  answer: Int[torch.Tensor, "batch"], wrong: Int[torch.Tensor, "batch"],
+                  answer: Int[torch.Tensor, " batch"], wrong: Int[torch.Tensor, " batch"],
                   clean_logits: torch.Tensor) -> torch.Tensor:
     """KL(P_clean || P_patched) in nats over the whole next-token distribution: 0 on the clean
     run, so normalisation maps it to 1 there like the others."""

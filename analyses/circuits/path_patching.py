@@ -74,6 +74,11 @@ def _group_hooks(parsed: list[tuple[str, int | None, int]], P: int, B: int,
     return [(hook, make(heads)) for hook, heads in heads_by_hook.items()]
 
 
+def _rep(t: torch.Tensor, P: int) -> torch.Tensor:
+    """``t`` stacked P times along the batch dimension, as the patched copies are."""
+    return t.repeat(P, *([1] * (t.ndim - 1)))
+
+
 # Long because it validates, streams batches, stacks senders and builds the table in one pass.
 @torch.no_grad()
 def path_patching(model, pairs: PromptPairs, receivers: Sequence[str], *,
@@ -118,8 +123,7 @@ def path_patching(model, pairs: PromptPairs, receivers: Sequence[str], *,
                 P = len(group)
                 logits = model.run_with_hooks(b.corrupted.repeat(P, 1),
                                               fwd_hooks=_group_hooks(parsed, P, B, delta))
-                rep = lambda t: t.repeat(P, *([1] * (t.ndim - 1)))  # noqa: E731
-                m = fn(logits[:, -1].float(), rep(b.answer), rep(b.wrong), rep(cl))
+                m = fn(logits[:, -1].float(), *(_rep(t, P) for t in (b.answer, b.wrong, cl)))
                 for i, value in enumerate(m.view(P, B).double().sum(1).tolist()):
                     sums[s + i] += value
             del clean, corr
