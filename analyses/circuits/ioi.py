@@ -34,8 +34,16 @@ OBJECTS = ("drink", "book", "ring", "ball", "letter", "bottle", "gift", "key", "
 
 
 def _single(model, words: tuple[str, ...]) -> list[str]:
-    """The words that are one token after a space."""
-    return [w for w in words if len(model.to_tokens(" " + w, prepend_bos=False)[0]) == 1]
+    """The words that are one token after a space (none, for a tokenizer that cannot read
+    English words at all)."""
+    out = []
+    for w in words:
+        try:
+            if len(model.to_tokens(" " + w, prepend_bos=False)[0]) == 1:
+                out.append(w)
+        except InterpError:  # a word vocabulary without it
+            continue
+    return out
 
 
 def ioi_pairs(model, n_pairs: int = 128, *, seed: int = 0) -> PromptPairs:

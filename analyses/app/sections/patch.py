@@ -226,6 +226,7 @@ def _summary(base: pd.DataFrame, heads: pd.DataFrame, path: pd.DataFrame | None,
     """Three to five findings read from patch_baseline.csv, patch_heads.csv, patch_path.csv."""
     b = base.iloc[0]
     top = heads.sort_values("activation", ascending=False).head(5)
+    big = heads.loc[heads["dla"].abs().idxmax()]
     out = [f"Clean {metric} {_g(b['clean'])} against corrupted {_g(b['corrupted'])} (mean over "
            f"{int(b['n_pairs'])} pairs).",
            "Heads whose patching restores the clean metric most: " + ", ".join(
@@ -233,9 +234,8 @@ def _summary(base: pd.DataFrame, heads: pd.DataFrame, path: pd.DataFrame | None,
            f"Attribution patching against activation patching over all {len(heads)} heads: "
            f"Pearson r = {_g(b['pearson_heads'])}.",
            f"Direct logit attribution: the components sum to {_g(b['dla_sum'])}, plus "
-           f"{_g(b['dla_unowned'])} from the final norm's bias and b_U; largest head: " + (
-               lambda r: f"L{r.layer}H{r.head} ({r.dla:.3g})")(
-               heads.loc[heads['dla'].abs().idxmax()]) + "."]
+           f"{_g(b['dla_unowned'])} from the final norm's bias and b_U; largest head: "
+           f"L{int(big['layer'])}H{int(big['head'])} ({big['dla']:.3g})."]
     if path is not None and len(path):
         best = path.loc[path["score"].abs().idxmax()]
         by = path.groupby("input")["score"].apply(lambda s: s.abs().max())
