@@ -276,3 +276,10 @@ def test_smollm2_ioi_heads_patching_and_attribution():
     d = direct_logit_attribution(model, sub, batch_size=16)
     assert d["attribution"].sum() + d.attrs["unowned"] == pytest.approx(d.attrs["logit_diff"])
     assert abs(d.attrs["unowned"]) < 1e-3  # RMSNorm, no unembedding bias
+
+
+def test_patch_section_applies_to_decoders_with_their_pairs(induction):
+    from analyses.app.sections.patch import applies
+
+    assert applies(induction)
+    assert applies(_tiny()) is False  # a random model without a tokenizer has no IOI names

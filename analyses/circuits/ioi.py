@@ -16,7 +16,7 @@ import random
 from analyses.circuits.pairs import PromptPairs
 from interp.errors import InterpError
 
-__all__ = ["NAMES", "OBJECTS", "PLACES", "TEMPLATES", "ioi_pairs"]
+__all__ = ["NAMES", "OBJECTS", "PLACES", "TEMPLATES", "ioi_pairs", "single_tokens"]
 
 TEMPLATES = (
     "When {A} and {B} went to the {place}, {S} gave a {obj} to",
@@ -33,7 +33,7 @@ PLACES = ("store", "park", "school", "office", "garden", "station", "hospital", 
 OBJECTS = ("drink", "book", "ring", "ball", "letter", "bottle", "gift", "key", "bag", "phone")
 
 
-def _single(model, words: tuple[str, ...]) -> list[str]:
+def single_tokens(model, words: tuple[str, ...]) -> list[str]:
     """The words that are one token after a space (none, for a tokenizer that cannot read
     English words at all)."""
     out = []
@@ -49,8 +49,8 @@ def _single(model, words: tuple[str, ...]) -> list[str]:
 def ioi_pairs(model, n_pairs: int = 128, *, seed: int = 0) -> PromptPairs:
     """``n_pairs`` IOI pairs from :data:`TEMPLATES` with random single-token names (A, B and
     the corrupting C distinct; the IO is first or second at random), places and objects."""
-    names = _single(model, NAMES)
-    places, objects = _single(model, PLACES), _single(model, OBJECTS)
+    names = single_tokens(model, NAMES)
+    places, objects = single_tokens(model, PLACES), single_tokens(model, OBJECTS)
     if len(names) < 3 or not places or not objects:
         raise InterpError("This tokenizer splits too many of the IOI names, places or objects "
                           "into several tokens; use a model with an English BPE vocabulary.")

@@ -247,8 +247,18 @@ def _summary(base: pd.DataFrame, heads: pd.DataFrame, path: pd.DataFrame | None,
     return out
 
 
-register("patch", title="Circuits (patching)", build=build, default_model=DEFAULT_MODEL,
-         order=60)
+def applies(model: HookedTransformer) -> bool:
+    """A decoder with an LM head that has its pairs: trained on induction, or a tokenizer that
+    reads the IOI names as single tokens (not an encoder, not a toy word vocabulary)."""
+    from analyses.circuits.ioi import NAMES, single_tokens
+
+    if not model.cfg.has_unembed or model.cfg.mask.is_full:
+        return False
+    return _task(model, "auto") == "induction" or len(single_tokens(model, NAMES[:6])) >= 3
+
+
+register("patch", title="Circuits (patching)", build=build, applies=applies,
+         default_model=DEFAULT_MODEL, order=60)
 
 
 @cli.command("patch")
