@@ -43,7 +43,18 @@ if TYPE_CHECKING:
 
 __all__ = ["build", "patch_cmd"]
 
-DEFAULT_MODEL = "interp/data/induction.pt"
+
+
+def _default_model() -> str:
+    """The packaged ``induction`` checkpoint (a known previous-token -> induction circuit,
+    seconds to analyse) wherever interp is installed, else SmolLM2 (IOI)."""
+    import interp
+
+    path = Path(interp.__file__).resolve().parent / "data" / "induction.pt"
+    return str(path) if path.is_file() else "smollm2-135m"
+
+
+DEFAULT_MODEL = _default_model()
 TASKS = ("auto", "induction", "ioi")
 SOURCE = (
     "Meng et al. (2022), *Locating and Editing Factual Associations in GPT*, NeurIPS (causal "
