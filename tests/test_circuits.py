@@ -265,15 +265,17 @@ def test_smollm2_ioi_heads_patching_and_attribution():
     clean, corr = baseline(model, pairs, batch_size=20)
     assert clean > 1.0 and clean - corr > 1.0, (clean, corr)
     attr = attribution_patching(model, pairs, "head", batch_size=20)
-    sub = PromptPairs(pairs.clean[:16], pairs.corrupted[:16], pairs.answer[:16],
-                      pairs.wrong[:16])
-    act = activation_patching(model, sub, "head", batch_size=16, max_batch=128)
-    sub_attr = attribution_patching(model, sub, "head", batch_size=16)
+    # activation patching costs one forward per head and pair: 8 pairs, the upper 15 layers
+    # (where the IOI heads are: L23H3, L20H0, L29H1 restore 0.63, 0.32, 0.26 of the gap)
+    sub = PromptPairs(pairs.clean[:8], pairs.corrupted[:8], pairs.answer[:8], pairs.wrong[:8])
+    upper = list(range(15, model.cfg.n_layers))
+    act = activation_patching(model, sub, "head", batch_size=8, max_batch=128, layers=upper)
+    sub_attr = attribution_patching(model, sub, "head", batch_size=8, layers=upper)
     j = act.merge(sub_attr, on=["layer", "head"], suffixes=("_act", "_attr"))
     assert act["score"].max() > 0.1
-    assert np.corrcoef(j["score_act"], j["score_attr"])[0, 1] > 0.5
+    assert np.corrcoef(j["score_act"], j["score_attr"])[0, 1] > 0.9  # 0.99 measured
     assert attr.attrs["clean"] == pytest.approx(clean, rel=1e-4)
-    d = direct_logit_attribution(model, sub, batch_size=16)
+    d = direct_logit_attribution(model, sub, batch_size=8)
     assert d["attribution"].sum() + d.attrs["unowned"] == pytest.approx(d.attrs["logit_diff"])
     assert abs(d.attrs["unowned"]) < 1e-3  # RMSNorm, no unembedding bias
 
