@@ -58,6 +58,7 @@ SMALLER: dict[str, list[str]] = {
     "masking": ["--seq-len", "32", "--pruning-steps", "2", "--random-orders", "1"],
     "moe": ["--n-perm", "9", "--ablation-tokens", "256"],
     "train": ["--steps", "20"],
+    "patch": ["--pairs", "8"],
     "bench": ["--rounds", "1", "--workloads", "no_hooks", "--tools", "transformers,interp"],
 }
 RESUMED_STEPS = "40"  # a --resume example continues the 20-step checkpoint before it
