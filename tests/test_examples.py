@@ -48,7 +48,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-TIMEOUT_S = 600  # one example; a hung example fails with its text instead of hanging CI
+#: one example's limit (the default report takes minutes on a loaded 2-core machine); a hung
+#: example fails with its text instead of hanging CI
+TIMEOUT_S = 1200
 
 #: Cheaper sizes appended per command (options checked to exist by a test below).
 SMALLER: dict[str, list[str]] = {
@@ -59,6 +61,8 @@ SMALLER: dict[str, list[str]] = {
     "moe": ["--n-perm", "9", "--ablation-tokens", "256"],
     "train": ["--steps", "20"],
     "patch": ["--pairs", "8"],
+    "sae": ["--steps", "20"],
+    "steer": ["--max-new-tokens", "6"],
     "bench": ["--rounds", "1", "--workloads", "no_hooks", "--tools", "transformers,interp"],
 }
 RESUMED_STEPS = "40"  # a --resume example continues the 20-step checkpoint before it
