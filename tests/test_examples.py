@@ -70,7 +70,7 @@ MAX_TOKENS = "256"  # appended as --max-tokens where the command has that option
 #: Commands whose examples take seconds when they do not load SmolLM2 (the rest are slow).
 LIGHT_COMMANDS = frozenset({"info", "plot"})
 #: Folders and files an example may write into; never linked into the working folder.
-OUTPUT_OPTIONS = ("--out", "--json")
+OUTPUT_OPTIONS = ("--out", "--json", "--save")
 
 
 @dataclass(frozen=True)
