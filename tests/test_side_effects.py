@@ -101,6 +101,7 @@ def rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 torch.manual_seed(0)
+torch.set_num_threads(1)  # no worker thread allocating inside the probe's heap range
 cfg = interp.ModelConfig(n_layers=4, d_model=256, n_heads=4, d_vocab=8192, n_ctx=256)
 model = interp.build_model(cfg).eval()
 with torch.no_grad():
@@ -135,4 +136,6 @@ def test_malloc_parameters_unchanged_after_recording(opt_in: str) -> None:
     if opt_in:
         assert returned < 16 << 20, returned  # kept for the next recording
     else:
-        assert returned > 80 << 20, returned  # trimmed: glibc's parameters are its own
+        # trimmed: glibc's parameters are its own (an allocation that lands among the blocks
+        # can pin part of the range, so "most of it", well apart from the opt-in's < 16 MB)
+        assert returned > 40 << 20, returned
