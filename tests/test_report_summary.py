@@ -1,10 +1,11 @@
 """Every report opens with a summary (issue 18): findings with numbers, then one figure.
 
 For every report type (``interp heads``, ``heads --compare``, ``masking``, ``moe``, ``ffn``,
-``plot`` and the combined ``interp report``), run on the small shipped models with small
-sizes: the first heading after the title is the summary, it holds at least one number and a
-figure that exists on disk, in ``index.md`` and in ``index.html``; and the numbers in each
-summary are the ones in the CSVs the same report writes, so the two cannot drift apart.
+``plot``, ``patch``, ``sae``, ``steer`` and the combined ``interp report``), run on the small
+shipped models with small sizes: the first heading after the title is the summary, it holds
+at least one number and a figure that exists on disk, in ``index.md`` and in ``index.html``;
+and the numbers in each summary are the ones in the CSVs the same report writes, so the two
+cannot drift apart.
 The unit tests at the top cover the degenerate cases without a model.
 """
 
@@ -286,3 +287,16 @@ def test_combined_report(tmp_path: Path) -> None:
     heads = md[md.index("## Head taxonomy"):]
     lead = items_of(heads[heads.index("### Summary"):heads.index("### Method")])[:2]
     assert items[1].endswith(" ".join(lead))
+
+
+# report types added after the summary work: the same first-heading, number and figure checks
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ("patch", DATA / "induction.pt", "--pairs", "8"),
+    ("sae", DATA / "induction.pt", "--hook", "blocks.1.hook_resid_post", "--steps", "20"),
+    ("steer", "smollm2-135m", "--coeffs=-2,0,2", "--max-new-tokens", "6"),
+], ids=["patch", "sae", "steer"])
+def test_later_report_types_open_with_a_summary(args: tuple, tmp_path: Path) -> None:
+    out = tmp_path / str(args[0])
+    invoke(*args, "--out", out, "-q")
+    check_report(out)
