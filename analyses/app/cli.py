@@ -122,11 +122,13 @@ def main() -> None:
     which the shell reports as 128 + its number) rather than a traceback from the
     interpreter's shutdown.
     """
-    handle_stop_signals(raise_interrupted)
-    sys.unraisablehook = redeliver_swallowed(sys.unraisablehook)
-    # Figures are written to files; never open a window or need a display.
-    os.environ.setdefault("MPLBACKEND", "Agg")
     try:
+        # inside the try: a signal can land between installing SIGINT's handler and the
+        # next signal's (the test sees the handlers and signals at once)
+        handle_stop_signals(raise_interrupted)
+        sys.unraisablehook = redeliver_swallowed(sys.unraisablehook)
+        # Figures are written to files; never open a window or need a display.
+        os.environ.setdefault("MPLBACKEND", "Agg")
         from analyses.app.group import cli
 
         code = cli.main(prog_name="interp", standalone_mode=False)
