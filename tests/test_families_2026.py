@@ -152,15 +152,19 @@ def _tokens(B: int = 2, seed: int = 2) -> torch.Tensor:
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
+def _padding(tokens: torch.Tensor, padding: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(attention mask, real positions): none, or row 0 left-padded by 3 positions."""
+    if padding != "left":
+        return None, torch.ones(tokens.shape, dtype=torch.bool)
+    mask = torch.ones(tokens.shape, dtype=torch.long)
+    mask[0, :3] = 0
+    return mask, mask.bool()
+
+
 def max_logit_gap(hf: Any, model: Any, padding: str) -> float:
     """max |logit difference| over non-pad positions (the README table's number)."""
     tokens = _tokens()
-    mask = None
-    keep = torch.ones(tokens.shape, dtype=torch.bool)
-    if padding == "left":
-        mask = torch.ones(tokens.shape, dtype=torch.long)
-        mask[0, :3] = 0
-        keep = mask.bool()
+    mask, keep = _padding(tokens, padding)
     with torch.no_grad():
         ref = hf(input_ids=tokens, attention_mask=mask).logits
         ours = model(tokens, attention_mask=mask)
@@ -171,12 +175,7 @@ def max_logit_gap(hf: Any, model: Any, padding: str) -> float:
 def test_parity(family: tuple[str, Any, Any], padding: str) -> None:
     name, hf, model = family
     tokens = _tokens()
-    mask = None
-    keep = torch.ones(tokens.shape, dtype=torch.bool)
-    if padding == "left":
-        mask = torch.ones(tokens.shape, dtype=torch.long)
-        mask[0, :3] = 0
-        keep = mask.bool()
+    mask, keep = _padding(tokens, padding)
     with torch.no_grad():
         ref = hf(input_ids=tokens, attention_mask=mask, output_hidden_states=True,
                  output_attentions=True)
