@@ -249,18 +249,22 @@ def test_bad_batches_are_refused(planted):
 def test_ablation_masks_one_expert_and_restores(planted):
     model, _, _ = planted
     with torch.no_grad():  # give expert 1 of layer 0 a real output so removing it changes the loss
-        model.blocks[0].mlp.experts[1].fc_out.weight.normal_(0, 1.0)
+        # own generator: the draw must not depend on which tests ran before (it did: 1e-4 alone)
+        model.blocks[0].mlp.experts[1].fc_out.weight.normal_(
+            0, 1.0, generator=torch.Generator().manual_seed(0)
+        )
     try:
         batches = list(moe.class_batches(48, 4, n_batches=2, batch_size=4, seq_len=16, seed=3))
         abl = moe.expert_ablation(model, batches, layers=[0], domain_names=["c0", "c1", "c2", "c3"])
         assert set(abl["domain"]) == {"all", "c0", "c1", "c2", "c3"}
         d = abl[abl["domain"] != "all"].assign(size=lambda x: x["delta"].abs())
-        # class-1 tokens route first to expert 1: removing it moves their loss most; classes that
-        # never include expert 1 in their top-2 only change when expert 1 enters their top-2
+        # class-1 tokens route first to expert 1: removing it moves their loss most. (Removing
+        # another expert can bring expert 1 into a token's top-2, so how far that moves another
+        # class depends on the random draw; over draws it was as often above c1[1] as below.)
         c1 = d[d["domain"] == "c1"].set_index("expert")["size"]
         assert c1.idxmax() == 1 and c1[1] > 1e-3
-        first_choice_only = abl[(abl["expert"] != 1)]
-        assert first_choice_only["delta"].abs().max() < c1[1]
+        # only the layer asked for is ablated
+        assert (abl[abl["layer"] != 0].empty) and set(abl["layer"]) == {0}
         assert all(m.expert_mask is None for m in (b.mlp for b in model.blocks))
     finally:
         with torch.no_grad():
