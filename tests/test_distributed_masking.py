@@ -81,7 +81,9 @@ def _recorded(monkeypatch: pytest.MonkeyPatch, rank: int, size: int, run: Any) -
 
 
 def _as_float(v: Any) -> torch.Tensor:
-    return v.double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+    if isinstance(v, torch.Tensor):
+        return v.double()
+    return torch.tensor(float(v), dtype=torch.float64)
 
 
 def _check_shares_add_up(monkeypatch: pytest.MonkeyPatch, run: Any) -> int:
