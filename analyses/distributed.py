@@ -6,7 +6,10 @@ batches (same corpus, same seed, same padding and sort order), keeps every ``siz
 from its ``rank`` (:func:`shard`), adds its batches into its accumulators, and the
 accumulators are then summed across ranks with ``all_reduce`` (:func:`reduce_sums`). Sums and
 counts merge exactly, so the ratios computed from them afterwards are the one-process ratios
-(not averages of per-rank averages); only the order of float64 additions differs.
+(not averages of per-rank averages); only the order of float64 additions differs. Where the
+corpus is too small to split (masking's default is one batch), the units of work are shared
+instead with :func:`mine` (index ``i`` of a list every rank holds: a (batch, strategy) pair, a
+(batch, head) pair, a pruning-curve point) and the results added or gathered in order.
 
 The process group comes from the environment that ``torchrun`` (or SLURM, or
 ``interp --nproc N``) sets: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``

@@ -171,7 +171,8 @@ def _launch(ctx: click.Context, param: click.Parameter, value: int | None) -> No
 @click.option("--nproc", type=click.IntRange(min=1), default=None, expose_value=False,
               is_eager=False, callback=_launch,
               help="Run the command as N local processes that share the work "
-                   "(torch.distributed, like torchrun --nproc-per-node N): heads, moe.")
+                   "(torch.distributed, like torchrun --nproc-per-node N): heads, moe, ffn, "
+                   "masking, report.")
 def cli() -> None:
     """interp: hook any transformer, classify its heads, probe FFN knowledge, measure
     MoE specialisation and masking effects, and write reports.

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from analyses import distributed
 from analyses.masking.data import _ce_per_seq, _strategy_labels, _token_mask, layer_of
 from analyses.masking.strategies import Strategy, base_mask
 from interp import HookedTransformer
@@ -50,7 +51,10 @@ def _js_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 class _Acc:
-    """Running sums for one strategy."""
+    """Running sums for one strategy (all of them sums or counts, so they add over ranks)."""
+
+    SUMS = ("kl", "kl_hard", "cos", "cos_hard", "loss", "n_pos", "n_loss", "n_rows", "js", "ent",
+            "dist")
 
     def __init__(self, L: int, H: int):
         self.kl = self.kl_hard = self.cos = self.cos_hard = self.loss = 0.0
@@ -120,8 +124,13 @@ class _Runner:
         kind = "logits" if self.has_head else None
         return self.model.run_with_hooks(tokens, return_type=kind, fwd_hooks=hooks)
 
-    def batch(self, tokens: torch.Tensor) -> None:
-        """Baseline, then every strategy (and each soft strategy's hard mask, once)."""
+    def batch(self, tokens: torch.Tensor, index: int = 0) -> None:
+        """Baseline, then every strategy (and each soft strategy's hard mask, once).
+
+        In a distributed run (:mod:`analyses.distributed`) every rank runs the baseline of
+        every batch (the strategies' JS needs its patterns) and only its round-robin share of
+        the (batch ``index``, strategy) pairs; a token-masking strategy another rank runs still
+        draws its masks here, so the seeded stream of masks is the one-process stream."""
         model, base = self.model, self.base
         labels = _strategy_labels(model, tokens)
         self.base_pats.clear()
@@ -132,11 +141,14 @@ class _Runner:
         base.n_pos += B * T
         base.add_loss(base_out, labels)
         hard_refs: dict[MaskSpec, tuple[torch.Tensor | None, torch.Tensor]] = {}
-        for strat in self.strategies:
+        n_strat = len(self.strategies)
+        for j, strat in enumerate(self.strategies):
             acc = self.accs[strat]
             inputs = tokens
             if strat.token_mask_rate is not None:
                 inputs, _ = _token_mask(model, tokens, strat.token_mask_rate, self.gen)
+            if not distributed.mine(index * n_strat + j):
+                continue
             stats = functools.partial(self._stats, acc=acc)
             with strat.applied(model):
                 out = self._run(inputs, [(_is_pattern, stats), (self.last, self._keep_resid)])
@@ -249,13 +261,17 @@ def compare_strategies(model: HookedTransformer, batches: Iterable[torch.Tensor]
       distance_delta``.
 
     Batches are equal-length token tensors [batch, pos]; a strategy that equals the model's own
-    mask gives exactly zero everywhere (both runs use the eager kernel).
+    mask gives exactly zero everywhere (both runs use the eager kernel). In a distributed run
+    every rank passes the same batches, runs its share of the (batch, strategy) pairs, and the
+    sums are added over the ranks before any mean is taken: the one-process tables.
     """
     runner = _Runner(model, strategies, seed)
     n_batches = 0
     for tokens in (progress or no_progress)(batches, desc="masking strategies"):
+        runner.batch(tokens.to(model.device), n_batches)
         n_batches += 1
-        runner.batch(tokens.to(model.device))
     if n_batches == 0:
         raise InterpError("No batches to compare strategies on; pass some text.")
+    for acc in runner.accs.values():  # each rank's share of the (batch, strategy) pairs
+        distributed.reduce_sums(acc, _Acc.SUMS)
     return _tables(runner)

@@ -13,11 +13,13 @@ the same with a gate on their routed weight.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from analyses import distributed
 from analyses.masking.data import LossBatch, _ce_per_seq, _frozen, layer_of
 from analyses.masking.removal import moe_layers
 from interp import HookedTransformer
@@ -41,6 +43,13 @@ def _importance_frame(keys: dict[str, list], per_seq_abs: torch.Tensor, signed: 
     return df
 
 
+def _mine(lbs: Sequence[LossBatch]) -> list[LossBatch]:
+    """This rank's round-robin share of the batches (all of them outside a distributed run):
+    the importances are sums over sequences and a count, added over the ranks afterwards
+    (:mod:`analyses.distributed`), so the ratios are the one-process ones."""
+    return [lb for i, lb in enumerate(lbs) if distributed.mine(i)]
+
+
 def head_importance(model: HookedTransformer, lbs: Sequence[LossBatch], *,
                     normalize: bool = False, progress: Progress | None = None,
                     return_gate_grad: bool = False) -> pd.DataFrame | tuple:
@@ -56,7 +65,9 @@ def head_importance(model: HookedTransformer, lbs: Sequence[LossBatch], *,
     the weaker batch-mean form, for comparison).
 
     With ``return_gate_grad`` also returns ``model.set_head_gates``' accumulated gate gradient
-    (the sum over sequences), which equals the sum of the per-sequence gradients.
+    (the sum over sequences), which equals the sum of the per-sequence gradients. In a
+    distributed run each rank differentiates its share of the batches and every sum (and the
+    gate gradient) is added over the ranks.
     """
     progress = progress or no_progress
     cfg = model.cfg
@@ -74,7 +85,7 @@ def head_importance(model: HookedTransformer, lbs: Sequence[LossBatch], *,
     with _frozen(model):
         model.set_head_gates(gates)
         try:
-            for lb in progress(lbs, desc="head importance"):
+            for lb in progress(_mine(lbs), desc="head importance"):
                 B = lb.inputs.shape[0]
                 per_seq.update({layer: torch.ones(B, H, device=dev, requires_grad=True)
                                 for layer in range(L)})
@@ -89,11 +100,14 @@ def head_importance(model: HookedTransformer, lbs: Sequence[LossBatch], *,
                 n_seq += B
         finally:
             model.set_head_gates(None)
+    grad = gates.grad.detach().cpu() if gates.grad is not None else torch.zeros(L, H)
+    sums = SimpleNamespace(abs_sum=abs_sum, sgn_sum=sgn_sum, n_seq=n_seq, grad=grad)
+    distributed.reduce_sums(sums, ["abs_sum", "sgn_sum", "n_seq", "grad"])
     keys = {"layer": [layer for layer in range(L) for _ in range(H)],
             "head": [h for _ in range(L) for h in range(H)]}
-    df = _importance_frame(keys, abs_sum, sgn_sum, n_seq, normalize)
+    df = _importance_frame(keys, abs_sum, sgn_sum, sums.n_seq, normalize)
     if return_gate_grad:
-        return df, gates.grad.detach().cpu()
+        return df, sums.grad
     return df
 
 
@@ -127,7 +141,7 @@ def expert_importance(model: HookedTransformer, lbs: Sequence[LossBatch], *,
         hooks += [(f"blocks.{layer}.mlp.hook_expert_weights", gate_w),
                   (f"blocks.{layer}.mlp.hook_expert_indices", keep_idx)]
     with _frozen(model):
-        for lb in progress(lbs, desc="expert importance"):
+        for lb in progress(_mine(lbs), desc="expert importance"):
             with model.hooks(fwd_hooks=hooks):
                 logits = model(lb.inputs)
             s, n = _ce_per_seq(logits, lb.labels)
@@ -140,8 +154,10 @@ def expert_importance(model: HookedTransformer, lbs: Sequence[LossBatch], *,
                 sgn_sum[j] += g.sum(0)
                 load[j] += onehot.sum((0, 1, 2)).cpu()
             n_seq += lb.inputs.shape[0]
+    sums = SimpleNamespace(abs_sum=abs_sum, sgn_sum=sgn_sum, load=load, n_seq=n_seq)
+    distributed.reduce_sums(sums, ["abs_sum", "sgn_sum", "load", "n_seq"])
     keys = {"layer": [layer for layer in layers for _ in range(E)],
             "expert": [e for _ in layers for e in range(E)]}
-    df = _importance_frame(keys, abs_sum, sgn_sum, n_seq, normalize)
+    df = _importance_frame(keys, abs_sum, sgn_sum, sums.n_seq, normalize)
     df["load"] = (load / load.sum(-1, keepdim=True).clamp(min=1)).flatten().numpy()
     return df

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analyses import distributed
 from analyses.masking.data import LossBatch, mean_loss
 from analyses.masking.removal import Unit, experts_removed, heads_removed, n_effective
 from interp import HookedTransformer
@@ -40,14 +41,17 @@ def _curves(model: HookedTransformer, lbs: Sequence[LossBatch], units: Sequence[
     for r in range(n_random):
         orders.append(("random", r, [units[i] for i in rng.permutation(len(units))]))
     counts = _fractions(len(units), steps)
+    points = [(o, k) for o in range(len(orders)) for k in counts if k > 0]
+    local = {}  # this rank's round-robin share of the curve points (all of them in one process)
+    for i, (o, k) in enumerate(progress(points, desc=f"{what} pruning curves", total=len(points))):
+        if distributed.mine(i):
+            with removed_ctx(model, orders[o][2][:k]):
+                local[i] = mean_loss(model, lbs)
+    losses = dict(zip(points, distributed.gather_in_order(local, len(points)), strict=True))
     rows = []
-    for name, run, order in progress(orders, desc=f"{what} pruning curves", total=len(orders)):
+    for o, (name, run, order) in enumerate(orders):
         for k in counts:
-            if k == 0:
-                loss = base
-            else:
-                with removed_ctx(model, order[:k]):
-                    loss = mean_loss(model, lbs)
+            loss = base if k == 0 else losses[o, k]
             rows.append({"order": name, "run": run, "n_removed": k,
                          "n_effective": effective(order[:k]), "fraction": k / len(units),
                          "loss": loss, "loss_ratio": loss / base if base else float("nan")})
@@ -67,7 +71,8 @@ def head_pruning_curves(model: HookedTransformer, lbs: Sequence[LossBatch],
     """Loss against the fraction of heads removed (gates set to 0), removing the least important
     first (Michel et al. 2019, sec. 4) and in ``n_random`` random orders. Columns: ``order``
     (importance / random), ``run``, ``n_removed`` (= ``n_effective``), ``fraction``, ``loss``,
-    ``loss_ratio`` (to the unpruned loss)."""
+    ``loss_ratio`` (to the unpruned loss). In a distributed run each rank measures its
+    round-robin share of the curve points and they are gathered in order."""
     _check_steps(steps, n_random)
     units = list(zip(importance["layer"].astype(int), importance["head"].astype(int),
                      strict=True))
@@ -94,7 +99,9 @@ def max_removable(model: HookedTransformer, lbs: Sequence[LossBatch], importance
                   curve: pd.DataFrame, *, tolerance: float = 0.05, unit: str = "head") -> int:
     """How many units can go, least important first, before the loss first rises by more than
     ``tolerance`` (relative): the coarse importance-order curve brackets the crossing, then one
-    unit at a time inside the bracket gives the exact count."""
+    unit at a time inside the bracket gives the exact count. In a distributed run the ranks
+    try the next ``size`` counts at once, one each, and stop at the first round that crosses:
+    the one-process answer."""
     imp = curve[curve["order"] == "importance"].sort_values("n_removed")
     over = imp[imp["loss_ratio"] > 1 + tolerance]
     if over.empty:
@@ -108,9 +115,17 @@ def max_removable(model: HookedTransformer, lbs: Sequence[LossBatch], importance
     ctx = heads_removed if unit == "head" else experts_removed
     count = len if unit == "head" else functools.partial(n_effective, model)
     base = float(imp["loss"].iloc[0])
-    for k in range(lo + 1, first_bad):
-        with ctx(model, order[:k]):
-            if mean_loss(model, lbs) > (1 + tolerance) * base:
+    todo = list(range(lo + 1, first_bad))
+    size = distributed.world().size
+    for start in range(0, len(todo), size):  # one k per rank per round, checked in order
+        ks = todo[start:start + size]
+        local = {}
+        for j, k in enumerate(ks):
+            if distributed.mine(j):
+                with ctx(model, order[:k]):
+                    local[j] = mean_loss(model, lbs)
+        for k, loss in zip(ks, distributed.gather_in_order(local, len(ks)), strict=True):
+            if loss > (1 + tolerance) * base:
                 return count(order[:k - 1])
     return count(order[:first_bad - 1])
 

@@ -35,6 +35,7 @@ from interp.config import ModelConfig
 from interp.errors import InterpError
 from interp.loading._common import apply_overrides, assemble, naming, one_line
 from interp.loading.families import FAMILIES, Family, get_family, supported_model_types
+from interp.loading.placement import placed, placing
 from interp.tokenize import tokenizer_adds_bos
 
 __all__ = [
@@ -148,15 +149,19 @@ def load_pretrained(source: Any, **overrides: Any) -> Any:
     placement = {k: overrides.pop(k) for k in ("device_map", "max_memory", "offload_dir")
                  if k in overrides}
     processing = _processing_options(overrides)
-    model = _load_raw(source, overrides)
+    # straight into place unless processing (which folds across units) needs the whole model
+    direct = placement.get("device_map") is not None and processing is None
+    with placing(placement if direct else None):
+        model = _load_raw(source, overrides)
     if processing is not None:
         from interp.processing import process_weights
 
         process_weights(model, **processing)
-    if placement.get("device_map") is not None:  # layers across devices: interp.loading.placement
-        from interp.loading.placement import dispatch
+    if placement.get("device_map") is not None:  # layers across devices: loading.placement
+        if not hasattr(model, "hf_device_map"):  # not already loaded into place
+            from interp.loading.placement import dispatch
 
-        dispatch(model, **placement)
+            dispatch(model, **placement)
     elif len(placement) > (1 if "device_map" in placement else 0):
         raise InterpError("max_memory and offload_dir go with device_map='auto' or a dict.")
     return model
@@ -325,9 +330,12 @@ def from_hf_folder(folder: Path, fields: dict[str, Any], *, device: Any = None,
     with naming(folder, "Folder"):
         weights = read_weights(folder)
         tok = folder_tokenizer(folder, raw["model_type"])
-        sd = fam.convert_state_dict(weights, cfg)
-        model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype,
-                         source=f"folder {folder.name!r}'s weights")
+        model = placed(cfg, fam.convert_state_dict, weights, tokenizer=tok, dtype=dtype,
+                       source=f"folder {folder.name!r}'s weights")
+        if model is None:  # no device map, or not loadable layer by layer
+            sd = fam.convert_state_dict(weights, cfg)
+            model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype,
+                             source=f"folder {folder.name!r}'s weights")
     _note_extra(model, source=str(folder))
     _note_dropped(model, weights)
     return model

@@ -294,6 +294,11 @@ class GGUFTensors(Mapping):
             out = reverse_permute(out, heads)
         return out
 
+    def meta(self, key: str) -> torch.Tensor:
+        """Tensor ``key``'s shape as a float32 ``meta`` tensor, nothing read or dequantised
+        (placement converts one layer at a time with the others standing in as these)."""
+        return torch.empty(tuple(reversed(self._by_name[key].dims)), device="meta")
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._by_name)
 
@@ -421,6 +426,7 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
 
     from interp.loading._common import apply_overrides, assemble, naming, one_line
     from interp.loading.families import get_family
+    from interp.loading.placement import placed
 
     path = Path(path)
     key = _file_key(tuple(Path(p) for p in parts) or (path,))
@@ -438,13 +444,18 @@ def load_gguf(path: Path, fields: dict[str, Any], *, device: Any = None,
     cfg = dataclasses.replace(cfg, extra={**cfg.extra, "source": str(path)})
     cfg = apply_overrides(cfg, fields)
     with naming(path, "GGUF file"):
-        try:
-            sd = fam.convert_state_dict(GGUFTensors(reader, hf, path), cfg)
-        except InterpError as e:
-            raise InterpError(_gguf_names(str(e), _block_names(hf["model_type"]))) from None
         tok_json, special = _tokenizer_state(key)
         tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok_json), **special)
+        adds_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", True))
+        tensors = GGUFTensors(reader, hf, path)
+        model = placed(cfg, fam.convert_state_dict, tensors, tokenizer=tok, dtype=dtype,
+                       source=f"GGUF file {path.name!r}", adds_bos=adds_bos)
+        if model is not None:  # loaded layer by layer into load_pretrained's device map
+            return model
+        try:
+            sd = fam.convert_state_dict(tensors, cfg)
+        except InterpError as e:
+            raise InterpError(_gguf_names(str(e), _block_names(hf["model_type"]))) from None
         model = assemble(cfg, sd, tokenizer=tok, device=device, dtype=dtype,
-                         source=f"GGUF file {path.name!r}",
-                         adds_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", True)))
+                         source=f"GGUF file {path.name!r}", adds_bos=adds_bos)
     return model

@@ -20,18 +20,25 @@ it); a tied unembedding shares its device. ``"auto"`` fills the devices of ``max
 order (default: each GPU's free memory, then the CPU's available memory) unit by unit, in
 forward order, and sends the rest to disk.
 
-Limit: the loaders build the whole model on the CPU first and :func:`dispatch` places it
-after, so the checkpoint must fit in CPU memory while it loads (resident memory drops once
-units go to a GPU or to disk); loading straight into place, unit by unit, is not done yet.
+Loading straight into place (:func:`assemble_placed`, used for Hugging Face safetensors
+folders when no weight processing is asked for): the model is built on the ``meta`` device
+and the family's converter runs once per group of units, on a view of the checkpoint where
+only that group's tensors are read from disk and every other tensor is a ``meta`` stand-in of
+the same shape; the group's converted weights go straight to their device (or to their
+offload file), so resident memory holds about one unit at a time, not the model. A converter
+that cannot run on stand-ins, other sources (GGUF, .pt) and weight processing (which folds
+across units) load the whole model on the CPU first and :func:`dispatch` places it after.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import shutil
 import tempfile
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +47,8 @@ from torch import nn
 
 from interp.errors import InterpError
 
-__all__ = ["DISK", "dispatch", "infer_device_map", "parse_size", "placement_units"]
+__all__ = ["DISK", "assemble_placed", "dispatch", "infer_device_map", "parse_size", "placed",
+           "placement_units", "placing"]
 
 DISK = "disk"
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -227,13 +235,9 @@ def _attach(module: nn.Module, device: torch.device, offload: _Offloaded | None)
         module.register_forward_hook(lambda *_: offload.release())
 
 
-def dispatch(model: nn.Module, device_map: str | Mapping[str, str],
-             max_memory: Mapping[str, int | str] | None = None,
-             offload_dir: str | Path | None = None) -> nn.Module:
-    """Place ``model``'s units by ``device_map`` (``"auto"`` or ``{unit: device}``) and hook
-    their inputs across devices; returns the model (changed in place), with
-    ``model.hf_device_map`` (the map used, as transformers names it). Without
-    ``offload_dir``, disk units go to a temporary folder removed when the model is."""
+def _resolve_map(model: nn.Module, device_map: str | Mapping[str, str],
+                 max_memory: Mapping[str, int | str] | None) -> tuple[dict[str, str], torch.device]:
+    """The checked ``{unit: device}`` map and the execution device of disk units."""
     if device_map == "auto":
         device_map = infer_device_map(model, max_memory)
     elif isinstance(device_map, str) or not isinstance(device_map, Mapping):
@@ -241,25 +245,195 @@ def dispatch(model: nn.Module, device_map: str | Mapping[str, str],
                           f"{device_map!r}; the units are "
                           f"{', '.join(placement_units(model))}.")
     dm = _check_map(model, device_map)
-    units = placement_units(model)
     real = [d for d in dm.values() if d != DISK]
-    exec_device = torch.device(real[0] if real else "cpu")
-    folder = None
-    for name, module in units.items():
-        dev = dm[name]
+    return dm, torch.device(real[0] if real else "cpu")
+
+
+class _Placer:
+    """Puts units where the map says, one at a time: on their device, or on disk (its weights
+    written to the offload folder and replaced by ``meta`` tensors), with the input hooks."""
+
+    def __init__(self, model: nn.Module, dm: dict[str, str], exec_device: torch.device,
+                 offload_dir: str | Path | None):
+        self.model, self.dm, self.exec_device = model, dm, exec_device
+        self.offload_dir, self.folder = offload_dir, None
+
+    def _folder(self) -> Path:
+        if self.folder is None and self.offload_dir is None:  # ours: removed with the model
+            self.folder = Path(tempfile.mkdtemp(prefix="interp_offload_"))
+            weakref.finalize(self.model, shutil.rmtree, self.folder, True)
+        elif self.folder is None:
+            self.folder = Path(self.offload_dir)  # type: ignore[arg-type]
+            self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder
+
+    def place(self, name: str, module: nn.Module) -> None:
+        dev = self.dm[name]
         if dev == DISK:
-            if folder is None and offload_dir is None:  # ours: removed with the model
-                folder = Path(tempfile.mkdtemp(prefix="interp_offload_"))
-                weakref.finalize(model, shutil.rmtree, folder, True)
-            elif folder is None:
-                folder = Path(offload_dir)  # type: ignore[arg-type]
-                folder.mkdir(parents=True, exist_ok=True)
-            module.to(exec_device)  # non-weight state (hook points) lives where it runs
-            _attach(module, exec_device, _Offloaded(module, folder / f"{name}.safetensors",
-                                                    exec_device))
+            module.to(self.exec_device)  # non-weight state (hook points) lives where it runs
+            path = self._folder() / f"{name}.safetensors"
+            _attach(module, self.exec_device, _Offloaded(module, path, self.exec_device))
         else:
             module.to(dev)
             _attach(module, torch.device(dev), None)
-    model.hf_device_map = dict(dm)
-    model.offload_folder = folder  # where disk units' weights are (None: no disk unit)
+
+    def finish(self) -> nn.Module:
+        self.model.hf_device_map = dict(self.dm)
+        self.model.offload_folder = self.folder  # disk units' weights (None: no disk unit)
+        return self.model
+
+
+def dispatch(model: nn.Module, device_map: str | Mapping[str, str],
+             max_memory: Mapping[str, int | str] | None = None,
+             offload_dir: str | Path | None = None) -> nn.Module:
+    """Place ``model``'s units by ``device_map`` (``"auto"`` or ``{unit: device}``) and hook
+    their inputs across devices; returns the model (changed in place), with
+    ``model.hf_device_map`` (the map used, as transformers names it). Without
+    ``offload_dir``, disk units go to a temporary folder removed when the model is."""
+    dm, exec_device = _resolve_map(model, device_map, max_memory)
+    placer = _Placer(model, dm, exec_device, offload_dir)
+    for name, module in placement_units(model).items():
+        placer.place(name, module)
+    return placer.finish()
+
+
+# --------------------------------------------------------------------------- straight into place
+
+
+def _layer(key: str) -> int | None:
+    """The first number in a checkpoint tensor's dotted name (its layer), None outside the
+    layer stacks (embeddings, final norm, LM head)."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", key)
+    return int(m.group(1)) if m else None
+
+
+class _GroupView(Mapping):
+    """The checkpoint with only the tensors of one layer index (or of no layer) read from
+    disk; every other tensor a ``meta`` stand-in of its shape and dtype."""
+
+    def __init__(self, weights: Any, layer: int | None):
+        self.weights, self.layer = weights, layer
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if _layer(key) == self.layer:
+            return self.weights[key]
+        return self.weights.meta(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
+def _groups(units: Mapping[str, nn.Module]) -> dict[int | None, list[str]]:
+    """Units by the layer index their checkpoint tensors carry: ``blocks.3`` (and
+    ``encoder.3``) under 3, the embeddings, final norm and unembedding under None."""
+    out: dict[int | None, list[str]] = {}
+    for name in units:
+        tail = name.rpartition(".")[2]
+        out.setdefault(int(tail) if "." in name and tail.isdigit() else None, []).append(name)
+    return out
+
+
+def _unit_state(name: str, module: nn.Module, converted: Mapping[str, torch.Tensor],
+                dtype: torch.dtype, source: str) -> dict[str, torch.Tensor]:
+    """Unit ``name``'s tensors from one converter pass, checked against the meta module and
+    cast to ``dtype``; a ``meta`` one means the converter mixed groups (the caller falls back)."""
+    own = module.state_dict()
+    got = {k: converted.get(f"{name}.{k}") for k in own}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in got.items():
+        if v is None or v.device.type == "meta":
+            raise _NotPlaceable(f"{name}.{k}")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise InterpError(f"Tensor {name}.{k!r} of the {source} has shape {list(v.shape)}, "
+                              f"the model expects {list(own[k].shape)}.")
+        if own[k].is_floating_point() and not v.is_floating_point():
+            raise InterpError(f"Tensor {name}.{k!r} of the {source} has dtype {v.dtype}; the "
+                              "model needs floating-point weights there.")
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+class _NotPlaceable(Exception):
+    """A converter output that this group's pass could not compute from its own tensors."""
+
+
+def assemble_placed(cfg: Any, convert: Callable[[Mapping[str, torch.Tensor], Any], dict],
+                    weights: Any, device_map: str | Mapping[str, str], *,
+                    max_memory: Mapping[str, int | str] | None = None,
+                    offload_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+                    source: str = "checkpoint") -> nn.Module | None:
+    """The model of ``cfg`` with ``convert(weights, cfg)``'s tensors loaded straight where
+    ``device_map`` puts each unit, one group of units (one layer index) at a time: peak memory
+    about one layer, not the model. ``weights`` is a lazy checkpoint mapping with ``meta(key)``
+    (:class:`~interp.loading.safetensors.SafetensorsDict`). None when the converter cannot run
+    on ``meta`` stand-ins or mixes layers (the caller then loads fully and dispatches)."""
+    from interp.loading._common import _build_on_meta, _check_counts, _fill_computed_buffers
+
+    _check_counts(cfg, len(weights), source)
+    dtype = dtype or torch.float32
+    model = _build_on_meta(cfg)
+    if dtype != torch.float32:
+        model = model.to(dtype)  # meta: sizes for "auto" in the dtype the weights will have
+    dm, exec_device = _resolve_map(model, device_map, max_memory)
+    units = placement_units(model)
+    placer = _Placer(model, dm, exec_device, offload_dir)
+    try:
+        for layer, names in _groups(units).items():
+            converted = convert(_GroupView(weights, layer), cfg)
+            states = {n: _unit_state(n, units[n], converted, dtype, source) for n in names}
+            del converted
+            for n in names:
+                units[n].load_state_dict(states.pop(n), assign=True, strict=True)
+                _fill_computed_buffers(units[n])
+                units[n].to(dtype)
+                placer.place(n, units[n])
+    except (_NotPlaceable, InterpError, NotImplementedError, RuntimeError):
+        return None  # a converter that needs real values across layers: load it all instead
+        # (and a real error in the checkpoint is then reported by that full load)
+    _fill_computed_buffers(model)
+    with contextlib.suppress(StopIteration):
+        left = next(n for n, t in model.named_buffers() if t.device.type == "meta"
+                    and not any(n.startswith(u + ".") for u in units if dm[u] == DISK))
+        raise InterpError(f"Tensor {left!r} was never loaded.")
+    return placer.finish().eval()
+
+
+#: the placement (device_map, max_memory, offload_dir) that the running load_pretrained call
+#: places by, for loaders that can load straight into place; None otherwise
+_PLACING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "interp_placing", default=None)
+
+
+@contextlib.contextmanager
+def placing(placement: dict[str, Any] | None) -> Iterator[None]:
+    """Within the block, :func:`placed` loads by ``placement`` (this thread or task only)."""
+    token = _PLACING.set(placement)
+    try:
+        yield
+    finally:
+        _PLACING.reset(token)
+
+
+def placed(cfg: Any, convert: Callable[[Mapping[str, torch.Tensor], Any], dict], weights: Any, *,
+           tokenizer: Any = None, dtype: torch.dtype | None = None, source: str = "checkpoint",
+           adds_bos: bool | None = None) -> nn.Module | None:
+    """The model loaded straight into the device map of the enclosing :func:`placing` block
+    (about one layer resident at a time), or None: no map, weights that are not a lazy mapping
+    with ``meta(key)``, or a converter that cannot run layer by layer. The loaders call this
+    before building the whole state dict and fall back to it when None."""
+    from interp.loading._common import adopt_bos_rule
+    from interp.tokenize import tokenizer_adds_bos
+
+    placement = _PLACING.get()
+    if placement is None or not callable(getattr(weights, "meta", None)):
+        return None
+    model = assemble_placed(cfg, convert, weights, dtype=dtype, source=source, **placement)
+    if model is not None:
+        model.tokenizer = tokenizer
+        if adds_bos is None and tokenizer is not None:
+            adds_bos = tokenizer_adds_bos(tokenizer)
+        adopt_bos_rule(model, adds_bos)
     return model

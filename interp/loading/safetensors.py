@@ -218,6 +218,12 @@ class SafetensorsDict(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._where[key].read(key)
 
+    def meta(self, key: str) -> torch.Tensor:
+        """Tensor ``key``'s shape and dtype as a ``meta`` tensor, nothing read (placement
+        converts one unit at a time with the others standing in as these)."""
+        e = self._where[key].entries[key]
+        return torch.empty(e.shape, dtype=e.dtype, device="meta")
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
