@@ -23,7 +23,7 @@ from interp.viz.attention import AttentionView, Doc, head_infos
 if TYPE_CHECKING:
     from interp import HookedTransformer
 
-__all__ = ["MAX_TEXTS", "explore", "text_docs"]
+__all__ = ["MAX_TEXTS", "explore", "explore_random", "text_docs"]
 
 #: texts in one page by default: enough to compare, small enough to stay a few MB
 MAX_TEXTS = 10
@@ -101,3 +101,28 @@ def explore(model: HookedTransformer, texts: Sequence[str], *, heads: Any = None
     docs, cut = text_docs(model, texts, max_tokens=max_tokens)
     return AttentionView(docs, model=model_name, labels=head_infos(heads), layer=layer,
                          head=head, notes=[*notes, *cut])
+
+
+def explore_random(model: HookedTransformer, *, heads: Any = None, half_len: int = 12,
+                   seed: int = 0, model_name: str = "model") -> AttentionView:
+    """The explorer on one repeated random-token sequence (``x1..xn x1..xn``, as the
+    taxonomy's induction scores use), for a model that cannot read text: token ids label the
+    positions, and induction and previous-token stripes show as they are scored."""
+    import torch
+
+    from analyses.heads import random_batches
+
+    if getattr(model.cfg, "architecture", "decoder") == "encoder_decoder":
+        _check_model(model)
+    batch = next(random_batches(model, n_seqs=1, half_len=half_len, batch_size=1, seed=seed))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch.tokens.to(model.W_E.device),
+                                        names_filter=lambda h: h.endswith("hook_pattern"))
+    layers = list(range(int(model.cfg.n_layers)))
+    pats = torch.stack([cache["pattern", li][0] for li in layers]).float().cpu().numpy()
+    ids = [str(int(i)) for i in batch.tokens[0]]
+    title = f"repeated random tokens, 2 x {half_len} (seed {seed})"
+    doc = Doc(title, ids, pats, layers, text=" ".join(ids))
+    return AttentionView([doc], model=model_name, labels=head_infos(heads),
+                         notes=["The model has no tokenizer: the text is a repeated random "
+                                "token sequence, each token shown by its id."])

@@ -92,13 +92,17 @@ def explorer_files(model: HookedTransformer, heads: pd.DataFrame | None, texts: 
                    ) -> tuple[dict[str, str], AttentionView | None, str]:
     """(``{"explorer.html": page}`` or {}, the view, one sentence for the findings).
 
-    A model the explorer cannot show (no tokenizer, encoder-decoder) gets no page and a
-    sentence saying why, so a heads report still writes.
+    A model without a tokenizer is shown on repeated random tokens; one the explorer cannot
+    show (encoder-decoder) gets no page and a sentence saying why, so a heads report still
+    writes.
     """
     cut = None if max_tokens is None else min(max_tokens, int(model.cfg.n_ctx))
     try:
-        view = X.explore(model, texts, heads=heads, max_tokens=cut, model_name=model_name,
-                         notes=notes or [], layer=layer, head=head)
+        if getattr(model, "tokenizer", None) is None and layer is None:
+            view = X.explore_random(model, heads=heads, model_name=model_name)
+        else:
+            view = X.explore(model, texts, heads=heads, max_tokens=cut, model_name=model_name,
+                             notes=notes or [], layer=layer, head=head)
     except InterpError as e:
         if layer is not None or head is not None:
             raise
@@ -107,7 +111,7 @@ def explorer_files(model: HookedTransformer, heads: pd.DataFrame | None, texts: 
     n_tok = sum(len(d.tokens) for d in view.docs)
     return ({"explorer.html": page}, view,
             f"Attention explorer (`explorer.html`, {len(page.encode()) / 1e6:.2f} MB, opens "
-            f"offline): {len(view.docs)} texts, {n_tok} tokens, every layer and head, grid "
+            f"offline): {len(view.docs)} text(s), {n_tok} tokens, every layer and head, grid "
             "coloured by the labels above.")
 
 
