@@ -303,5 +303,7 @@
   header();
   buildGrid();
   drawAll();
+  // when the page was ready, in ms since navigation started (read by bench/explorer.py)
+  document.body.dataset.readyMs = String(Math.round(performance.now()));
   document.body.dataset.ready = "1";
 })();

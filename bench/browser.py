@@ -1,4 +1,6 @@
-"""A small driver for Debian's headless Chromium over the DevTools protocol (CDP).
+"""A small driver for Debian's headless Chromium over the DevTools protocol (CDP): the
+explorer's browser test (tests/test_explorer_browser.py) and its benchmark
+(:mod:`bench.explorer`) click, hover and time pages with it.
 
 Why not Playwright or Selenium: Playwright wants its own browser build (a download, which CI
 cannot make) and Selenium wants a matching chromedriver; the DevTools protocol is built into
