@@ -27,6 +27,7 @@ from analyses.app.cli import (
     prepare_out,
     write_report,
 )
+from analyses.app.paths import shown_path
 from analyses.app.report import Section
 from analyses.app.sections._heads_inputs import SAMPLE_TEXT, check_text_file, resolve_source
 from interp.errors import InterpError
@@ -195,8 +196,9 @@ def explore_cmd(ctx: click.Context, model: str, texts: tuple[str, ...], texts_fi
     chosen = chosen or report_texts({}, limit=3)
     out = prepare_out(ctx, out, force)
     m = load_model(resolve_source(model), device, dtype, seed=seed)
-    opts: dict[str, Any] = {"model_name": model, "n_random": n_random, "batch_size": batch_size,
-                            "seed": seed, "layer": layer, "head": head, "max_tokens": max_tokens,
+    opts: dict[str, Any] = {"model_name": shown_path(model), "n_random": n_random,
+                            "batch_size": batch_size, "seed": seed, "layer": layer,
+                            "head": head, "max_tokens": max_tokens,
                             "progress": progress_bar(quiet)}
     section = explorer_section(m, chosen, opts)
     write_report([section], out=out, force=force, model_source=model, model=m, seed=seed,

@@ -26,6 +26,7 @@ from analyses.app.cli import (
     prepare_out,
     write_report,
 )
+from analyses.app.paths import shown_path
 from analyses.app.report import Section
 from analyses.app.sections import register
 from analyses.app.sections._heads_figures import (
@@ -275,7 +276,8 @@ def build(model: HookedTransformer, opts: dict, progress: Progress) -> Section:
             figures["heads_syntax_best"] = syntax_bars(res.best_syntax)
     findings = _findings(res, model)
     files, _, line = explorer_files(model, res.heads, report_texts(opts),
-                                    model_name=str(opts.get("model_source") or "model"))
+                                    model_name=shown_path(str(opts.get("model_source")
+                                                              or "model")))
     findings.append(line)
     if layer is not None:
         table, fig = focus(model, res, layer, head if head is not None else 0)
