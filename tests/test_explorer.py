@@ -216,3 +216,27 @@ def test_heads_report_of_a_model_without_tokenizer_explores_random_tokens(
     assert data["texts"][0]["title"].startswith("repeated random tokens")
     assert len(data["heads"]) == 4  # every head labelled by the report's taxonomy
     assert "explorer.html" in (tmp_path / "r" / "index.md").read_text()
+
+
+@pytest.mark.slow
+def test_interp_explore_on_minilm_end_to_end(tmp_path: Path) -> None:
+    """The command on the packaged MiniLM: a text past its 512-token context is refused in
+    one line; two texts give a report whose page holds the model's own patterns and the
+    taxonomy's label for every head."""
+    long_text = "word " * 600
+    _one_line_error(_invoke("explore", "minilm", "--text", long_text, "--out", tmp_path / "x"),
+                    "longer than the model's context of 512; shorten it or pass --max-tokens")
+    texts = ["The cat sat on the mat.", "The keys to the cabinet are on the table."]
+    result = _invoke("explore", "minilm", "--text", texts[0], "--text", texts[1],
+                     "--n-random", "2", "--layer", "1", "--head", "8", "--out", tmp_path / "r",
+                     "-q")
+    assert result.exit_code == 0, (result.output, result.exception)
+    data = page_data((tmp_path / "r" / "explorer.html").read_text(encoding="utf-8"))
+    assert data["model"] == "minilm" and data["start"] == {"layer": 1, "head": 8}
+    assert len(data["heads"]) == 72 and (tmp_path / "r" / "data" / "explorer_heads.csv").exists()
+    model = interp.load_pretrained("minilm").eval()
+    for text, page_text in zip(texts, data["texts"], strict=True):
+        assert page_text["tokens"] == model.to_str_tokens(text)
+        _, cache = model.run_with_cache(text, names_filter=lambda n: n.endswith("hook_pattern"))
+        want = np.stack([cache["pattern", li][0].detach().numpy() for li in range(6)])
+        assert np.abs(decode(page_text, 6, 12) - want).max() <= 1 / 510 + 1e-5
