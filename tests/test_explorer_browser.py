@@ -64,7 +64,10 @@ def test_click_head_hover_token_shows_the_cache_weights(tmp_path: Path,
         text, data = _shown(b, "k")
         assert np.abs(np.array(text) - want[5]).max() <= SHOWN
         assert np.abs(np.array(data) - want[5]).max() <= 1 / 510 + 1e-6
-        b.hover("#tok-k-3")  # the reverse: every query's attention to key 3
+        b.click("#dir-toggle")  # the button reverses it: every query's attention to token 5
+        text, _ = _shown(b, "q")
+        assert np.abs(np.array(text) - want[:, 5]).max() <= SHOWN
+        b.hover("#tok-k-3")  # hovering a key does too: every query's attention to key 3
         text, _ = _shown(b, "q")
         assert np.abs(np.array(text) - want[:, 3]).max() <= SHOWN
         # keyboard: from the focused thumbnail, ArrowUp opens layer 1, ArrowLeft head 0
