@@ -15,6 +15,7 @@ from interp.errors import HookNameError, InterpError
 from interp.masks import MaskSpec, parse_mask
 from interp.model import HookedEncoderDecoder, HookedTransformer, KVCache, build_model
 from interp.perf.memory import keep_freed_memory
+from interp.viz import AttentionView, show_attention
 
 #: TransformerLens' name for the KV cache (it has ``init_cache(cfg, device, batch_size)``)
 HookedTransformerKeyValueCache = KVCache
@@ -41,6 +42,7 @@ def load_pretrained_no_processing(source, **overrides):
 
 __all__ = [
     "ActivationStore",
+    "AttentionView",
     "HookNameError",
     "HookedEncoderDecoder",
     "HookedTransformer",
@@ -55,5 +57,6 @@ __all__ = [
     "load_pretrained_no_processing",
     "masks",
     "parse_mask",
+    "show_attention",
     "write_activations",
 ]

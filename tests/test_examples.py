@@ -57,6 +57,7 @@ SMALLER: dict[str, list[str]] = {
     "ffn": ["--max-facts", "2", "--samples", "2", "--ig-steps", "2", "--kv-layers", "0",
             "--top-k", "3"],
     "heads": ["--n-random", "2", "--half-len", "8"],
+    "explore": ["--n-random", "2"],
     "masking": ["--seq-len", "32", "--pruning-steps", "2", "--random-orders", "1"],
     "moe": ["--n-perm", "9", "--ablation-tokens", "256"],
     "train": ["--steps", "20"],

@@ -77,8 +77,22 @@ def plot_cmd(ctx: click.Context, model: str, text: str, layer: int | None, head:
     heads = [head] if head is not None else list(range(pats.shape[1]))
     table = _pattern_table(pats, layers, heads, str_tokens)
     section = _plot_section(scope, text, note, n_k, table, figures, time.perf_counter() - t0)
+    section.files = _explorer(pats, str_tokens, layers, text, shown_path(model), layer, head)
     common.write_report([section], out=out, force=force, model_source=model, model=m,
                         seed=seed, ctx=ctx, svg=svg, quiet=quiet, title=f"interp plot: {model}")
+
+
+def _explorer(pats: np.ndarray, str_tokens: list[str], layers: list[int], text: str,
+              name: str, layer: int | None, head: int | None) -> dict[str, str]:
+    """The same patterns as an interactive page (:mod:`interp.viz`), unlabelled: ``interp
+    explore`` adds the head taxonomy's labels."""
+    from interp.viz.attention import AttentionView, Doc
+
+    doc = Doc(text if len(text) <= 70 else text[:67] + "...", str_tokens, pats, layers, text=text)
+    view = AttentionView([doc], model=name, layer=layer, head=head,
+                         notes=["No head labels here: `interp explore` runs the head taxonomy "
+                                "and colours the grid by it."])
+    return {"explorer.html": view.to_html()}
 
 
 def _check_model(m: HookedTransformer, layer: int | None, head: int | None) -> None:

@@ -254,6 +254,10 @@ def render_markdown(title: str, meta: Sequence[tuple[str, str]],
             lines += ["### Figures", ""]
             for name in s.figures:
                 lines += [f"![{name}](figures/{name}.png)", ""]
+        if s.files:
+            lines += ["### Interactive", ""]
+            lines += [f"- [{name}]({name}): opens in a browser, offline" for name in s.files]
+            lines.append("")
         if s.tables:
             lines += ["### Tables", ""]
             for name, df in s.tables.items():
@@ -322,6 +326,11 @@ def render_html(title: str, meta: Sequence[tuple[str, str]], sections: Sequence[
         if s.figures:
             parts.append("<h3>Figures</h3>")
             parts += [figure(name) for name in s.figures]
+        if s.files:
+            parts.append("<h3>Interactive</h3><ul>")
+            parts += [f'<li><a href="{e(name)}">{e(name)}</a>: opens in a browser, offline</li>'
+                      for name in s.files]
+            parts.append("</ul>")
         if s.tables:
             parts.append("<h3>Tables</h3>")
             for name, df in s.tables.items():

@@ -65,6 +65,7 @@ VERSIONED_PACKAGES = (
     "matplotlib", "seaborn", "click",
 )
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RESERVED = frozenset({"index.md", "index.html", "run.json", "figures", "data"})
 
 
 @dataclass
@@ -96,6 +97,9 @@ class Section:
     timings: dict[str, float] = field(default_factory=dict)
     summary: list[str] = field(default_factory=list)
     summary_figure: str | None = None
+    # extra self-contained pages written beside index.html (e.g. "explorer.html" -> its HTML,
+    # the attention explorer) and linked from both pages
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -175,6 +179,10 @@ class Report:
                 _check_name(kind, name)
                 if name in taken:
                     raise ReportError(f"{kind} name {name!r} is used by two sections")
+        for name in section.files:
+            _check_name("file", name)
+            if name in _RESERVED or any(name in s.files for s in self.sections):
+                raise ReportError(f"file name {name!r} is taken; pick another")
         if section.summary_figure is not None and section.summary_figure not in section.figures:
             raise ReportError(f"section {section.key!r} summarises with figure "
                               f"{section.summary_figure!r} it does not have")
@@ -264,6 +272,8 @@ class Report:
             for name, df in section.tables.items():
                 keep_index = not isinstance(df.index, pd.RangeIndex) or df.index.name is not None
                 df.to_csv(root / "data" / f"{name}.csv", index=keep_index, lineterminator="\n")
+            for name, text in section.files.items():
+                (root / name).write_text(text, encoding="utf-8")
         pause_point("writing")
         for section in self.sections:
             for name, fig in section.figures.items():

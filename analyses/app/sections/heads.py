@@ -26,6 +26,7 @@ from analyses.app.cli import (
     prepare_out,
     write_report,
 )
+from analyses.app.paths import shown_path
 from analyses.app.report import Section
 from analyses.app.sections import register
 from analyses.app.sections._heads_figures import (
@@ -41,6 +42,7 @@ from analyses.app.sections._heads_inputs import (
     inputs,
     resolve_source,
 )
+from analyses.app.sections.explore import explorer_files, report_texts
 from analyses.heads.batches import max_len
 from analyses.heads.token_stats import sliding_layers
 from interp.errors import InterpError
@@ -273,6 +275,10 @@ def build(model: HookedTransformer, opts: dict, progress: Progress) -> Section:
         if res.best_syntax["accuracy"].notna().any():
             figures["heads_syntax_best"] = syntax_bars(res.best_syntax)
     findings = _findings(res, model)
+    files, _, line = explorer_files(model, res.heads, report_texts(opts),
+                                    model_name=shown_path(str(opts.get("model_source")
+                                                              or "model")))
+    findings.append(line)
     if layer is not None:
         table, fig = focus(model, res, layer, head if head is not None else 0)
         tables["heads_focus"] = table
@@ -292,6 +298,7 @@ def build(model: HookedTransformer, opts: dict, progress: Progress) -> Section:
         timings=timings,
         summary=_summary(res),
         summary_figure="heads_labels",
+        files=files,
     )
 
 
