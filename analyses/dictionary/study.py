@@ -198,7 +198,10 @@ def store_study(
         stats["ce_tokens"] = float(sum(len(s) for s in seqs))
     else:
         notes.append("CE loss recovered needs a decoder with an unembedding; it is not stated.")
-    alive = freqs[freqs.frequency > 0].sort_values(["mean_act", "feature"], ascending=[False, True])
+    # features with at least n_examples held-out hits, strongest first (the single strongest
+    # activations are mostly one-off features with one example to show)
+    seen = freqs[freqs.frequency * stats["tokens"] >= max(1, n_examples)]
+    alive = seen.sort_values(["mean_act", "feature"], ascending=[False, True])
     shown = [int(f) for f in alive.feature.head(n_features)]
     examples = store_top_examples(held, sae, features=shown, k=n_examples, model=model)
     return ModelStudy(sae, stats, history, freqs, examples, notes)
