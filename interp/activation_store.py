@@ -289,13 +289,18 @@ class ActivationStore:
         return (f"ActivationStore({str(self.path)!r}, hooks={self.hooks}, "
                 f"n_tokens={self.n_tokens}, shards={len(self.shards)})")
 
-    def shard(self, i: int) -> dict[str, torch.Tensor]:
-        """Shard ``i``: ``{hook: [n, ...], "doc", "pos", "token": [n]}``."""
+    def shard(self, i: int, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Shard ``i``: ``{hook: [n, ...], "doc", "pos", "token": [n]}``; ``keys`` reads only
+        those tensors (``["doc", "pos", "token"]`` skips the activations, the bulk of a shard)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         if not 0 <= i < len(self.shards):
             raise InterpError(f"Shard {i} out of range; the store has {len(self.shards)}.")
-        return load_file(str(self.path / self.shards[i]))
+        if keys is None:
+            return load_file(str(self.path / self.shards[i]))
+        with safe_open(str(self.path / self.shards[i]), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 hooks: Sequence[str] | None = None, buffer_shards: int = 2,

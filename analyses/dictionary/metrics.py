@@ -17,16 +17,18 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import pandas as pd
 import torch
 
 from analyses.dictionary.sae import SAE
 from analyses.dictionary.splice import splice
+from interp.errors import InterpError
+from interp.tokenize import TokenBatch
 
 __all__ = ["ce_loss_recovered", "feature_frequencies", "feature_recovery",
-           "reconstruction_stats", "top_examples"]
+           "reconstruction_stats", "streaming_stats", "top_examples"]
 
 DENSE = 0.1
 
@@ -48,6 +50,41 @@ def reconstruction_stats(sae: SAE, acts: torch.Tensor,
         "dense_fraction": float((freq > DENSE).float().mean()),
         "tokens": float(acts.shape[0]),
     }
+
+
+@torch.no_grad()
+def streaming_stats(sae: SAE, batches: Iterable[Mapping[str, torch.Tensor]]
+                    ) -> tuple[dict[str, float], pd.DataFrame]:
+    """:func:`reconstruction_stats` and :func:`feature_frequencies` over batches ``{"x": [b,
+    d_in], "y": [b, d_out]}`` (``y`` the transcoder's targets, else ``x``), from float64
+    running sums: memory is one batch, whatever the number of rows. The total variance is
+    ``sum ||y||^2 - n ||mean y||^2``."""
+    n, err, sq, l0 = 0, 0.0, 0.0, 0.0
+    total = torch.zeros(0, dtype=torch.float64)
+    n_on = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    act_sum = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    for b in batches:
+        x, y = b["x"], b.get("y", b["x"])
+        f = sae.encode(x)
+        err += float((sae.decode(f) - y).double().pow(2).sum())
+        sq += float(y.double().pow(2).sum())
+        total = y.double().sum(0) if n == 0 else total + y.double().sum(0)
+        on = f > 0
+        l0 += float(on.sum())
+        n_on += on.sum(0).double()
+        act_sum += f.double().sum(0)
+        n += x.shape[0]
+    if n == 0:
+        raise InterpError("No rows to measure the SAE on; pass a non-empty evaluation set.")
+    var = max(sq - float(total.pow(2).sum()) / n, 1e-12)
+    freq = n_on / n
+    stats = {"l0": l0 / n, "explained_variance": 1 - err / var,
+             "relative_mse": err / max(sq, 1e-12),
+             "dead_fraction": float((freq == 0).double().mean()),
+             "dense_fraction": float((freq > DENSE).double().mean()), "tokens": float(n)}
+    freqs = pd.DataFrame({"feature": range(sae.cfg.d_sae), "frequency": freq.float().numpy(),
+                          "mean_act": (act_sum / n_on.clamp_min(1)).float().numpy()})
+    return stats, freqs
 
 
 @torch.no_grad()
@@ -74,7 +111,7 @@ def feature_recovery(sae: SAE, true_dirs: torch.Tensor) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def ce_loss_recovered(model: object, sae: SAE, batches: Iterable[torch.Tensor], *,
+def ce_loss_recovered(model: object, sae: SAE, batches: Iterable[torch.Tensor | TokenBatch], *,
                       skip_first: bool = True) -> dict[str, float]:
     """Next-token loss clean, with the SAE spliced in (no error term), and with the SAE's
     output hook zero-ablated; ``ce_recovered`` as in the module docstring. Decoders only.
@@ -91,15 +128,18 @@ def ce_loss_recovered(model: object, sae: SAE, batches: Iterable[torch.Tensor], 
             out[:, 0] = x[:, 0]
         return out
 
-    batches = list(batches)
-    for tokens in batches:
-        sums["ce_clean"] += float(m(tokens, return_type="loss"))  # type: ignore[operator]
+    # a TokenBatch (right-padded pieces of different lengths) brings its mask: padding is
+    # neither read nor scored
+    runs = [(b.tokens, {"attention_mask": b.attention_mask.long()}) if isinstance(b, TokenBatch)
+            else (b, {}) for b in batches]
+    for tokens, kw in runs:
+        sums["ce_clean"] += float(m(tokens, return_type="loss", **kw))  # type: ignore[operator]
         sums["ce_zero_ablated"] += float(m.run_with_hooks(  # type: ignore[attr-defined]
-            tokens, return_type="loss", fwd_hooks=[(out_name, zero)]))
+            tokens, return_type="loss", fwd_hooks=[(out_name, zero)], **kw))
         n += 1
     with splice(m, sae, keep_error=False, skip_first=skip_first):
-        for tokens in batches:
-            sums["ce_spliced"] += float(m(tokens, return_type="loss"))  # type: ignore[operator]
+        for tokens, kw in runs:
+            sums["ce_spliced"] += float(m(tokens, return_type="loss", **kw))  # type: ignore[operator]
     res = {k: v / max(n, 1) for k, v in sums.items()}
     gap = res["ce_zero_ablated"] - res["ce_clean"]
     recovered = (res["ce_zero_ablated"] - res["ce_spliced"]) / gap if gap else float("nan")

@@ -5,6 +5,8 @@
 - :func:`model_study`: record one hook of a model over a text, train (or load) an SAE or
   transcoder there, and state its L0, explained variance, dead/dense features, CE loss
   recovered (models with an LM head) and top-activating examples.
+- :func:`store_study`: the same from activations stored on disk (``interp activations``),
+  streamed shard by shard: train on 4 of every 5 documents, measure on the fifth.
 
 Both return tidy DataFrames (and the trained SAE); they neither plot nor write files.
 """
@@ -23,14 +25,18 @@ from analyses.dictionary.metrics import (
     feature_frequencies,
     feature_recovery,
     reconstruction_stats,
+    streaming_stats,
     top_examples,
 )
 from analyses.dictionary.sae import SAE, SAEConfig
+from analyses.dictionary.stream import StoreSplit, store_top_examples
 from analyses.dictionary.toy import train_toy_model
 from analyses.dictionary.train import collect_activations, train_sae
 from analyses.masking.data import text_to_batches
+from interp.activation_store import ActivationStore
+from interp.tokenize import pad_batch, pad_id
 
-__all__ = ["ModelStudy", "model_study", "toy_study"]
+__all__ = ["ModelStudy", "model_study", "store_study", "toy_study"]
 
 TOY_SAE_SETTINGS: dict[str, dict[str, Any]] = {
     "relu": {"l1": 0.3}, "topk": {}, "jumprelu": {"l0": 0.01},
@@ -151,4 +157,51 @@ def model_study(
     alive = freqs[freqs.frequency > 0].sort_values(["mean_act", "feature"], ascending=[False, True])
     shown = [int(f) for f in alive.feature.head(n_features)]
     examples = top_examples(model, sae, eval_b + train_b, features=shown, k=n_examples)
+    return ModelStudy(sae, stats, history, freqs, examples, notes)
+
+
+def store_study(
+    model: Any, store: ActivationStore, *, hook_name: str, hook_name_out: str | None = None,
+    sae: SAE | None = None, architecture: str = "topk", expansion: int = 4, k: int = 32,
+    l1: float = 1.0, steps: int = 1500, batch_size: int = 8, ce_tokens: int = 4096,
+    n_features: int = 8, n_examples: int = 5, seed: int = 0,
+    progress: Callable[..., Iterable] | None = None,
+) -> ModelStudy:
+    """:func:`model_study` on a store (see the module docstring): training, the statistics,
+    frequencies and top examples stream over its shards; the CE loss recovered runs ``model``
+    (when it is a decoder with an unembedding; ``model=None`` skips it) over the first
+    ``ce_tokens`` held-out tokens, rebuilt from the stored ids, ``batch_size`` sequences a
+    forward. Long because it is the study's one linear recipe: data, SAE, metrics."""
+    train = StoreSplit(store, hook_name, hook_name_out, split="train")
+    held = StoreSplit(store, hook_name, hook_name_out, split="eval")
+    held.require_rows()
+    notes: list[str] = []
+    history = pd.DataFrame(columns=["step", "loss", "mse", "l0"])
+    d = train.width(hook_name)
+    if sae is None:
+        name = store.index.get("source", {}).get("model", "")
+        cfg = SAEConfig(d_in=d, d_sae=expansion * d, architecture=architecture,  # type: ignore[arg-type]
+                        k=min(k, expansion * d) if architecture == "topk" else None,
+                        hook_name=hook_name, hook_name_out=hook_name_out, model_name=str(name))
+        sae, history = train_sae(train, cfg, steps=steps, l1=l1, seed=seed, progress=progress)
+    else:
+        sae._check_width(torch.zeros(1, d))
+    stats, freqs = streaming_stats(sae, held.batches(4096, shuffle=False))
+    stats["train_tokens"] = float(train.n_rows)
+    decoder = model is not None and model.cfg.architecture == "decoder" and model.cfg.has_unembed
+    if decoder:
+        seqs = held.pieces(ce_tokens)
+        pad = pad_id(model)
+        batches = [pad_batch(seqs[i:i + batch_size], pad_id=pad)
+                   for i in range(0, len(seqs), batch_size)]
+        stats.update(ce_loss_recovered(model, sae, [b.to(model.device) for b in batches]))
+        stats["ce_tokens"] = float(sum(len(s) for s in seqs))
+    else:
+        notes.append("CE loss recovered needs a decoder with an unembedding; it is not stated.")
+    # features with at least n_examples held-out hits, strongest first (the single strongest
+    # activations are mostly one-off features with one example to show)
+    seen = freqs[freqs.frequency * stats["tokens"] >= max(1, n_examples)]
+    alive = seen.sort_values(["mean_act", "feature"], ascending=[False, True])
+    shown = [int(f) for f in alive.feature.head(n_features)]
+    examples = store_top_examples(held, sae, features=shown, k=n_examples, model=model)
     return ModelStudy(sae, stats, history, freqs, examples, notes)

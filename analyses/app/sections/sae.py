@@ -22,6 +22,8 @@ from analyses.app.cli import (
 )
 from analyses.app.report import Section
 from analyses.dictionary.sae import ARCHITECTURES, SAE
+from analyses.dictionary.stream import StoreSplit
+from interp.activation_store import ActivationStore
 from interp.errors import InterpError
 from interp.progress import Progress, progress_bar
 
@@ -43,7 +45,14 @@ sequences and measured on the other 20%: L0 (active features per token), explain
 tokens), and, for decoders, CE loss recovered = (CE_zero - CE_SAE) / (CE_zero - CE_clean)
 with the SAE spliced in *without* its error term and the hook zero-ablated as the baseline.
 Spliced with the error term kept, the model's logits are unchanged (tested bit for bit). Top
-examples: each shown feature's strongest activations, with the tokens before it."""
+examples: each shown feature's strongest activations, with the tokens before it.
+
+**From stored activations** (`--from-activations DIR`, written by `interp activations`): the
+SAE trains on the rows of 4 in every 5 documents, streamed shard by shard in shuffled passes
+(memory: two shards, whatever the store's size), each sequence's first position left out;
+every 5th document is held out, and the statistics, frequencies and top examples are computed
+on its stored rows. CE loss recovered runs the model on held-out sequences rebuilt from the
+stored token ids (up to `--max-tokens`, default 4096)."""
 SOURCE = """\
 Elhage et al. 2022, *Toy Models of Superposition*. Sharkey, Braun & Millidge 2022, *Taking
 features out of superposition with sparse autoencoders*. Bricken et al. 2023, *Towards
@@ -81,7 +90,7 @@ def build(model: HookedTransformer, opts: dict, progress: Progress) -> Section:
 
 def run(model: HookedTransformer, opts: dict, progress: Progress) -> tuple[Section, SAE]:
     """The section and the SAE it trained (or evaluated), for ``--save``."""
-    from analyses.dictionary.study import model_study, toy_study
+    from analyses.dictionary.study import model_study, store_study, toy_study
     from analyses.masking.data import load_sample_text
 
     timings: dict[str, float] = {}
@@ -90,21 +99,25 @@ def run(model: HookedTransformer, opts: dict, progress: Progress) -> tuple[Secti
                               toy_steps=opts.get("toy_steps", 1500))
     timings["toy"] = time.perf_counter() - t0
     hook = opts.get("hook") or f"blocks.{model.cfg.n_layers // 2}.hook_resid_post"
-    text = opts.get("text")
-    if text is None:
-        text = load_sample_text()
-        try:  # a toy vocabulary (the induction model's) cannot read English: use its task data
-            model.to_tokens(text[:200])
-        except InterpError:
-            text = None
+    common = {"hook_name": hook, "hook_name_out": opts.get("hook_out"), "sae": opts.get("sae"),
+              "architecture": opts.get("architecture", "topk"),
+              "expansion": opts.get("expansion", 4), "k": opts.get("k", 32),
+              "l1": opts.get("l1", 1.0), "steps": opts.get("steps", 1500),
+              "batch_size": opts["batch_size"], "n_features": opts.get("n_features", 8),
+              "seed": opts["seed"], "progress": progress}
     t0 = time.perf_counter()
-    study = model_study(
-        model, text, hook_name=hook,
-        hook_name_out=opts.get("hook_out"), sae=opts.get("sae"),
-        architecture=opts.get("architecture", "topk"), expansion=opts.get("expansion", 4),
-        k=opts.get("k", 32), l1=opts.get("l1", 1.0), steps=opts.get("steps", 1500),
-        max_tokens=opts.get("max_tokens") or 4096, batch_size=opts["batch_size"],
-        n_features=opts.get("n_features", 8), seed=opts["seed"], progress=progress)
+    if opts.get("store") is not None:
+        study = store_study(model, opts["store"], ce_tokens=opts.get("max_tokens") or 4096,
+                            **common)
+    else:
+        text = opts.get("text")
+        if text is None:
+            text = load_sample_text()
+            try:  # a toy vocabulary (the induction model's) cannot read English: its task data
+                model.to_tokens(text[:200])
+            except InterpError:
+                text = None
+        study = model_study(model, text, max_tokens=opts.get("max_tokens") or 4096, **common)
     timings["model"] = time.perf_counter() - t0
     stats = pd.DataFrame([{"hook": hook, **study.stats}])
     arch = study.sae.cfg.architecture
@@ -140,6 +153,43 @@ def _check_width(model: HookedTransformer, sae: SAE, hook: str) -> None:
     sae.with_config(hook_name=hook)._check_width(cache[hook])
 
 
+def _open_store(store_dir: Path | None, model: str, hook: str | None, hook_out: str | None,
+                text_file: Path | None) -> tuple[ActivationStore | None, str | None]:
+    """The store ``--from-activations`` names and the hook to read there, checked before the
+    model loads: one line for a missing folder, another model's store, or a hook not stored."""
+    if store_dir is None:
+        return None, hook
+    if text_file is not None:
+        raise CliError("--text and --from-activations both give the data; pass one of them.")
+    try:
+        store = ActivationStore(store_dir)
+    except InterpError as e:
+        raise CliError(str(e)) from None
+    wrote = store.index.get("source", {}).get("model")
+    if wrote is not None and wrote != model:
+        raise CliError(f"{store_dir} holds activations of {wrote}, not {model}; pass {wrote} as "
+                       "MODEL or store this model's activations with `interp activations`.")
+    if hook is None:
+        choices = [h for h in store.hooks if h != hook_out]
+        if len(choices) != 1:
+            raise CliError(f"{store_dir} holds {', '.join(store.hooks)}; pick one with --hook.")
+        hook = choices[0]
+    try:
+        StoreSplit(store, hook, hook_out)
+    except InterpError as e:
+        raise CliError(str(e)) from None
+    return store, hook
+
+
+def _store_name(store: ActivationStore) -> str:
+    """The report's data line for a store: its folder, size and what it was written from."""
+    src = store.index.get("source", {})
+    corpus = f", corpus sha256 {str(src['corpus_sha256'])[:12]}" if "corpus_sha256" in src else ""
+    return (f"Activations stored by `interp activations` in `{store.path.name}`: "
+            f"{store.n_tokens:,} tokens in {len(store.shards)} shards, sequences of "
+            f"{store.index['seq_len']} tokens{corpus}.")
+
+
 @cli.command("sae")
 @model_argument()
 @click.option("--hook", default=None, metavar="NAME",
@@ -162,14 +212,19 @@ def _check_width(model: HookedTransformer, sae: SAE, hook: str) -> None:
               default=None, help="Also save the SAE here in SAELens' format.")
 @click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Text file [default: the packaged English sample].")
+@click.option("--from-activations", "store_dir",
+              type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Train from activations stored by `interp activations` (streamed from "
+                   "disk; every 5th document held out) instead of reading --text.")
 @click.option("--svg", is_flag=True, help="Also write SVG figures.")
 @common_options
 @click.pass_context
 def sae_cmd(ctx: click.Context, model: str, hook: str | None, hook_out: str | None,
             architecture: str, expansion: int, k: int, l1: float, steps: int,
-            load_dir: Path | None, save_dir: Path | None, text_file: Path | None, svg: bool,
-            out: Path | None, batch_size: int, max_tokens: int | None, device: str, dtype: str,
-            seed: int, quiet: bool, force: bool) -> None:
+            load_dir: Path | None, save_dir: Path | None, text_file: Path | None,
+            store_dir: Path | None, svg: bool, out: Path | None, batch_size: int,
+            max_tokens: int | None, device: str, dtype: str, seed: int, quiet: bool,
+            force: bool) -> None:
     """Train a sparse autoencoder (or transcoder) on one hook of MODEL and report it, after
     the ground-truth check on a toy model of superposition.
 
@@ -179,6 +234,9 @@ def sae_cmd(ctx: click.Context, model: str, hook: str | None, hook_out: str | No
           --out reports/sae_induction
       interp sae smollm2-135m --hook blocks.10.hook_resid_post --steps 300 \\
           --save reports/sae_smol_l10 --out reports/sae_smol
+      interp activations minilm --hooks blocks.3.hook_resid_post \\
+          --corpus analyses/data/sample_text.txt --out acts_l3
+      interp sae minilm --from-activations acts_l3 --out reports/sae_store
     """
     from analyses.dictionary.saelens_format import load_saelens, save_saelens
 
@@ -192,10 +250,11 @@ def sae_cmd(ctx: click.Context, model: str, hook: str | None, hook_out: str | No
             text = text_file.read_text(encoding="utf-8")
         except (FileNotFoundError, UnicodeDecodeError):
             raise CliError(f"--text {text_file}: not a readable UTF-8 text file") from None
-    out = prepare_out(ctx, out, force)
-    m = load_model(model, device, dtype, seed=seed)
     if sae is not None and hook is None:
         hook = sae.cfg.hook_name or None
+    store, hook = _open_store(store_dir, model, hook, hook_out, text_file)
+    out = prepare_out(ctx, out, force)
+    m = load_model(model, device, dtype, seed=seed)
     try:
         if hook is not None or hook_out is not None:
             m.check_hook_names([h for h in (hook, hook_out) if h])
@@ -204,8 +263,9 @@ def sae_cmd(ctx: click.Context, model: str, hook: str | None, hook_out: str | No
         section, trained = run(m, {"seed": seed, "batch_size": batch_size, "max_tokens": max_tokens,
                             "hook": hook, "hook_out": hook_out, "architecture": architecture,
                             "expansion": expansion, "k": k, "l1": l1, "steps": steps,
-                            "sae": sae, "text": text,
-                            "text_name": f"`{text_file.name}`" if text_file else None},
+                            "sae": sae, "text": text, "store": store,
+                            "text_name": (_store_name(store) if store is not None else
+                                          f"`{text_file.name}`" if text_file else None)},
                         progress_bar(quiet))
     except InterpError as e:
         raise CliError(str(e)) from None
