@@ -100,12 +100,20 @@ def parse_task_params(items: tuple[str, ...]) -> dict[str, Any]:
               help="torch threads (0 = torch's default).")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--span-coef", type=click.FloatRange(min=0), default=None,
+              help="Learned attention spans (Sukhbaatar et al. 2019) with this L1 penalty.")
+@click.option("--l0-coef", type=click.FloatRange(min=0), default=None,
+              help="Hard-concrete head gates (Voita et al. 2019) with this L0 penalty.")
+@click.option("--prune", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Add the learned masks to this trained checkpoint of TASK and "
+                                 "train only them (weights frozen), e.g. to prune heads.")
 def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_experts: int | None,
               experts_per_token: int | None, params: tuple[str, ...], text_file: Path | None,
               tokenizer: str | None, steps: int | None, batch_size: int | None, lr: float | None,
               seed: int, out: Path | None, resume: Path | None, save_every: int,
               no_optimizer_state: bool, device: str, threads: int, force: bool,
-              quiet: bool) -> None:
+              quiet: bool, span_coef: float | None = None, l0_coef: float | None = None,
+              prune: Path | None = None) -> None:
     """Train a small model on TASK, a task with a known mechanism, and save a .pt checkpoint.
 
     \b
@@ -114,6 +122,13 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
       knowledge  synthetic subject-relation-object facts, memorised (Geva 2021; Meng 2022)
       domains    several token domains in one stream, for MoE experts (Fedus et al. 2021)
       text       a small LM on --text-file (bytes or GPT-2 BPE)
+      offsets    answer the tokens k back (k = 2, 5, 10): one head per offset; with
+                 --span-coef each head learns a span within 2x of its offset
+
+    With --span-coef / --l0-coef the model trains learned masks (plain Adam, the task loss
+    plus the penalty); with --prune CKPT only the masks of a trained checkpoint train, and
+    the printed metrics give the loss before and after and the heads pruned. `interp masking`
+    on the result lists the spans and gates and their agreement with Michel et al.
 
     The checkpoint holds config, weights, vocabulary, task parameters, training history
     and metrics (and optimizer state, for --resume); any interp command loads it as MODEL.
@@ -129,6 +144,9 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
       interp train text --text-file analyses/data/sample_text.txt --tokenizer bytes --steps 2000 \\
           --out sample.pt
       interp train induction --steps 6000 --resume induction.pt --out induction.pt --force
+      interp train offsets --span-coef 0.3 --steps 1500 --out offsets_span.pt
+      interp train induction --prune interp/data/induction.pt --l0-coef 0.3 --lr 0.05 \\
+          --steps 600 --out induction_gates.pt
     """
     import torch
 
@@ -156,12 +174,24 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
     if seed is None and resume is None:
         seed = 0
     command = " ".join(click.get_current_context().meta.get("interp.argv", [])) or None
+    masks = span_coef is not None or l0_coef is not None or prune is not None
+    if masks and resume is not None:
+        raise CliError("--resume continues plain training; drop --span-coef/--l0-coef/--prune")
     try:
-        model, history, metrics = train(
-            task, overrides or None, task_params=task_params or None, out=out, resume=resume,
-            quiet=quiet, save_optimizer=not no_optimizer_state, command=command, steps=steps,
-            batch_size=batch_size, lr=lr, seed=seed, save_every=save_every, device=device,
-        )
+        if masks:
+            from interp.train.learned import train_learned_masks
+
+            model, history, metrics = train_learned_masks(
+                task, overrides or None, task_params=task_params or None, prune=prune,
+                span_coef=span_coef or 0.0, l0_coef=l0_coef or 0.0, steps=steps,
+                batch_size=batch_size, lr=lr, seed=seed, out=out, command=command)
+        else:
+            model, history, metrics = train(
+                task, overrides or None, task_params=task_params or None, out=out,
+                resume=resume, quiet=quiet, save_optimizer=not no_optimizer_state,
+                command=command, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                save_every=save_every, device=device,
+            )
     except InterpError as e:
         raise CliError(str(e)) from None
     shown = {k: v for k, v in metrics.items()
