@@ -20,6 +20,7 @@ train.metrics), so ``interp masking`` lists its learned spans and gates.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,8 @@ def _setup(task: str | Task, model_config: dict[str, Any] | None,
     if prune is None:
         task = make_task(task, **(task_params or {}))
         cfg = task.model_config({**(model_config or {}), **flags})
+        # the task record that interp.train.task_from and the analyses read, as train() stores
+        cfg = dataclasses.replace(cfg, extra={**cfg.extra, "task": task.describe()})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(cfg, tokenizer=task.tokenizer)
