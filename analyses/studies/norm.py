@@ -8,8 +8,9 @@ post-LN needs a learning-rate warm-up and pre-LN does not. This study measures e
 one small model: per layer, the norm of the gradient of the loss with respect to that block's
 parameters (and to its FFN output matrix, the W^{2,L} of their Theorem 1) at initialisation,
 and for every (norm, depth, warm-up, seed) run of plain Adam without clipping: final loss,
-whether it failed (final loss above the unigram entropy: it learned nothing from context, or
-a non-finite loss), loss spikes and gradient norms.
+whether it failed (final loss above the midpoint of the corpus' entropy rate and unigram
+entropy: it learned less than half of what context can give; or a non-finite loss), loss
+spikes and gradient norms.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def norm_study(
     _check(depths, seeds, steps, warmups)
     corpus = corpus or MarkovCorpus()
     unigram = corpus.unigram_entropy()
+    # failed: less than half the way from the context-free loss to the floor (post-LN stuck
+    # runs sit a few hundredths below unigram, so "below unigram" alone would call them fine)
+    threshold = 0.5 * (unigram + corpus.entropy_rate())
     grid = [(n, d, w, s) for n in NORMS for d in depths for w in warmups for s in seeds]
     it = progress(grid, desc="norm study", total=len(grid)) if progress else grid
     runs, inits, hist = [], [], []
@@ -146,13 +150,13 @@ def norm_study(
         final = float(tail.mean()) if not run.nonfinite else float("nan")
         runs.append({"norm": norm, "depth": depth, "warmup": warmup, "seed": seed,
                      "initial_loss": float(h["loss"].iloc[0]), "final_loss": final,
-                     "failed": bool(run.nonfinite or not final < unigram),
+                     "failed": bool(run.nonfinite or not final < threshold),
                      "nonfinite": run.nonfinite, "spikes": count_spikes(h["loss"].to_numpy()),
                      "max_grad_norm": float(h["grad_norm"].max()),
                      "mean_grad_norm": float(h["grad_norm"].mean())})
         hist.append(h.assign(norm=norm, depth=depth, warmup=warmup, seed=seed))
     floors = pd.DataFrame([{"entropy_rate": corpus.entropy_rate(), "unigram_entropy": unigram,
-                            "uniform": corpus.chance_nats()}])
+                            "failure_threshold": threshold, "uniform": corpus.chance_nats()}])
     history = pd.concat(hist, ignore_index=True)[
         ["norm", "depth", "warmup", "seed", "step", "loss", "grad_norm", "lr"]]
     return {"norm_runs": pd.DataFrame(runs), "norm_init_grads": pd.concat(inits, ignore_index=True),

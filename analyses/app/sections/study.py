@@ -31,8 +31,9 @@ tokens, either at the full learning rate from step 1 (warm-up 0) or after a line
 warm-up. **Gradient norm per layer at initialisation**: the norm of the gradient of the loss
 with respect to each block's parameters (and to its FFN output matrix, Xiong et al.'s
 W^{2,L}), mean over 4 batches, before any step. **Failed**: final loss (mean of the last 10% of
-steps) not below the corpus' unigram entropy (nothing learned from context), or a non-finite
-loss. **Spikes**: steps whose loss exceeds 1.25x the median of the 20 before."""
+steps) above the midpoint of the corpus' entropy rate and unigram entropy (less than half of
+what context can give was learned; stuck runs sit just below the unigram entropy), or a
+non-finite loss. **Spikes**: steps whose loss exceeds 1.25x the median of the 20 before."""
 NORM_SOURCE = """\
 Xiong et al. 2020, *On Layer Normalization in the Transformer Architecture* (ICML): post-LN
 needs warm-up; at initialisation its gradients near the output are large, pre-LN's are well
@@ -92,7 +93,7 @@ def _norm_figure(grads: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     for (norm, warmup), d in summary.groupby(["norm", "warmup"]):
         ax.plot(d["depth"].astype(str), d["failure_rate"], marker="o",
                 label=f"{norm}-LN, warm-up {warmup}")
-    ax.set_title("Runs that failed (loss not below unigram)")
+    ax.set_title("Runs that failed (loss above (unigram + floor) / 2)")
     ax.set_xlabel("depth")
     ax.set_ylabel("failure rate")
     ax.set_ylim(-0.05, 1.05)
@@ -221,7 +222,12 @@ def build_masking(opts: dict) -> Section:
 
 @cli.group("study")
 def study_group() -> None:
-    """Training studies: small models trained under controlled variations, as reports."""
+    """Training studies: small models trained under controlled variations, as reports.
+
+    \b
+    Example:
+      interp study norm --depths 2 --seeds 0 --steps 10 --out reports/study-norm-tiny
+    """
 
 
 def _shared(func):  # noqa: ANN001, ANN202 - a click decorator stack
