@@ -93,7 +93,7 @@ def _norm_figure(grads: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     for (norm, warmup), d in summary.groupby(["norm", "warmup"]):
         ax.plot(d["depth"].astype(str), d["failure_rate"], marker="o",
                 label=f"{norm}-LN, warm-up {warmup}")
-    ax.set_title("Runs that failed (loss above (unigram + floor) / 2)")
+    ax.set_title("Failed runs (loss > (unigram + floor) / 2)")
     ax.set_xlabel("depth")
     ax.set_ylabel("failure rate")
     ax.set_ylim(-0.05, 1.05)
