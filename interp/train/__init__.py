@@ -80,7 +80,7 @@ __all__ = [
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # checkpoints packaged in interp/data (scripts/train_shipped.sh regenerates them)
 SHIPPED = ("induction", "knowledge", "domains_moe", "induction_sinusoidal", "induction_learned",
-           "induction_rope", "induction_alibi")
+           "induction_rope", "induction_alibi", "offsets_span", "induction_gates")
 
 
 def shipped(name: str) -> Path:

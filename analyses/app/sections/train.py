@@ -100,12 +100,20 @@ def parse_task_params(items: tuple[str, ...]) -> dict[str, Any]:
               help="torch threads (0 = torch's default).")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--span-coef", type=click.FloatRange(min=0), default=None,
+              help="Learned attention spans (Sukhbaatar et al. 2019) with this L1 penalty.")
+@click.option("--l0-coef", type=click.FloatRange(min=0), default=None,
+              help="Hard-concrete head gates (Voita et al. 2019) with this L0 penalty.")
+@click.option("--prune", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Add the learned masks to this trained checkpoint of TASK and "
+                                 "train only them (weights frozen), e.g. to prune heads.")
 def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_experts: int | None,
               experts_per_token: int | None, params: tuple[str, ...], text_file: Path | None,
               tokenizer: str | None, steps: int | None, batch_size: int | None, lr: float | None,
               seed: int, out: Path | None, resume: Path | None, save_every: int,
               no_optimizer_state: bool, device: str, threads: int, force: bool,
-              quiet: bool) -> None:
+              quiet: bool, span_coef: float | None, l0_coef: float | None, prune: Path | None
+              ) -> None:
     """Train a small model on TASK, a task with a known mechanism, and save a .pt checkpoint.
 
     \b
@@ -114,6 +122,7 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
       knowledge  synthetic subject-relation-object facts, memorised (Geva 2021; Meng 2022)
       domains    several token domains in one stream, for MoE experts (Fedus et al. 2021)
       text       a small LM on --text-file (bytes or GPT-2 BPE)
+      offsets    answer the tokens 2, 5 and 10 back: one head per offset (use --span-coef)
 
     The checkpoint holds config, weights, vocabulary, task parameters, training history
     and metrics (and optimizer state, for --resume); any interp command loads it as MODEL.
@@ -129,11 +138,13 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
       interp train text --text-file analyses/data/sample_text.txt --tokenizer bytes --steps 2000 \\
           --out sample.pt
       interp train induction --steps 6000 --resume induction.pt --out induction.pt --force
+      interp train offsets --span-coef 0.3 --steps 1500 --out offsets_span.pt
+      interp train induction --prune interp/data/induction.pt --l0-coef 0.3 --lr 0.05 --out g.pt
     """
     import torch
 
     from interp.errors import InterpError
-    from interp.train import TASKS, train
+    from interp.train import TASKS
 
     if task not in TASKS:
         raise CliError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -156,12 +167,12 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
     if seed is None and resume is None:
         seed = 0
     command = " ".join(click.get_current_context().meta.get("interp.argv", [])) or None
+    run = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, out=out, command=command)
+    masks, plain = {"prune": prune, "span_coef": span_coef, "l0_coef": l0_coef}, dict(
+        resume=resume, quiet=quiet, save_optimizer=not no_optimizer_state, save_every=save_every,
+        device=device)
     try:
-        model, history, metrics = train(
-            task, overrides or None, task_params=task_params or None, out=out, resume=resume,
-            quiet=quiet, save_optimizer=not no_optimizer_state, command=command, steps=steps,
-            batch_size=batch_size, lr=lr, seed=seed, save_every=save_every, device=device,
-        )
+        model, history, metrics = _dispatch(task, overrides, task_params, masks, plain, run)
     except InterpError as e:
         raise CliError(str(e)) from None
     shown = {k: v for k, v in metrics.items()
@@ -175,6 +186,22 @@ def train_cmd(task: str, configs: tuple[str, ...], positional: str | None, n_exp
         # train.metrics; shown even with --quiet: the file was written but lacks the mechanism
         click.echo(f"warning: {metrics['warning']}", err=True)
     click.echo(str(out))
+
+
+def _dispatch(task: str, overrides: dict[str, Any], task_params: dict[str, Any],
+              masks: dict[str, Any], plain: dict[str, Any], run: dict[str, Any]) -> Any:
+    """:func:`interp.train.train`, or with ``--span-coef`` / ``--l0-coef`` / ``--prune``
+    learned-mask training (:func:`interp.train.learned.train_learned_masks`)."""
+    from interp.train import train
+    from interp.train.learned import train_learned_masks
+
+    if all(v is None for v in masks.values()):
+        return train(task, overrides or None, task_params=task_params or None, **plain, **run)
+    if plain["resume"] is not None:
+        raise CliError("--resume continues plain training; drop --span-coef/--l0-coef/--prune")
+    return train_learned_masks(task, overrides or None, task_params=task_params or None,
+                               prune=masks["prune"], span_coef=masks["span_coef"] or 0.0,
+                               l0_coef=masks["l0_coef"] or 0.0, **run)
 
 
 def _task_params(task: str, params: tuple[str, ...], text_file: Path | None,
