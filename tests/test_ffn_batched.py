@@ -64,12 +64,12 @@ def test_staggered_trace_equals_unbatched_reference(knowledge) -> None:
                 names = [f"blocks.{j}.hook_{base}_out" for j in fk._window_layers(r["layer"], w, L)]
             ref = 0.0
             for s in range(S):
-                def add(act, hook, s=s):
+                def add(act, hook, z=noise[s], s0=s0, s1=s1):
                     act = act.clone()
-                    act[:, s0:s1] += noise[s]
+                    act[:, s0:s1] += z
                     return act
 
-                def restore(act, hook, p=int(r["position"])):
+                def restore(act, hook, p=int(r["position"]), clean=clean):
                     act = act.clone()
                     act[:, p] = clean[hook.name][0, p]
                     return act
