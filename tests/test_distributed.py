@@ -177,7 +177,7 @@ CASES = {
     "moe": ["moe", str(DATA / "domains_moe.pt"), "--n-perm", "9", "--ablation-tokens", "128",
             "--max-tokens", "1024"],
     "ffn": ["ffn", str(DATA / "knowledge.pt"), "--max-facts", "3", "--samples", "2",
-            "--ig-steps", "2", "--kv-layers", "0", "--top-k", "3", "--max-tokens", "256"],
+            "--ig-steps", "2", "--kv-layers", "0,1", "--top-k", "3", "--max-tokens", "256"],
 }
 
 
@@ -192,6 +192,10 @@ def test_nproc_2_writes_the_one_process_numbers(tmp_path, command):
     names = _same_csvs(one, two)
     assert {"heads": "heads.csv", "moe": "moe_summary.csv",
             "ffn": "causal_trace.csv"}[command] in names
+    if command == "ffn":  # what the ranks shard: facts, lens batches, key-value memory layers
+        assert {"knowledge_neurons.csv", "logit_lens.csv", "kv_memories.csv",
+                "kv_agreement.csv"} <= set(names)
+        assert set(pd.read_csv(two / "data" / "kv_memories.csv")["layer"]) == {0, 1}
 
 
 @pytest.mark.slow

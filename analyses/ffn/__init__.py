@@ -38,16 +38,19 @@ Facts are JSONL files (``prompt``, ``subject``, ``answer``, optional ``paraphras
 project. Models trained on ``knowledge`` (:mod:`interp.train`) bring their own facts
 (:func:`facts_for_model`). Only facts the model gets right are analysed (:func:`known_facts`).
 
-Speed: restorations are batched (every (kind, layer) patch of a position in one forward),
-start at the first restored layer from the cached corrupted stream (``start_at_layer``), and
+Speed: the restorations of one position run as one batch in which every row joins at its
+first restored layer, from the cached corrupted stream (:mod:`analyses.ffn.stream`), and
 compute only positions at or after the restored one, reading earlier positions' keys and
 values from the corrupted run's KV cache (a causal model's earlier positions cannot change).
-Integrated gradients likewise run only the prediction position from the attributed layer on.
+Integrated gradients likewise run only the prediction position from the attributed layer on,
+every layer's Riemann steps in one such staggered batch. Under ``--nproc N`` facts, lens
+batches and key-value memory layers are sharded over the ranks (:mod:`analyses.distributed`).
 
 The package, in reading order: ``facts`` (the fact files and the default corpus), ``readout``
 (model checks and next-token probabilities every method reads), ``prepare`` (facts tokenised
-for a model, and which ones it knows), ``lens``, ``tracing``, ``neurons``, ``memories`` (one
-method each), ``pipeline`` (all of them, as ``interp ffn`` runs them).
+for a model, and which ones it knows), ``stream`` (rows that start at different layers, as one
+batch), ``lens``, ``tracing``, ``neurons``, ``memories`` (one method each), ``pipeline`` (all
+of them, as ``interp ffn`` runs them).
 
 >>> import analyses.ffn as fk
 >>> len(fk.load_facts(fk.default_facts_path())) >= 60

@@ -2,7 +2,9 @@
 
 Every layer's residual stream at the prediction position is read through the final norm and
 the unembedding, as if the model stopped there: how early the answer becomes the top token, and
-how far each layer's distribution still is from the final one.
+how far each layer's distribution still is from the final one. Under ``--nproc N`` each rank
+reads its share of the batches of facts (:mod:`analyses.distributed`; the batches are the
+one-process ones, so the numbers are too).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from analyses import distributed
 from analyses.ffn.prepare import PreparedFact
 from analyses.ffn.readout import _final_norm, _pad, _token_str, _unembed, check_model
 from interp import HookedTransformer, tokenize
@@ -29,8 +32,11 @@ def logit_lens(model: HookedTransformer, facts: Sequence[PreparedFact],
     check_model(model)
     L = model.cfg.n_layers
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(L)]
-    rows = []
-    for s in range(0, len(facts), batch_size):
+    local: dict[int, list[dict]] = {}
+    for c, s in enumerate(range(0, len(facts), batch_size)):
+        if not distributed.mine(c):  # another rank's batch (analyses.distributed)
+            continue
+        rows = local[c] = []
         chunk = facts[s:s + batch_size]
         tokens, mask, last = _pad([f.tokens for f in chunk], tokenize.pad_id(model), model.device)
         _, cache = model.run_with_cache(tokens, attention_mask=mask, return_type=None,
@@ -52,4 +58,6 @@ def logit_lens(model: HookedTransformer, facts: Sequence[PreparedFact],
                              "answer_rank": int(ranks[layer]),
                              "kl_to_final": max(float(kl[layer, b]), 0.0),
                              "top_token": _token_str(model, int(tops[layer]))})
-    return pd.DataFrame(rows)
+    n_chunks = -(-len(facts) // batch_size)
+    return pd.DataFrame([row for rows in distributed.gather_in_order(local, n_chunks)
+                         for row in rows])

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analyses import distributed
 from analyses.ffn.readout import _token_str, check_model, dense_layers
 from interp import HookedTransformer, tokenize
 from interp.errors import InterpError
@@ -179,6 +180,10 @@ def kv_memories(model: HookedTransformer,
     (random permutations of neurons within the layer, ``n_shuffles`` of them).
 
     Gated FFNs (SwiGLU) can fire negatively; the top contexts are the most positive ones.
+    Under ``--nproc N`` the per-layer work (value projections through the unembedding,
+    agreement, the per-neuron table: most of the time) is sharded over the ranks by layer and
+    gathered in layer order; every rank streams the whole corpus (a batch-sharded top-k merge
+    would need a tie-break for equal activations that the one-process order does not define).
     """
     check_model(model)
     layers = dense_layers(model) if layers is None else list(layers)
@@ -190,7 +195,6 @@ def kv_memories(model: HookedTransformer,
     if store.n_tokens == 0:
         raise InterpError("The corpus produced no tokens; pass a non-empty text file.")
     gen = torch.Generator().manual_seed(seed)
-    rows, agree_rows, value_top_ids = [], [], {}
     tok = getattr(model, "tokenizer", None)
     decode: Callable[[list[int]], str] = (
         (lambda ids: tok.decode([i for i in ids if i >= 0])) if tok is not None
@@ -202,13 +206,17 @@ def kv_memories(model: HookedTransformer,
             vocab_cache[i] = _token_str(model, i) if i >= 0 else ""
         return vocab_cache[i]
 
-    for layer in layers:
+    local: dict[int, tuple[list[dict], dict, torch.Tensor]] = {}
+    for li, layer in enumerate(layers):
+        if not distributed.mine(li):  # another rank's layer: draw its shuffles all the same,
+            for _ in range(n_shuffles):  # so every rank's generator stays in step
+                torch.randperm(model.cfg.d_mlp, generator=gen)
+            continue
         top_ids, bottom_ids = _value_projection(model, layer, n_value_tokens)
-        value_top_ids[layer] = top_ids[:, 0]
         vals, ctx = store.values[layer], store.contexts[layer]  # [k, d], [k, d, C+1]
         nxt = ctx[..., -1].long()  # [k, d]
         row, agree1, agree_any = _agreement(layer, vals, nxt, top_ids[:, 0], n_shuffles, gen)
-        agree_rows.append(row)
+        rows = []
         for i in range(model.cfg.d_mlp):
             rows.append({"layer": layer, "neuron": i,
                          "max_activation": (float(vals[0, i]) if torch.isfinite(vals[0, i])
@@ -218,6 +226,11 @@ def kv_memories(model: HookedTransformer,
                          "value_top": " | ".join(tstr(int(t)) for t in top_ids[i]),
                          "value_bottom": " | ".join(tstr(int(t)) for t in bottom_ids[i]),
                          "agree_top1": bool(agree1[i]), "agree_any": bool(agree_any[i])})
+        local[li] = (rows, row, top_ids[:, 0])
+    per_layer = distributed.gather_in_order(local, len(layers))  # every rank's layers, in order
+    rows = [r for layer_rows, _, _ in per_layer for r in layer_rows]
+    agree_rows = [row for _, row, _ in per_layer]
+    value_top_ids = {layer: top for layer, (_, _, top) in zip(layers, per_layer, strict=True)}
     return KVMemories(neurons=pd.DataFrame(rows), agreement=pd.DataFrame(agree_rows), store=store,
                       value_top_ids=value_top_ids)
 

@@ -10,7 +10,8 @@ suppresses (x0) or amplifies (x2) them and reports the relative change of the an
 for the fact and for unrelated facts (specificity).
 
 Integrated gradients run only the prediction position from the attributed layer on, reading
-earlier positions' keys and values from a KV cache.
+earlier positions' keys and values from a KV cache; every layer's Riemann steps run as one
+staggered batch (:mod:`analyses.ffn.stream`), each row joining at its layer.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 
 from analyses import distributed
 from analyses.ffn.prepare import PreparedFact
-from analyses.ffn.readout import _kv_rows, _last_probs, _unembed, check_model, dense_layers
+from analyses.ffn.readout import _last_probs, _unembed, check_model, dense_layers
+from analyses.ffn.stream import staggered_forward
 from interp import HookedTransformer, KVCache
 from interp.errors import InterpError
 from interp.progress import Progress, no_progress
@@ -76,36 +78,75 @@ def _last_position_states(model: HookedTransformer, toks: torch.Tensor, answer_i
     return prob, kv, store
 
 
-def _probs_and_grads(model: HookedTransformer, layer: int, alphas: torch.Tensor,
-                     post: torch.Tensor, resid: torch.Tensor, kv: KVCache, toks: torch.Tensor,
-                     answer_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """P(answer) [n] and dP/d(activations) [n, d_mlp] at activations alpha * post of
-    ``layer`` (the last position only, from ``layer`` on, earlier positions from ``kv``)."""
-    ps, gs = [], []
-    T, dev = toks.shape[1], model.device
-    for c in range(0, len(alphas), batch_size):
-        a = alphas[c:c + batch_size]
-        scaled = (a[:, None] * post[None]).detach().requires_grad_(True)  # [n, d_mlp]
+def _staggered_grads(model: HookedTransformer, rows: list[tuple[int, int, float]],
+                     store: dict[str, torch.Tensor], kv: KVCache, toks: torch.Tensor,
+                     answer_id: int) -> tuple[torch.Tensor, list[tuple[int, int, int]],
+                                              tuple[torch.Tensor, ...]]:
+    """One staggered stream of ``rows`` ``(job, layer, alpha)`` sorted by layer: P(answer)
+    per row, the runs ``(job, lo, hi)`` of consecutive rows of one job, and each run's
+    dP/d(scaled activations) [hi - lo, d_mlp]."""
+    T = toks.shape[1]
+    runs: list[tuple[int, int, int, int]] = []  # (job, layer, lo, hi)
+    for r, (j, layer, _) in enumerate(rows):
+        if runs and runs[-1][0] == j:
+            runs[-1] = (j, layer, runs[-1][2], r + 1)
+        else:
+            runs.append((j, layer, r, r + 1))
+    scaled = []
+    for _, layer, lo, hi in runs:
+        alphas = torch.tensor([a for _, _, a in rows[lo:hi]], device=toks.device)
+        post = store[f"blocks.{layer}.mlp.hook_post"][0, 0].float()
+        scaled.append((alphas[:, None] * post[None]).detach().requires_grad_(True))
+    joining = {layer: (lo, sc) for (_, layer, lo, _), sc in zip(runs, scaled, strict=True)}
 
-        def replace(act: torch.Tensor, hook: Any, scaled: torch.Tensor = scaled) -> torch.Tensor:
-            return scaled[:, None, :].to(act.dtype)
+    def entering(layer: int, lo: int, hi: int) -> torch.Tensor:
+        return store[f"blocks.{layer}.hook_resid_pre"].expand(hi - lo, 1, -1)
 
-        past = _kv_rows(kv, torch.zeros(len(a), dtype=torch.long, device=dev), T - 1)
-        with torch.enable_grad(), model.hooks(
-                fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", replace)]):
-            out = model(toks[:, -1:].expand(len(a), 1), past_kv=past, start_at_layer=layer,
-                        residual=resid.expand(len(a), 1, -1), return_type="hidden")
-            p = torch.softmax(_unembed(model, out[:, -1]), -1)[:, answer_id]
-            (g,) = torch.autograd.grad(p.sum(), scaled)
-        ps.append(p.detach().float())
-        gs.append(g.float())
-    return torch.cat(ps), torch.cat(gs)
+    def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        lo, sc = joining[hook.layer()]  # rows joining at this layer are the batch's last
+        return torch.cat([act[:lo], sc[:, None, :].to(act.dtype)])
+
+    def hooks(layer: int, n: int) -> list[Any]:
+        return [(f"blocks.{layer}.mlp.hook_post", replace)] if layer in joining else []
+
+    def past(layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if T == 1:
+            return None
+        e = kv.layers[layer]
+        return e.k[:, :T - 1].expand(n, -1, -1, -1), e.v[:, :T - 1].expand(n, -1, -1, -1)
+
+    with torch.enable_grad():
+        final = staggered_forward(model, [layer for _, layer, _ in rows],
+                                  toks[:, -1:].expand(len(rows), 1), entering, past, hooks)
+        p = torch.softmax(_unembed(model, final[:, -1]), -1)[:, answer_id]
+        grads = torch.autograd.grad(p.sum(), scaled)
+    return p.detach().float(), [(j, lo, hi) for j, _, lo, hi in runs], grads
+
+
+def _probs_and_grads(model: HookedTransformer, jobs: Sequence[tuple[int, torch.Tensor]],
+                     store: dict[str, torch.Tensor], kv: KVCache, toks: torch.Tensor,
+                     answer_id: int, max_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per job ``(layer, alphas)``: P(answer) [n] and dP/d(activations) [n, d_mlp] at
+    activations alpha * post of ``layer`` (the last position only, from ``layer`` on, earlier
+    positions from ``kv``). Every job's rows run in staggered streams of at most ``max_rows``
+    rows (:func:`analyses.ffn.stream.staggered_forward`: a row joins at its layer)."""
+    order = sorted(range(len(jobs)), key=lambda j: jobs[j][0])
+    flat = [(j, jobs[j][0], a) for j in order for a in jobs[j][1].tolist()]  # one per row
+    ps: dict[int, list[torch.Tensor]] = {j: [] for j in range(len(jobs))}
+    gs: dict[int, list[torch.Tensor]] = {j: [] for j in range(len(jobs))}
+    for c in range(0, len(flat), max_rows):
+        p, runs, grads = _staggered_grads(model, flat[c:c + max_rows], store, kv, toks,
+                                          answer_id)
+        for (j, lo, hi), g in zip(runs, grads, strict=True):
+            ps[j].append(p[lo:hi])
+            gs[j].append(g.float())
+    return [(torch.cat(ps[j]), torch.cat(gs[j])) for j in range(len(jobs))]
 
 
 def integrated_gradients(model: HookedTransformer, tokens: Sequence[int], answer_id: int, *,
                          layers: Sequence[int] | None = None, steps: int = 20,
                          rule: str = "midpoint", tolerance: float | None = 0.05,
-                         max_steps: int = 160, batch_size: int = 64) -> IGResult:
+                         max_steps: int = 160, batch_size: int = 512) -> IGResult:
     """Integrated gradients (Sundararajan et al. 2017) of P(answer) w.r.t. the FFN
     intermediate activations ``mlp.hook_post`` at the last position, as Dai et al. 2022
     (Sec. 3.1) do for knowledge attribution: layer by layer, the whole layer's activation
@@ -132,30 +173,35 @@ def integrated_gradients(model: HookedTransformer, tokens: Sequence[int], answer
     attributions = torch.zeros(L, model.cfg.d_mlp)
     baseline = torch.full((L,), prob)
     steps_used = torch.zeros(L, dtype=torch.long)
-    for layer in layers:
-        post = store[f"blocks.{layer}.mlp.hook_post"][0, 0].float()  # [d_mlp]
-        resid = store[f"blocks.{layer}.hook_resid_pre"]  # [1, 1, d_model]
-        m = steps
-        while True:
+    # Every layer's first Riemann sum in one staggered batch, then the layers whose
+    # attributions miss completeness again with twice the steps, until none does.
+    pending = {layer: steps for layer in layers}
+    while pending:
+        jobs = []
+        for layer, m in pending.items():
             k = torch.arange(m, dtype=torch.float32, device=dev)
             alphas = (k + 0.5) / m if rule == "midpoint" else (k + 1) / m
-            first = steps_used[layer] == 0
-            if first:  # the alpha = 0 row gives the baseline's probability
+            if steps_used[layer] == 0:  # the alpha = 0 row gives the baseline's probability
                 alphas = torch.cat([torch.zeros(1, device=dev), alphas])
-            p, g = _probs_and_grads(model, layer, alphas, post, resid, kv, toks, answer_id,
-                                    batch_size)
-            if first:
+            jobs.append((layer, alphas))
+        again = {}
+        for (layer, _), (p, g) in zip(jobs, _probs_and_grads(model, jobs, store, kv, toks,
+                                                              answer_id, batch_size),
+                                      strict=True):
+            m = pending[layer]
+            if steps_used[layer] == 0:
                 baseline[layer] = float(p[0])
                 g = g[1:]
+            post = store[f"blocks.{layer}.mlp.hook_post"][0, 0].float()  # [d_mlp]
             attr = post * g.mean(0)
             steps_used[layer] = m
+            attributions[layer] = attr.cpu()
             delta = prob - float(baseline[layer])
             err = abs(float(attr.sum()) - delta)
-            if (tolerance is None or abs(delta) < 1e-3 or err <= tolerance * abs(delta)
+            if not (tolerance is None or abs(delta) < 1e-3 or err <= tolerance * abs(delta)
                     or 2 * m > max_steps):
-                break
-            m *= 2
-        attributions[layer] = attr.cpu()
+                again[layer] = 2 * m
+        pending = again
     return IGResult(attributions=attributions, prob=prob, baseline_probs=baseline, layers=layers,
                     steps=steps_used)
 

@@ -10,10 +10,10 @@ attention output (MLP and attention over a window of layers around the centre, a
 alone beside it); the indirect effect is P(answer | restored) - P(answer | corrupted).
 :func:`average_trace` averages it per position role (Meng et al. Fig. 2).
 
-Speed: restorations are batched (every (kind, layer) patch of a position in one forward), start
-at the first restored layer from the cached corrupted stream (``start_at_layer``), and compute
-only positions at or after the restored one, reading earlier positions' keys and values from the
-corrupted run's KV cache (a causal model's earlier positions cannot change).
+Speed: the restorations of one position run as one batch, each row joining at its first restored
+layer from the cached corrupted stream (:mod:`analyses.ffn.stream`), and compute only positions
+at or after the restored one, reading earlier positions' keys and values from the corrupted
+run's KV cache (a causal model's earlier positions cannot change).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 
 from analyses import distributed
 from analyses.ffn.prepare import PreparedFact
-from analyses.ffn.readout import _kv_rows, _token_str, _unembed, check_model, dense_layers
+from analyses.ffn.readout import _token_str, _unembed, check_model, dense_layers
+from analyses.ffn.stream import staggered_forward
 from interp import HookedTransformer, KVCache
 from interp.errors import InterpError
 from interp.progress import Progress, no_progress
@@ -183,40 +184,64 @@ def _corrupted_run(model: HookedTransformer, fact: PreparedFact, corrupted: torc
 
 
 def _restore_hook(items: list[tuple[torch.Tensor, int, torch.Tensor]]) -> Callable:
-    """A hook writing clean ``value`` s into rows ``rows`` at position ``at`` of its activation."""
+    """A hook writing clean ``value`` s into rows ``rows`` at position ``at`` of its activation
+    (only the rows already in the batch: a row's index never changes, see
+    :mod:`analyses.ffn.stream`)."""
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
         act = act.clone()
         for rows, at, value in items:
-            act[rows, at] = value
+            act[rows, at] = value.to(act.dtype)
         return act
     return hook
 
 
 def _restored_finals(model: HookedTransformer, fact: PreparedFact, patches: list[_Patch],
-                     members: list[int], start: int, pos: int, cache: Any, kv: KVCache,
+                     members: list[int], pos: int, cache: Any, kv: KVCache,
                      resid_in: list[torch.Tensor], n_samples: int) -> torch.Tensor:
     """The final hidden state [len(members) * n_samples, d_model] of the restored runs of
-    ``patches[members]`` (one group: same start layer, positions from ``pos`` on); row r
-    uses corruption sample r % n_samples."""
+    ``patches[members]`` (sorted by start layer; positions from ``pos`` on), as one staggered
+    stream (:func:`analyses.ffn.stream.staggered_forward`): a patch's rows join at its start
+    layer. Row r uses corruption sample r % n_samples."""
     S, dev = n_samples, model.device
+    starts = [patches[j].start for j in members for _ in range(S)]
     rows_sample = torch.arange(S, device=dev).repeat(len(members))
-    residual = resid_in[start][rows_sample, pos:].clone()  # [rows, T - pos, d_model]
-    fwd: dict[str, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
+
+    def entering(layer: int, lo: int, hi: int) -> torch.Tensor:
+        residual = resid_in[layer][rows_sample[lo:hi], pos:].clone()  # [rows, T - pos, d_model]
+        for k in range(lo // S, hi // S):
+            p = patches[members[k]]
+            if p.kind == "resid":
+                residual[k * S - lo:(k + 1) * S - lo, p.pos - pos] = (
+                    cache[f"blocks.{p.layer}.hook_resid_post"][0, p.pos])
+        return residual
+
+    # per layer: the hooks restoring clean outputs, as (row index, position, value) per patch
+    by_layer: dict[int, dict[str, list[tuple[int, int, int]]]] = {}
     for k, j in enumerate(members):
         p = patches[j]
-        rows = torch.arange(k * S, (k + 1) * S, device=dev)
-        if p.kind == "resid":
-            residual[rows, p.pos - pos] = cache[f"blocks.{p.layer}.hook_resid_post"][0, p.pos]
-        else:
-            for layer in p.restore:
-                name = f"blocks.{layer}.{p.hook}"
-                fwd.setdefault(name, []).append((rows, p.pos - pos, cache[name][0, p.pos]))
-    past = _kv_rows(kv, rows_sample, pos)
-    dummy = torch.tensor([fact.tokens], device=dev)[:, pos:].expand(len(members) * S, -1)
-    with model.hooks(fwd_hooks=[(n, _restore_hook(items)) for n, items in fwd.items()]):
-        out = model(dummy, past_kv=past, start_at_layer=start, residual=residual,
-                    return_type="hidden")
-    return out[:, -1]
+        for layer in p.restore:
+            by_layer.setdefault(layer, {}).setdefault(f"blocks.{layer}.{p.hook}", []).append(
+                (k * S, (k + 1) * S, p.pos - pos))
+
+    def hooks(layer: int, n: int) -> list[Any]:
+        out = []
+        for name, spans in by_layer.get(layer, {}).items():
+            rows: dict[int, list[torch.Tensor]] = {}  # rows restored at each position
+            for a, b, at in spans:
+                if b <= n:
+                    rows.setdefault(at, []).append(torch.arange(a, b, device=dev))
+            items = [(torch.cat(r), at, cache[name][0, at + pos]) for at, r in rows.items()]
+            out.append((name, _restore_hook(items)))
+        return out
+
+    def past(layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if pos == 0:
+            return None
+        entry = kv.layers[layer]
+        return entry.k[rows_sample[:n], :pos], entry.v[rows_sample[:n], :pos]
+
+    dummy = torch.tensor([fact.tokens], device=dev)[:, pos:].expand(len(starts), -1)
+    return staggered_forward(model, starts, dummy, entering, past, hooks)[:, -1]
 
 
 @torch.no_grad()
@@ -227,20 +252,20 @@ def _trace_one(model: HookedTransformer, fact: PreparedFact, corrupted: torch.Te
     S, T = corrupted.shape
     p_clean, cache = _clean_run(model, fact, patches)
     p_corr, kv, resid_in = _corrupted_run(model, fact, corrupted, noise)
-    # Rows sharing a start layer run together. With merge_positions, every position of the
-    # fact is recomputed from the first restored one (bigger, more efficient batches);
-    # otherwise each (start, position) group runs only positions >= its own.
+    # Rows of one position run as one stream whatever their start layer. With
+    # merge_positions, every position of the fact is recomputed from the first restored one
+    # (one stream); otherwise each position's stream runs only positions >= its own.
     first_pos = min(p.pos for p in patches) if patches else 0
-    groups: dict[tuple[int, int], list[int]] = {}
-    for j, p in enumerate(patches):
-        groups.setdefault((p.start, first_pos if merge_positions else p.pos), []).append(j)
+    groups: dict[int, list[int]] = {}
+    for j in sorted(range(len(patches)), key=lambda j: patches[j].start):
+        groups.setdefault(first_pos if merge_positions else patches[j].pos, []).append(j)
     finals: list[torch.Tensor] = []
     order: list[int] = []
-    for (start, pos), members in groups.items():
+    for pos, members in groups.items():
         width = max(1, max_rows // (S * (T - pos)))
         for c in range(0, len(members), width):
             chunk = members[c:c + width]
-            finals.append(_restored_finals(model, fact, patches, chunk, start, pos, cache, kv,
+            finals.append(_restored_finals(model, fact, patches, chunk, pos, cache, kv,
                                            resid_in, S))
             order += chunk
     # one large unembedding for every restored run (more efficient than many small ones)
@@ -301,7 +326,7 @@ def causal_trace(model: HookedTransformer, facts: Sequence[PreparedFact], *,
                  corruptions: Sequence[str] = ("noise", "replace"), n_samples: int = 5,
                  n_replacements: int | None = None, noise_scale: float = 3.0,
                  window: int | None = None, positions: str = "all", seed: int = 0,
-                 max_rows: int = 256, merge_positions: bool = False,
+                 max_rows: int = 4096, merge_positions: bool = False,
                  subject_pool: Sequence[PreparedFact] | None = None,
                  progress: Progress = no_progress) -> pd.DataFrame:
     """Causal tracing (Meng et al. 2022, Sec. 2.1) with noise and token-replacement corruption.
@@ -321,11 +346,11 @@ def causal_trace(model: HookedTransformer, facts: Sequence[PreparedFact], *,
     subject or further tokens), which is what the averaged heatmaps need, at a fraction of
     the cost for long prompts.
 
-    Batching: restorations sharing a start layer run in one forward of at most ``max_rows``
-    token positions (rows x positions); ``merge_positions`` recomputes every traced position
-    for all of them (larger, faster matrix products) instead of only positions >= the
-    restored one (fewer operations, smaller products; faster on SmolLM2 on a CPU, the default).
-    Both give the same numbers.
+    Batching: the restorations of one position run as one stream of at most ``max_rows``
+    token positions (rows x positions), each joining at its own start layer
+    (:func:`analyses.ffn.stream.staggered_forward`); ``merge_positions`` recomputes every
+    traced position for all of them (one stream per fact, more operations) instead of only
+    positions >= the restored one (the default). Both give the same numbers.
 
     Columns: ``fact, corruption, kind, window, layer, position, token, role`` (Meng et al.'s
     position groups: subject_first/middle/last, subsequent_first/further, last),
