@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import interp
+from analyses.circuits.ioi import ioi_pairs
 from analyses.circuits.pairs import PromptPairs
 from analyses.circuits.patching import activation_patching
 from analyses.circuits.runs import PairRuns, shared_prefix
@@ -121,3 +122,17 @@ def test_prefix_positions_patch_to_exactly_the_corrupted_run():
     df = activation_patching(_model("rope_gqa"), _pairs(), "resid_pre", layers=[0])
     assert (df[df["pos"] < 5]["score"] == 0).all()
     assert df[df["pos"] >= 5]["score"].abs().max() > 0.05
+
+
+def test_bad_input_messages_are_one_line_naming_the_fix():
+    model = _model("rope_gqa")
+    cases = [
+        (lambda: PromptPairs.from_lists([[0, 1, 2]], [[0, 1]], [3], [4]), "same length"),
+        (lambda: activation_patching(model, _pairs(), "blocks.0.attn.hook_zz"), "Closest"),
+        (lambda: activation_patching(model, _pairs(), "residual"), "resid_pre"),
+        (lambda: ioi_pairs(model, 4, template=9), "template must be in 0..5"),
+    ]
+    for call, fix in cases:
+        with pytest.raises(interp.InterpError, match=fix) as err:
+            call()
+        assert "\n" not in str(err.value), str(err.value)
