@@ -44,9 +44,9 @@ torch.manual_seed(0)
 if spec.endswith(".json"):
     model = interp.HookedTransformer(interp.ModelConfig(**json.load(open(spec)))).eval()
     g = torch.Generator().manual_seed(1)
-    clean = torch.randint(0, 512, (n, %(seq)d), generator=g)
+    clean = torch.randint(0, 512, (n, __SEQ__), generator=g)
     corr = clean.clone()
-    corr[:, %(at)d:] = torch.randint(0, 512, (n, %(seq)d - %(at)d), generator=g)
+    corr[:, __AT__:] = torch.randint(0, 512, (n, __SEQ__ - __AT__), generator=g)
     pairs = PromptPairs(tuple(clean), tuple(corr), torch.randint(0, 512, (n,), generator=g),
                         torch.randint(0, 512, (n,), generator=g))
     layers = None
@@ -60,7 +60,7 @@ fn = activation_patching if method == "activation" else attribution_patching
 df = fn(model, pairs, what, layers=layers, batch_size=16)
 print(json.dumps({"seconds": round(time.perf_counter() - t, 1), "rows": len(df),
                   "clean": df.attrs["clean"], "corrupted": df.attrs["corrupted"]}))
-""" % {"seq": SEQ, "at": DIFF_AT}
+""".replace("__SEQ__", str(SEQ)).replace("__AT__", str(DIFF_AT))
 
 
 def _child(args: list[str]) -> tuple[int, dict]:

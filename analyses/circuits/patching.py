@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from analyses.circuits.metrics import Metric, get_metric, normalise
-from analyses.circuits.pairs import PairBatch, PromptPairs
+from analyses.circuits.pairs import PromptPairs
 from analyses.circuits.runs import PairRuns
 from analyses.circuits.sites import Kind, resolve, sites
 from interp.progress import Progress, no_progress
