@@ -330,7 +330,8 @@ def patch_cmd(ctx: click.Context, model: str, task: str, n_pairs: int | None, me
 
     On SmolLM2, `--task ioi --pairs 100` patches all 270 heads on every pair in about 13
     minutes on one loaded CPU core (each pair batch's shared prefix runs once into a KV cache
-    and each patched forward starts at the patched block); --device cuda takes seconds.
+    and each patched forward starts at the patched block); use --device cuda where you have
+    one.
     """
     out = prepare_out(ctx, out, force)
     m = load_model(model, device, dtype, seed=seed)
