@@ -136,3 +136,28 @@ def test_bad_input_messages_are_one_line_naming_the_fix():
         with pytest.raises(interp.InterpError, match=fix) as err:
             call()
         assert "\n" not in str(err.value), str(err.value)
+
+
+def test_shipped_smollm2_ioi_report_matches_its_data_and_the_readme():
+    """reports/smollm2-ioi (written by `interp patch smollm2-135m --task ioi --pairs 100`):
+    every head on >= 100 pairs, the Pearson r in its summary recomputed from its own CSV, and
+    the README's numbers read from the same files."""
+    import pandas as pd
+
+    from analyses.app.sections.patch import _pearson
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    report = root / "reports" / "smollm2-ioi"
+    base = pd.read_csv(report / "data" / "patch_baseline.csv").iloc[0]
+    heads = pd.read_csv(report / "data" / "patch_heads.csv")
+    assert base["n_pairs"] >= 100 and len(heads) == 30 * 9
+    r = _pearson(heads["activation"], heads["attribution"])
+    assert r == pytest.approx(base["pearson_heads"], abs=1e-6)
+    for name in ("patch_heads", "patch_resid", "patch_attribution_vs_activation"):
+        assert (report / "figures" / f"{name}.png").stat().st_size > 10_000
+    top = heads.sort_values("activation", ascending=False).iloc[0]
+    readme = (root / "README.md").read_text()
+    assert f"L{int(top['layer'])}H{int(top['head'])} {top['activation']:.2f}" in readme
+    assert f"IO - S {base['clean']:.2f} vs {base['corrupted']:.2f}" in readme
+    assert f"Pearson {r:.3f} over the 270 heads" in readme
+    assert f"{base['clean']:.2f}" in (report / "index.md").read_text()
