@@ -11,8 +11,8 @@ patched hook) are printed beside each peak.
 
 Model: a random 4-layer decoder (d_model 128, 4 heads, RoPE, vocabulary 512) on random pairs
 of 48 tokens that differ from position 24 on (so half the prompt is a shared prefix);
-``--smollm2`` adds SmolLM2-135M on IOI pairs: attribution patching of every head on 100 and
-1000 pairs, activation patching of the heads of the upper 6 layers on 10 and 100.
+``--models random,smollm2`` adds SmolLM2-135M on IOI pairs: attribution patching of every
+head on 100 and 1000 pairs, activation patching of the upper 6 layers' heads on 10 and 100.
 """
 
 from __future__ import annotations
@@ -83,13 +83,16 @@ def _materialised_mb(method: str, n: int, per_pair: int) -> float:
     return round(copies * n * per_pair * 4 / 1e6, 1)
 
 
-def run(n: int, work: Path, smollm2: bool) -> list[dict]:
+def run(n: int, work: Path, models: list[str]) -> list[dict]:
     spec = work / "model.json"
     spec.write_text(json.dumps(MODEL))
     # hook_z of every layer: [pos, head, d_head] = SEQ * d_model floats per layer and pair
-    jobs = [("attribution", str(spec), n, "head", MODEL["n_layers"] * SEQ * MODEL["d_model"]),
-            ("activation", str(spec), n, "head", MODEL["n_layers"] * SEQ * MODEL["d_model"])]
-    if smollm2:
+    jobs = []
+    if "random" in models:
+        per_pair = MODEL["n_layers"] * SEQ * MODEL["d_model"]
+        jobs += [("attribution", str(spec), n, "head", per_pair),
+                 ("activation", str(spec), n, "head", per_pair)]
+    if "smollm2" in models:
         jobs += [("attribution", "smollm2-135m", 100, "head", 30 * 16 * 576),
                  ("activation", "smollm2-135m", 10, "head", 6 * 16 * 576)]
     rows = []
@@ -109,11 +112,12 @@ def run(n: int, work: Path, smollm2: bool) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200, help="N, the smaller pair count")
-    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M on IOI")
+    parser.add_argument("--models", default="random",
+                        help="comma-separated: random (the 4-layer model), smollm2 (IOI)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="interp_bench_patch_") as tmp:
-        rows = run(args.pairs, Path(tmp), args.smollm2)
+        rows = run(args.pairs, Path(tmp), args.models.split(","))
     info = {"machine": f"{os.cpu_count()} CPUs", "model": MODEL, "seq_len": SEQ,
             "first_difference": DIFF_AT, "rows": rows}
     text = json.dumps(info, indent=1)
