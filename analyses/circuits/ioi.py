@@ -46,9 +46,14 @@ def single_tokens(model, words: tuple[str, ...]) -> list[str]:
     return out
 
 
-def ioi_pairs(model, n_pairs: int = 128, *, seed: int = 0) -> PromptPairs:
+def ioi_pairs(model, n_pairs: int = 128, *, seed: int = 0,
+              template: int | None = None) -> PromptPairs:
     """``n_pairs`` IOI pairs from :data:`TEMPLATES` with random single-token names (A, B and
-    the corrupting C distinct; the IO is first or second at random), places and objects."""
+    the corrupting C distinct; the IO is first or second at random), places and objects.
+    ``template`` uses that one template only, so every pair has the same token positions (for
+    patching by position)."""
+    if template is not None and not 0 <= template < len(TEMPLATES):
+        raise InterpError(f"template must be in 0..{len(TEMPLATES) - 1}, got {template}.")
     names = single_tokens(model, NAMES)
     places, objects = single_tokens(model, PLACES), single_tokens(model, OBJECTS)
     if len(names) < 3 or not places or not objects:
@@ -60,9 +65,9 @@ def ioi_pairs(model, n_pairs: int = 128, *, seed: int = 0) -> PromptPairs:
         io, s, c = rng.sample(names, 3)
         first, second = (io, s) if rng.random() < 0.5 else (s, io)
         fill = {"A": first, "B": second, "place": rng.choice(places), "obj": rng.choice(objects)}
-        template = TEMPLATES[i % len(TEMPLATES)]
-        clean.append(model.to_tokens(template.format(S=s, **fill))[0].tolist())
-        corrupted.append(model.to_tokens(template.format(S=c, **fill))[0].tolist())
+        text = TEMPLATES[i % len(TEMPLATES) if template is None else template]
+        clean.append(model.to_tokens(text.format(S=s, **fill))[0].tolist())
+        corrupted.append(model.to_tokens(text.format(S=c, **fill))[0].tolist())
         answer.append(model.to_single_token(" " + io))
         wrong.append(model.to_single_token(" " + s))
     return PromptPairs.from_lists(clean, corrupted, answer, wrong)

@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 
 from analyses.circuits.metrics import Metric, get_metric, normalise
-from analyses.circuits.pairs import PairBatch, PromptPairs
-from analyses.circuits.sites import Site, resolve, sites
+from analyses.circuits.pairs import PromptPairs
+from analyses.circuits.runs import PairRuns
+from analyses.circuits.sites import Kind, resolve, sites
 from interp.progress import Progress, no_progress
 
 __all__ = ["Baseline", "activation_patching", "baseline"]
@@ -61,27 +62,57 @@ def baseline(model, pairs: PromptPairs, metric: str | Metric = "logit_diff", *,
     return base.means
 
 
-def _patched_run(model, b: PairBatch, group: list[Site], clean_act: torch.Tensor, fn: Metric,
-                 clean_last: torch.Tensor) -> torch.Tensor:
-    """One forward of len(group) stacked corrupted copies, copy p patched at site p; the
-    metric per site summed over the batch's pairs, [len(group)]."""
-    P, B = len(group), b.clean.shape[0]
+def _full_shape(kind: Kind, shape: Sequence[int], T: int) -> tuple[int, ...]:
+    """The activation's shape over the whole prompt: a suffix run holds fewer positions."""
+    dims = kind.dims if kind.layered else ("pos",)
+    return tuple(T if i < len(dims) and dims[i] == "pos" else n for i, n in enumerate(shape))
+
+
+def _shift(kind: Kind, index: tuple, start: int) -> tuple | None:
+    """A site's index into the suffix activation (positions ``start`` fewer); None for a
+    position inside the shared prefix, where clean and corrupted are equal (a no-op patch)."""
+    dims = kind.dims if kind.layered else ("pos",)
+    out = list(index)
+    for i, d in enumerate(dims):
+        if d == "pos" and isinstance(out[i], int):
+            if out[i] < start:
+                return None
+            out[i] -= start
+    return tuple(out)
+
+
+def _patched_run(runs: PairRuns, layer: int, hook: str, group: list[tuple], clean_act:
+                 torch.Tensor, fn: Metric) -> torch.Tensor:
+    """One forward of len(group) stacked corrupted copies, copy p patched at index group[p];
+    the metric per site summed over the batch's pairs, [len(group)]."""
+    P, b = len(group), runs.b
+    B = b.clean.shape[0]
 
     def patch(x: torch.Tensor, hook) -> torch.Tensor:
         x = x.clone()
         v = x.view(P, B, *x.shape[1:])
-        for p, site in enumerate(group):
-            at = (slice(None), *site.index)
+        for p, index in enumerate(group):
+            at = (slice(None), *index)
             v[p][at] = clean_act[at].to(x.dtype)
         return x
 
-    logits = model.run_with_hooks(b.corrupted.repeat(P, 1), fwd_hooks=[(group[0].hook, patch)])
+    logits = runs.run(P, layer, [(hook, patch)])
     rep = lambda t: t.repeat(P, *([1] * (t.ndim - 1)))  # noqa: E731
-    m = fn(_last(logits), rep(b.answer), rep(b.wrong), rep(clean_last))
+    m = fn(logits, rep(b.answer), rep(b.wrong), rep(runs.clean_last))
     return m.view(P, B).double().sum(1)
 
 
-@torch.no_grad()
+def _groups(n: int, per_forward: int) -> list[range]:
+    """``n`` sites cut into the fewest forwards of at most ``per_forward``, sizes balanced
+    (9 heads at 8 per forward: 5 + 4, not 8 + 1)."""
+    k = -(-n // per_forward)
+    size = -(-n // k) if k else 0
+    return [range(s, min(n, s + size)) for s in range(0, n, size)] if n else []
+
+
+# Long because it is the one streaming loop: per pair batch the shared runs, then per hook
+# the sites in balanced groups, the no-op prefix sites, and the table.
+@torch.inference_mode()
 def activation_patching(model, pairs: PromptPairs, what: str = "head", *,
                         metric: str | Metric = "logit_diff", layers: Sequence[int] | None = None,
                         positions: Sequence[int] | None = None, batch_size: int = 8,
@@ -95,6 +126,9 @@ def activation_patching(model, pairs: PromptPairs, what: str = "head", *,
     and ``score`` (normalised: 0 = corrupted, 1 = clean). ``df.attrs`` holds ``clean`` and
     ``corrupted``, the unpatched means. Pairs of different lengths are fine for kinds without
     a ``pos`` column; with one, rows are per position index of each length group.
+
+    A forward holds at most ``max_batch`` sequences (sites x pairs of the batch); the shared
+    prefix and the blocks below each site run once per batch (:mod:`analyses.circuits.runs`).
     """
     fn = get_metric(metric)
     kind, hooks = resolve(model, what, layers)
@@ -104,22 +138,28 @@ def activation_patching(model, pairs: PromptPairs, what: str = "head", *,
     batches = list(pairs.batches(batch_size))
     for b in progress(batches, desc=f"patching {what}", total=len(batches)):
         b = b.to(model.device)
-        clean_logits, cache = model.run_with_cache(b.clean, names_filter=names)
-        cl = _last(clean_logits)
-        base.add(fn(cl, b.answer, b.wrong, cl),
-                 fn(_last(model(b.corrupted)), b.answer, b.wrong, cl))
+        runs = PairRuns(model, b, names, [x for x, _ in hooks], fast=kind.layered)
+        cl = runs.clean_last
+        m_corr = fn(runs.corr_last, b.answer, b.wrong, cl)
+        base.add(fn(cl, b.answer, b.wrong, cl), m_corr)
         per_forward = max(1, max_batch // b.clean.shape[0])
+        T = int(b.clean.shape[1])
         for layer, name in hooks:
-            act = cache[name]
-            todo = list(sites(kind, layer, name, act.shape[1:], positions))
-            for s in range(0, len(todo), per_forward):
-                group = todo[s:s + per_forward]
-                got = _patched_run(model, b, group, act, fn, cl)
-                for site, value in zip(group, got.tolist(), strict=True):
-                    key = (name, *site.labels.values())
-                    labels[key] = site.labels
-                    sums[key] = sums.get(key, 0.0) + value
-        del cache
+            act = runs.clean[name]
+            every = list(sites(kind, layer, name, _full_shape(kind, act.shape[1:], T),
+                               positions))
+            index = [_shift(kind, site.index, runs.start) for site in every]
+            todo = [i for i, at in enumerate(index) if at is not None]
+            values = [float(m_corr.double().sum())] * len(every)  # a no-op patch: corrupted
+            for g in _groups(len(todo), per_forward):
+                got = _patched_run(runs, layer, name, [index[todo[i]] for i in g], act, fn)
+                for i, value in zip(g, got.tolist(), strict=True):
+                    values[todo[i]] = value
+            for site, value in zip(every, values, strict=True):
+                key = (name, *site.labels.values())
+                labels[key] = site.labels
+                sums[key] = sums.get(key, 0.0) + value
+        del runs
     m_clean, m_corr = base.means
     rows = [{**labels[k], "metric": v / base.n, "score": normalise(v / base.n, m_clean, m_corr)}
             for k, v in sums.items()]
