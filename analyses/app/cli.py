@@ -46,6 +46,7 @@ from analyses.app.signals import (
     handle_stop_signals,
     raise_interrupted,
     redeliver_swallowed,
+    signals_held,
 )
 
 if TYPE_CHECKING:
@@ -129,6 +130,12 @@ def main() -> None:
         sys.unraisablehook = redeliver_swallowed(sys.unraisablehook)
         # Figures are written to files; never open a window or need a display.
         os.environ.setdefault("MPLBACKEND", "Agg")
+        # torch's C++ start-up (c10d init) calls back into Python: an Interrupted raised in
+        # there escapes as a C++ exception and aborts the process (SIGABRT and a C++ trace,
+        # seen once under load). Stop signals wait while torch loads (a second or two), then
+        # land here as usual.
+        with signals_held():
+            import torch  # noqa: F401
         from analyses.app.group import cli
 
         code = cli.main(prog_name="interp", standalone_mode=False)
