@@ -1,0 +1,143 @@
+"""The ``retrieval`` task: recall a value whose key was given several segments earlier.
+
+It plants an answer beyond the local attention window, so only a memory can reach it: a
+document of ``n_segments`` segments of ``segment_len`` tokens is fed one segment at a time
+(:meth:`Retrieval.forward`), each segment seeing only itself as context. The first segment
+holds ``n_pairs`` key-value pairs; the middle segments are filler; the last repeats some keys,
+and the model must name each one's value. Without memory the answer is a guess among
+``n_values`` (chance = 1 / n_values); with a kNN store (Wu et al. 2022) or Transformer-XL /
+compressive memory (Dai et al. 2019; Rae et al. 2020) it is a lookup: an induction-style
+match of the query key against the stored position that followed it (Olsson et al. 2022).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from interp.config import ModelConfig
+from interp.errors import InterpError
+from interp.tokenizers import WordTokenizer
+from interp.train.tasks.base import Batch, Task, int_param
+
+__all__ = ["Retrieval"]
+
+
+class Retrieval(Task):
+    """Documents ``[seg 0: k v .. filler] [filler] .. [last: filler .. k ? ..]``.
+
+    Vocabulary: keys ``k0..`` (``n_keys``), values ``v0..`` (``n_values``), filler ``f0..``
+    (``n_filler``). A pair is a key at an even position followed by its value, so each pair
+    fills one aligned 2-token slot (a compressive memory pooling 2 states to 1 keeps a pair
+    together). Segment 0 holds ``n_pairs`` pairs with distinct keys in random slots, the other
+    slots filler; segments 1 .. n-2 are filler; the last segment repeats ``n_queries`` of the
+    keys, each followed by its value. The loss (and the accuracy) is taken only at those
+    repeated keys, predicting the value: nothing in the last segment reveals it.
+    """
+
+    name = "retrieval"
+    mechanism = ("a memory head matches the query key against stored states that followed it, "
+                 "beyond the local window (Wu et al. 2022; Dai et al. 2019)")
+    defaults = {"n_keys": 16, "n_values": 16, "n_filler": 16, "segment_len": 16,
+                "n_segments": 4, "n_pairs": 4, "n_queries": 2}
+    model_defaults = {"n_layers": 2, "d_model": 64, "n_heads": 4, "attn_only": True,
+                      "positional": "learned", "memory_kind": "knn", "memory_layers": [1],
+                      "memory_topk": 8, "default_prepend_bos": False}
+    train_defaults = {"steps": 1500, "batch_size": 32, "lr": 3e-3}
+
+    def _validate(self) -> None:
+        p = self.params
+        for name in ("n_keys", "n_values", "n_filler"):
+            int_param(name, p[name], 2, 1000)
+        int_param("segment_len", p["segment_len"], 4, 4096)
+        int_param("n_segments", p["n_segments"], 2, 64)
+        if p["segment_len"] % 2:
+            raise InterpError(f"Task parameter segment_len must be even (pairs fill aligned "
+                              f"2-token slots), got {p['segment_len']}.")
+        int_param("n_pairs", p["n_pairs"], 1, min(p["n_keys"], p["segment_len"] // 2))
+        int_param("n_queries", p["n_queries"], 1, p["n_pairs"])
+
+    def _build_tokenizer(self) -> WordTokenizer:
+        p = self.params
+        return WordTokenizer([f"k{i}" for i in range(p["n_keys"])]
+                             + [f"v{i}" for i in range(p["n_values"])]
+                             + [f"f{i}" for i in range(p["n_filler"])], bos_token=None)
+
+    @property
+    def seq_len(self) -> int:
+        return self.params["segment_len"] * self.params["n_segments"]
+
+    def model_config(self, overrides: dict[str, Any] | None = None) -> ModelConfig:
+        """The default config; ``n_ctx`` is one segment (the local window)."""
+        over = {"n_ctx": self.params["segment_len"], **(overrides or {})}
+        fields = {"d_vocab": self.d_vocab, **self.model_defaults, **over}
+        try:
+            cfg = ModelConfig.from_dict(fields)
+        except ValueError as e:
+            raise InterpError(str(e)) from None
+        self.check_config(cfg)
+        return cfg
+
+    def check_config(self, cfg: ModelConfig) -> None:
+        """As every task, except that a model needs ``n_ctx`` of one segment only."""
+        n_ctx, L = cfg.n_ctx, self.params["segment_len"]
+        if n_ctx < L:
+            raise InterpError(f"Task 'retrieval' feeds segments of {L} tokens but n_ctx="
+                              f"{n_ctx}; set n_ctx to at least {L}.")
+        super().check_config(cfg.replace(n_ctx=max(n_ctx, self.seq_len)))
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        p = self.params
+        B, L, S = batch_size, p["segment_len"], p["n_segments"]
+        nk, nv, nf = p["n_keys"], p["n_values"], p["n_filler"]
+        filler0 = nk + nv
+        tokens = torch.randint(filler0, filler0 + nf, (B, S * L), generator=generator)
+        labels = torch.full_like(tokens, -100)
+        slots = L // 2
+        for b in range(B):
+            keys = torch.randperm(nk, generator=generator)[: p["n_pairs"]]
+            values = torch.randint(0, nv, (p["n_pairs"],), generator=generator) + nk
+            where = torch.randperm(slots, generator=generator)[: p["n_pairs"]] * 2
+            tokens[b, where], tokens[b, where + 1] = keys, values
+            ask = torch.randperm(p["n_pairs"], generator=generator)[: p["n_queries"]]
+            qpos = (S - 1) * L + torch.randperm(slots, generator=generator)[: p["n_queries"]] * 2
+            tokens[b, qpos], tokens[b, qpos + 1] = keys[ask], values[ask]
+            labels[b, qpos] = values[ask]
+        return Batch(tokens, labels)
+
+    def forward(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of documents fed one segment at a time: through ``model.memory``
+        (reset first; kept differentiable across the document while training), or, for a
+        model without memory, each segment on its own."""
+        L = self.params["segment_len"]
+        if model.memory is None:
+            return torch.cat([model(tokens[:, s : s + L]) for s in range(0, tokens.shape[1], L)],
+                             1)
+        model.memory.reset()
+        model.memory.set_detach(not model.training)
+        try:
+            return model.memory.run(tokens, L)
+        finally:
+            model.memory.set_detach(True)
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, seed: int = 12345, batch_size: int = 256) -> dict[str, Any]:
+        """``accuracy``: the value named at the repeated keys (argmax); ``chance`` = 1 /
+        n_values; ``loss``: their mean cross-entropy. The memory is reset before and after."""
+        gen = torch.Generator().manual_seed(seed)
+        batch = self.sample(batch_size, gen)
+        dev = model.embed.W_E.device
+        tokens, labels = batch.tokens.to(dev), batch.labels.to(dev)
+        logits = self.forward(model, tokens)
+        if model.memory is not None:
+            model.memory.reset()
+        return self.score(logits, labels)
+
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """Accuracy and loss at the query positions of ``labels`` (-100 elsewhere)."""
+        keep = labels != -100
+        sel, want = logits[keep].float(), labels[keep]
+        return {"accuracy": float((sel.argmax(-1) == want).float().mean()),
+                "loss": float(torch.nn.functional.cross_entropy(sel, want)),
+                "chance": 1.0 / self.params["n_values"]}
