@@ -23,8 +23,11 @@ declare -A ARGS=(
   [induction_alibi]="induction --positional alibi"
   [knowledge]="knowledge"
   [domains_moe]="domains --config moe --n-experts 8 --top-k 2"
+  [retrieval_knn]="retrieval"
+  [retrieval_xl]="retrieval --config {\"memory_kind\":\"xl\",\"mem_len\":16,\"cmem_len\":16}"
 )
 ORDER=(induction induction_sinusoidal induction_learned induction_rope induction_alibi knowledge domains_moe)
+ORDER+=(retrieval_knn retrieval_xl)
 NAMES=("$@")
 [ ${#NAMES[@]} -eq 0 ] && NAMES=("${ORDER[@]}")
 

@@ -211,7 +211,7 @@ def analyse_memory(model: Any, *, n_docs: int = 256, batch_size: int = 64, seed:
     def runs(desc: str) -> Iterable[_Run]:
         gen = torch.Generator().manual_seed(seed)  # the same documents in both passes
         made = (_Run(model, task, b.tokens.to(dev), b.labels.to(dev))
-                for b in (task.sample(n, gen) for n in sizes))
+                for b in (task.eval_batch(n, gen) for n in sizes))
         return progress(made, desc=desc, total=len(sizes)) if progress else made
 
     acc: dict[tuple[int, int], list[float]] = {}

@@ -25,22 +25,25 @@ __all__ = ["Retrieval"]
 
 
 class Retrieval(Task):
-    """Documents ``[seg 0: k v .. filler] [filler] .. [last: filler .. k ? ..]``.
+    """Documents ``[seg 0: k v .. filler] [filler] .. [last: filler .. k ? .. k' v' .. k' ?]``.
 
     Vocabulary: keys ``k0..`` (``n_keys``), values ``v0..`` (``n_values``), filler ``f0..``
     (``n_filler``). A pair is a key at an even position followed by its value, so each pair
     fills one aligned 2-token slot (a compressive memory pooling 2 states to 1 keeps a pair
     together). Segment 0 holds ``n_pairs`` pairs with distinct keys in random slots, the other
     slots filler; segments 1 .. n-2 are filler; the last segment repeats ``n_queries`` of the
-    keys, each followed by its value. The loss (and the accuracy) is taken only at those
-    repeated keys, predicting the value: nothing in the last segment reveals it.
+    keys, each followed by its value, and holds ``n_local`` fresh pairs twice. The loss is
+    taken at the repeated memory keys (nothing in the last segment reveals their value) and at
+    the second occurrence of each local pair (in context: it teaches the same match-and-copy
+    heads that the memory queries need, Olsson et al. 2022); the accuracy only at the memory
+    keys (:meth:`eval_batch`).
     """
 
     name = "retrieval"
     mechanism = ("a memory head matches the query key against stored states that followed it, "
                  "beyond the local window (Wu et al. 2022; Dai et al. 2019)")
     defaults = {"n_keys": 16, "n_values": 16, "n_filler": 16, "segment_len": 16,
-                "n_segments": 4, "n_pairs": 4, "n_queries": 2}
+                "n_segments": 4, "n_pairs": 4, "n_queries": 2, "n_local": 2}
     model_defaults = {"n_layers": 2, "d_model": 64, "n_heads": 4, "attn_only": True,
                       "positional": "learned", "memory_kind": "knn", "memory_layers": [1],
                       "memory_topk": 8, "default_prepend_bos": False}
@@ -57,6 +60,10 @@ class Retrieval(Task):
                               f"2-token slots), got {p['segment_len']}.")
         int_param("n_pairs", p["n_pairs"], 1, min(p["n_keys"], p["segment_len"] // 2))
         int_param("n_queries", p["n_queries"], 1, p["n_pairs"])
+        int_param("n_local", p["n_local"], 0, p["n_keys"] - p["n_pairs"])
+        if p["n_queries"] + 2 * p["n_local"] > p["segment_len"] // 2:
+            raise InterpError("n_queries + 2 * n_local pairs must fit the last segment's "
+                              f"{p['segment_len'] // 2} slots; lower them or raise segment_len.")
 
     def _build_tokenizer(self) -> WordTokenizer:
         p = self.params
@@ -88,23 +95,42 @@ class Retrieval(Task):
         super().check_config(cfg.replace(n_ctx=max(n_ctx, self.seq_len)))
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """Training documents: the loss at the memory queries and at the second occurrence
+        of each local pair."""
+        tokens, memory, local = self._draw(batch_size, generator)
+        return Batch(tokens, torch.where(memory != -100, memory, local))
+
+    def eval_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """Held-out documents whose labels are the memory queries only (what accuracy means:
+        the answer lies beyond the local window)."""
+        tokens, memory, _ = self._draw(batch_size, generator)
+        return Batch(tokens, memory)
+
+    def _draw(self, batch_size: int, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, labels at the memory queries, labels at the local repeats)."""
         p = self.params
         B, L, S = batch_size, p["segment_len"], p["n_segments"]
         nk, nv, nf = p["n_keys"], p["n_values"], p["n_filler"]
-        filler0 = nk + nv
-        tokens = torch.randint(filler0, filler0 + nf, (B, S * L), generator=generator)
-        labels = torch.full_like(tokens, -100)
-        slots = L // 2
+        npair, nq, nl = p["n_pairs"], p["n_queries"], p["n_local"]
+        tokens = torch.randint(nk + nv, nk + nv + nf, (B, S * L), generator=generator)
+        memory, local = torch.full_like(tokens, -100), torch.full_like(tokens, -100)
+        last = (S - 1) * L
         for b in range(B):
-            keys = torch.randperm(nk, generator=generator)[: p["n_pairs"]]
-            values = torch.randint(0, nv, (p["n_pairs"],), generator=generator) + nk
-            where = torch.randperm(slots, generator=generator)[: p["n_pairs"]] * 2
-            tokens[b, where], tokens[b, where + 1] = keys, values
-            ask = torch.randperm(p["n_pairs"], generator=generator)[: p["n_queries"]]
-            qpos = (S - 1) * L + torch.randperm(slots, generator=generator)[: p["n_queries"]] * 2
+            keys = torch.randperm(nk, generator=generator)[: npair + nl]
+            values = torch.randint(0, nv, (npair + nl,), generator=generator) + nk
+            where = torch.randperm(L // 2, generator=generator)[:npair] * 2
+            tokens[b, where], tokens[b, where + 1] = keys[:npair], values[:npair]
+            slots = last + torch.randperm(L // 2, generator=generator)[: nq + 2 * nl] * 2
+            ask = torch.randperm(npair, generator=generator)[:nq]
+            qpos = slots[:nq]
             tokens[b, qpos], tokens[b, qpos + 1] = keys[ask], values[ask]
-            labels[b, qpos] = values[ask]
-        return Batch(tokens, labels)
+            memory[b, qpos] = values[ask]
+            pairs = slots[nq:].view(2, nl).sort(0).values  # first and second occurrence
+            for row in pairs:
+                tokens[b, row], tokens[b, row + 1] = keys[npair:], values[npair:]
+            local[b, pairs[1]] = values[npair:]
+        return tokens, memory, local
 
     def forward(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of documents fed one segment at a time: through ``model.memory``
@@ -126,7 +152,7 @@ class Retrieval(Task):
         """``accuracy``: the value named at the repeated keys (argmax); ``chance`` = 1 /
         n_values; ``loss``: their mean cross-entropy. The memory is reset before and after."""
         gen = torch.Generator().manual_seed(seed)
-        batch = self.sample(batch_size, gen)
+        batch = self.eval_batch(batch_size, gen)
         dev = model.embed.W_E.device
         tokens, labels = batch.tokens.to(dev), batch.labels.to(dev)
         logits = self.forward(model, tokens)
