@@ -14,8 +14,10 @@ hooks read it (so every variant below sees the same memory):
 - **Retrieved entries**: each memory entry is mapped back to the document positions it holds
   (a kNN store entry is one past token; an XL state one token; a compressed state the
   ``cmem_rate`` tokens pooled into it, Rae et al. 2020). A head *retrieves* when its
-  top-weighted entry at the query holds the answer's position (the value that followed the
-  query key in segment 0) for at least half of the queries.
+  top-weighted entry at the query holds the position of the query key's earlier occurrence
+  (segment 0 stores the pair value first, so the value reaches the key's state through a
+  previous-token head) for at least half of the queries, or when cutting its memory access
+  alone costs half of the accuracy above chance.
 - **Ablation of memory access** (one head at a time, then the retrieving heads together,
   then every memory head): kNN gate set to 0 (the head keeps its local attention), or the
   head's memory scores set to the dtype's minimum (the softmax renormalises over the context);
@@ -41,8 +43,8 @@ __all__ = ["MemoryAnalysis", "analyse_memory", "entry_positions"]
 @dataclass
 class MemoryAnalysis:
     """``heads``: one row per (layer, head) of a memory layer: ``memory_share_query``,
-    ``memory_share_all``, ``target_mass`` (attention on the answer's entry, within the memory),
-    ``top1_target`` (share of queries whose top entry holds the answer), ``acc_ablated``,
+    ``memory_share_all``, ``target_mass`` (attention on the stored key's entry, within the
+    memory), ``top1_target`` (share of queries whose top entry holds it), ``acc_ablated``,
     ``acc_drop``, ``retrieving``. ``retrieved``: the top entries of the retrieving heads for a
     few queries (entry, positions, tokens, weight, ``is_target``). ``accuracy``: one row per
     condition (intact, memory reset, retrieving heads ablated, every memory head ablated,
@@ -111,12 +113,13 @@ class _Run:
         return int((pred == self.labels[keep]).sum()), int(keep.sum())
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row, query position in the last segment, answer's document position) per query."""
+        """(row, query position in the last segment, document position of the stored key)
+        per query: the entry a retrieving head should read (the pair is stored ``v k``, so
+        the value reaches the key's state through a previous-token head)."""
         rows, qpos = (self.labels != -100).nonzero(as_tuple=True)
         first = self.tokens[:, : self.L]
         keys = self.last[rows, qpos]
-        where = (first[rows] == keys[:, None]).float().argmax(1)  # the key's slot in seg 0
-        return rows, qpos, where + 1
+        return rows, qpos, (first[rows] == keys[:, None]).float().argmax(1)
 
 
 def _grab(model: Any, run: _Run, layers: list[int]) -> dict[str, torch.Tensor]:
@@ -181,7 +184,7 @@ def _examples(model: Any, run: _Run, grab: dict[str, torch.Tensor], heads: list[
                 words = tok.decode(run.tokens[b, lo:hi].tolist()) if tok else ""
                 out.append({"doc": b, "query_pos": run.seen + q,
                             "query": tok.decode([int(run.last[b, q])]) if tok else "",
-                            "answer": tok.decode([int(run.tokens[b, t])]) if tok else "",
+                            "answer": tok.decode([int(run.labels[b, q])]) if tok else "",
                             "layer": layer, "head": h, "rank": rank, "entry": int(idx[j]),
                             "positions": f"{lo}-{hi - 1}", "tokens": words,
                             "weight": float(pat[j]), "is_target": lo <= t < hi})

@@ -3,11 +3,12 @@
 It plants an answer beyond the local attention window, so only a memory can reach it: a
 document of ``n_segments`` segments of ``segment_len`` tokens is fed one segment at a time
 (:meth:`Retrieval.forward`), each segment seeing only itself as context. The first segment
-holds ``n_pairs`` key-value pairs; the middle segments are filler; the last repeats some keys,
-and the model must name each one's value. Without memory the answer is a guess among
-``n_values`` (chance = 1 / n_values); with a kNN store (Wu et al. 2022) or Transformer-XL /
-compressive memory (Dai et al. 2019; Rae et al. 2020) it is a lookup: an induction-style
-match of the query key against the stored position that followed it (Olsson et al. 2022).
+holds ``n_pairs`` key-value pairs; the last asks for some of them by key, and the model must
+name each one's value (segments in between hold other pairs, answered locally). Without
+memory the answer is a guess among ``n_values`` (chance = 1 / n_values); with a kNN store
+(Wu et al. 2022) or Transformer-XL / compressive memory (Dai et al. 2019; Rae et al. 2020) it
+is a lookup: the query key matches its stored occurrence, whose state carries the value
+before it (Olsson et al. 2022).
 """
 
 from __future__ import annotations
@@ -25,25 +26,27 @@ __all__ = ["Retrieval"]
 
 
 class Retrieval(Task):
-    """Documents ``[seg 0: k v .. filler] [filler] .. [last: filler .. k ? .. k' v' .. k' ?]``.
+    """Documents ``[seg 0: v k .. filler] [.. v' k' .. k' v' ..] .. [last: .. k ? .. k'' ?]``.
 
     Vocabulary: keys ``k0..`` (``n_keys``), values ``v0..`` (``n_values``), filler ``f0..``
-    (``n_filler``). A pair is a key at an even position followed by its value, so each pair
-    fills one aligned 2-token slot (a compressive memory pooling 2 states to 1 keeps a pair
-    together). Segment 0 holds ``n_pairs`` pairs with distinct keys in random slots, the other
-    slots filler; segments 1 .. n-2 are filler; the last segment repeats ``n_queries`` of the
-    keys, each followed by its value, and holds ``n_local`` fresh pairs twice. The loss is
-    taken at the repeated memory keys (nothing in the last segment reveals their value) and at
-    the second occurrence of each local pair (in context: it teaches the same match-and-copy
-    heads that the memory queries need, Olsson et al. 2022); the accuracy only at the memory
-    keys (:meth:`eval_batch`).
+    (``n_filler``). A pair is stored value first, ``v k``, in an aligned 2-token slot (a
+    compressive memory pooling 2 states to 1 keeps it together), and asked key first: at
+    ``k`` the model must name the value that preceded it (associative recall: a
+    previous-token head writes v into k's state, a later head finds k's earlier state and
+    copies it, Olsson et al. 2022). Segment 0 stores ``n_pairs`` pairs with distinct keys in
+    random slots, the other slots filler; the last segment asks ``n_queries`` of them, and
+    nothing in it reveals their values. Every segment after the first also stores and asks
+    ``n_local`` fresh pairs of its own, which the context alone answers: they teach the same
+    heads. The loss is taken at every asked key; the accuracy (:meth:`eval_batch`) only at
+    the memory queries.
     """
 
     name = "retrieval"
-    mechanism = ("a memory head matches the query key against stored states that followed it, "
-                 "beyond the local window (Wu et al. 2022; Dai et al. 2019)")
-    defaults = {"n_keys": 16, "n_values": 16, "n_filler": 16, "segment_len": 16,
-                "n_segments": 4, "n_pairs": 4, "n_queries": 2, "n_local": 2}
+    mechanism = ("a memory head matches the query key with its stored occurrence, whose state "
+                 "carries the value before it, beyond the local window (Wu et al. 2022; Dai "
+                 "et al. 2019)")
+    defaults = {"n_keys": 32, "n_values": 16, "n_filler": 16, "segment_len": 16,
+                "n_segments": 4, "n_pairs": 4, "n_queries": 4, "n_local": 2}
     model_defaults = {"n_layers": 2, "d_model": 64, "n_heads": 4, "attn_only": True,
                       "positional": "learned", "memory_kind": "knn", "memory_layers": [1],
                       "memory_topk": 8, "default_prepend_bos": False}
@@ -60,7 +63,10 @@ class Retrieval(Task):
                               f"2-token slots), got {p['segment_len']}.")
         int_param("n_pairs", p["n_pairs"], 1, min(p["n_keys"], p["segment_len"] // 2))
         int_param("n_queries", p["n_queries"], 1, p["n_pairs"])
-        int_param("n_local", p["n_local"], 0, p["n_keys"] - p["n_pairs"])
+        int_param("n_local", p["n_local"], 0, 64)
+        if p["n_pairs"] + p["n_local"] * (p["n_segments"] - 1) > p["n_keys"]:
+            raise InterpError("Every pair needs its own key: n_pairs + n_local * (n_segments - "
+                              f"1) must be at most n_keys={p['n_keys']}; raise n_keys.")
         if p["n_queries"] + 2 * p["n_local"] > p["segment_len"] // 2:
             raise InterpError("n_queries + 2 * n_local pairs must fit the last segment's "
                               f"{p['segment_len'] // 2} slots; lower them or raise segment_len.")
@@ -115,21 +121,25 @@ class Retrieval(Task):
         npair, nq, nl = p["n_pairs"], p["n_queries"], p["n_local"]
         tokens = torch.randint(nk + nv, nk + nv + nf, (B, S * L), generator=generator)
         memory, local = torch.full_like(tokens, -100), torch.full_like(tokens, -100)
-        last = (S - 1) * L
+        n_keys = npair + nl * (S - 1)  # distinct keys: segment 0's, then each segment's own
         for b in range(B):
-            keys = torch.randperm(nk, generator=generator)[: npair + nl]
-            values = torch.randint(0, nv, (npair + nl,), generator=generator) + nk
+            keys = torch.randperm(nk, generator=generator)[:n_keys]
+            values = torch.randint(0, nv, (n_keys,), generator=generator) + nk
             where = torch.randperm(L // 2, generator=generator)[:npair] * 2
-            tokens[b, where], tokens[b, where + 1] = keys[:npair], values[:npair]
-            slots = last + torch.randperm(L // 2, generator=generator)[: nq + 2 * nl] * 2
-            ask = torch.randperm(npair, generator=generator)[:nq]
-            qpos = slots[:nq]
-            tokens[b, qpos], tokens[b, qpos + 1] = keys[ask], values[ask]
-            memory[b, qpos] = values[ask]
-            pairs = slots[nq:].view(2, nl).sort(0).values  # first and second occurrence
-            for row in pairs:
-                tokens[b, row], tokens[b, row + 1] = keys[npair:], values[npair:]
-            local[b, pairs[1]] = values[npair:]
+            tokens[b, where], tokens[b, where + 1] = values[:npair], keys[:npair]  # stored v k
+            for seg in range(1, S):
+                n_ask = nq if seg == S - 1 else 0
+                slots = seg * L + torch.randperm(L // 2, generator=generator)[: n_ask + 2 * nl] * 2
+                if n_ask:
+                    ask = torch.randperm(npair, generator=generator)[:nq]
+                    qpos = slots[:nq]
+                    tokens[b, qpos], tokens[b, qpos + 1] = keys[ask], values[ask]
+                    memory[b, qpos] = values[ask]
+                mine = slice(npair + nl * (seg - 1), npair + nl * seg)
+                pairs = slots[n_ask:].view(2, nl).sort(0).values  # stored, then asked
+                tokens[b, pairs[0]], tokens[b, pairs[0] + 1] = values[mine], keys[mine]
+                tokens[b, pairs[1]], tokens[b, pairs[1] + 1] = keys[mine], values[mine]
+                local[b, pairs[1]] = values[mine]
         return tokens, memory, local
 
     def forward(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
