@@ -231,15 +231,28 @@ def analyse_memory(model: Any, *, n_docs: int = 256, batch_size: int = 64, seed:
         _add(counts, "all", run.correct(_hooks(kind, [(la, h) for la in layers
                                                       for h in range(nh)])))
     chance = 1.0 / task.params["n_values"]
-    heads = _heads_frame(acc, counts, counts["intact"][0] / counts["intact"][1], chance)
-    named = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.retrieving]
+    base = counts["intact"][0] / counts["intact"][1]
+    heads = _heads_frame(acc, counts, base, chance)
+    order = [(int(r.layer), int(r.head)) for r in heads.sort_values(
+        ["acc_drop", "top1_target"], ascending=False).itertuples()]
     examples: list[dict[str, Any]] = []
-    for run in runs("memory: retrieving heads"):  # ablated together, on the same memories
-        _add(counts, "retrieving", run.correct(_hooks(kind, named)))
+    for run in runs("memory: retrieving heads"):  # head sets ablated together, same memories
+        for k in range(1, len(order) + 1):
+            _add(counts, ("top", k), run.correct(_hooks(kind, order[:k])))
         if kind != "persistent" and not examples:
-            examples = _examples(model, run, _grab(model, run, layers), named, n_examples)
+            examples = _examples(model, run, _grab(model, run, layers), order[:1], n_examples)
         model.memory.reset()  # then the last segment alone: what a model without memory sees
         _add(counts, "reset", run.correct())
+    # the retrieving heads: the fewest heads, by decreasing single-head drop, whose memory
+    # access together carries at least three quarters of the accuracy above chance
+    k = next((k for k in range(1, len(order) + 1) if counts[("top", k)][0]
+              / max(counts[("top", k)][1], 1) <= chance + 0.25 * (base - chance)), len(order))
+    named = sorted(set(order[:k]) | {(int(r.layer), int(r.head))
+                                     for r in heads.itertuples() if r.retrieving})
+    counts["retrieving"] = counts[("top", k)]
+    heads["retrieving"] = [(int(r.layer), int(r.head)) in named for r in heads.itertuples()]
+    if kind != "persistent" and examples:
+        examples = [e for e in examples if (e["layer"], e["head"]) in named] or examples
     model.memory.reset()
     return MemoryAnalysis(heads=heads, retrieved=pd.DataFrame(examples),
                           accuracy=_accuracy_frame(counts, chance), retrieving_heads=named)
