@@ -55,7 +55,7 @@ def _findings(res: object) -> list[str]:
                f"every memory head {acc['every memory head ablated']:.1%}.")
     if not heads.empty:
         top = heads.sort_values("acc_drop", ascending=False).iloc[0]
-        out.append(f"Largest single-head drop: L{int(top.layer)}H{int(top.head)}, "
+        out.append(f"Largest single-head drop: L{int(top['layer'])}H{int(top['head'])}, "
                    f"{top.acc_drop:+.1%} (memory share at queries {top.memory_share_query:.2f}, "
                    f"top entry = answer for {top.top1_target:.0%} of queries).")
     return out
@@ -73,7 +73,7 @@ def build(model: object, opts: dict, progress: object) -> Section:
     except InterpError as e:
         raise CliError(str(e)) from None
     heads = res.heads.assign(head_name=[f"L{a}H{b}" for a, b in
-                                        zip(res.heads.layer, res.heads.head, strict=True)])
+                                        zip(res.heads["layer"], res.heads["head"], strict=True)])
     long = pd.concat([heads.assign(measure="memory share at queries",
                                    value=heads.memory_share_query),
                       heads.assign(measure="accuracy drop when ablated", value=heads.acc_drop)])

@@ -50,7 +50,7 @@ class Retrieval(Task):
     model_defaults = {"n_layers": 2, "d_model": 64, "n_heads": 4, "attn_only": True,
                       "positional": "learned", "memory_kind": "knn", "memory_layers": [1],
                       "memory_topk": 8, "default_prepend_bos": False}
-    train_defaults = {"steps": 1500, "batch_size": 32, "lr": 3e-3}
+    train_defaults = {"steps": 3000, "batch_size": 32, "lr": 3e-3}
 
     def _validate(self) -> None:
         p = self.params
@@ -173,7 +173,7 @@ class Retrieval(Task):
     def score(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         """Accuracy and loss at the query positions of ``labels`` (-100 elsewhere)."""
         keep = labels != -100
-        sel, want = logits[keep].float(), labels[keep]
+        sel, want = logits.detach()[keep].float(), labels[keep]
         return {"accuracy": float((sel.argmax(-1) == want).float().mean()),
                 "loss": float(torch.nn.functional.cross_entropy(sel, want)),
                 "chance": 1.0 / self.params["n_values"]}
