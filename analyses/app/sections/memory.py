@@ -119,7 +119,7 @@ def memory_cmd(ctx: click.Context, model: str, n_docs: int, svg: bool, out: Path
     \b
     Example:
       interp memory interp/data/retrieval_knn.pt --out reports/memory_knn
-      interp memory interp/data/retrieval_xl.pt --n-docs 128 --out reports/memory_xl
+      interp memory interp/data/retrieval_knn.pt --n-docs 64 --out reports/memory_small
     """
     out = prepare_out(ctx, out, force)
     m = load_model(model, device, dtype, seed=seed)
