@@ -40,6 +40,7 @@ from interp.config_checks import (
     check_choices,
     check_flags,
     check_mask_parameters,
+    check_memory,
     check_moe,
     check_norms,
     check_numbers,
@@ -290,6 +291,19 @@ class ModelConfig(TLConfigNames):
     moe_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss (Zoph et al. 2022)
 
+    # --- memory-augmented attention (interp.components.memory; checked in check_memory) ---
+    # "persistent": learned key-value slots (Sukhbaatar et al. 2019); "knn": a store of past
+    # keys and values, top-k retrieval and a learned gate (Wu et al. 2022); "xl": previous
+    # segments' states as memory, older ones compressed (Dai et al. 2019; Rae et al. 2020)
+    memory_kind: Literal["persistent", "knn", "xl"] | None = None
+    memory_layers: tuple[int, ...] | None = None  # layers with memory; None: every layer
+    n_memory_slots: int = 16  # persistent: learned slots per layer
+    memory_topk: int = 8  # knn: entries retrieved per query and head
+    memory_size: int = 4096  # knn: entries kept per layer (oldest dropped first)
+    mem_len: int = 32  # xl: past states kept uncompressed
+    cmem_len: int = 0  # xl: compressed states kept (0: no compressive memory)
+    cmem_rate: int = 2  # xl: states mean-pooled into one compressed state
+
     # --- tokenization ---
     # TransformerLens' name: whether to_tokens puts BOS first. Default: decoders yes, others no;
     # loaders set it from the checkpoint's tokenizer (see interp.tokenize.tokenizer_adds_bos)
@@ -326,6 +340,9 @@ class ModelConfig(TLConfigNames):
                       check_attention_kernel, check_moe, check_unembedding):
             check(self)
         config_variants.check_variants(self)
+        if self.memory_layers is not None:
+            self._set("memory_layers", tuple(sorted(set(self.memory_layers))))
+        check_memory(self)
         if self.moe_layers is not None:
             self._set("moe_layers", tuple(sorted(set(self.moe_layers))))
 
@@ -402,6 +419,8 @@ class ModelConfig(TLConfigNames):
             d["moe_layers"] = list(d["moe_layers"])
         if d["layer_types"] is not None:
             d["layer_types"] = list(d["layer_types"])
+        if d["memory_layers"] is not None:
+            d["memory_layers"] = list(d["memory_layers"])
         if d["rope_scaling"] is not None:
             d["rope_scaling"] = d["rope_scaling"].to_dict()
         return d

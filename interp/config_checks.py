@@ -383,3 +383,55 @@ def check_unembedding(cfg: ModelConfig) -> None:
         raise ValueError("mlm_head needs has_unembed=True.")
     if not cfg.has_unembed and cfg.tie_embeddings:
         raise ValueError("tie_embeddings needs has_unembed=True.")
+
+
+#: what each memory kind cannot run with: (condition, the setting to name, what to change)
+def _memory_conflicts(cfg: ModelConfig) -> list[tuple[bool, str]]:
+    kind = cfg.memory_kind
+    past = kind in ("knn", "xl")  # memories from earlier segments: no positions across them
+    return [
+        (cfg.architecture == "encoder_decoder",
+         "architecture='encoder_decoder' (memory is built for decoder-only and encoder-only "
+         "stacks; set architecture='decoder' or memory_kind=None)"),
+        (past and cfg.positional in ("rope", "alibi", "relative"),
+         f"positional={cfg.positional!r} (past memories carry no relative position here; use "
+         "positional='learned', 'sinusoidal' or 'none')"),
+        (cfg.attn_kernel == "linear",
+         "attn_kernel='linear' (memory attention is a softmax over memory and context; use "
+         "attn_kernel='auto')"),
+        (cfg.soft_mask_penalty is not None or cfg.attn_softcap is not None,
+         "a soft mask penalty or attention softcap (remove soft_mask_penalty / attn_softcap)"),
+        (cfg.adaptive_span or cfg.selective_attention,
+         "adaptive_span / selective_attention (learned masks edit scores memory does not have; "
+         "turn them off)"),
+        (kind == "xl" and cfg.layer_types is not None and "sliding" in cfg.layer_types,
+         "sliding layers (XL memory extends the window it would cut; remove layer_types)"),
+        (kind == "xl" and cfg.qk_norm != "none",
+         "qk_norm (XL memory recomputes keys without it; set qk_norm='none')"),
+    ]
+
+
+def check_memory(cfg: ModelConfig) -> None:
+    """Memory-augmented attention (interp.components.memory): its sizes, its layers, and the
+    kernels, masks and positions it cannot run with."""
+    kind = cfg.memory_kind
+    if kind is None:
+        return
+    if kind not in ("persistent", "knn", "xl"):
+        raise ValueError(f"memory_kind={kind!r} is unknown; valid: 'persistent', 'knn', 'xl' "
+                         "or None.")
+    for bad, what in _memory_conflicts(cfg):
+        if bad:
+            raise ValueError(f"memory_kind={kind!r} cannot run with {what}.")
+    for name in ("n_memory_slots", "memory_topk", "memory_size", "mem_len", "cmem_rate"):
+        positive_int(name, getattr(cfg, name))
+    if isinstance(cfg.cmem_len, bool) or not isinstance(cfg.cmem_len, int) or cfg.cmem_len < 0:
+        raise ValueError(f"cmem_len must be an integer >= 0, got {cfg.cmem_len!r}.")
+    if cfg.memory_topk > cfg.memory_size:
+        raise ValueError(f"memory_topk={cfg.memory_topk} exceeds memory_size="
+                         f"{cfg.memory_size}; retrieve at most as many entries as are kept.")
+    layers = cfg.memory_layers
+    if layers is not None and (not layers or not all(
+            isinstance(i, int) and 0 <= i < cfg.n_layers for i in layers)):
+        raise ValueError(f"memory_layers={layers!r} must list layers in 0..{cfg.n_layers - 1}; "
+                         "or leave it None for every layer.")

@@ -26,6 +26,7 @@ from interp.config_memory import allocation_errors
 from interp.encoder_decoder import HookedEncoderDecoder
 from interp.errors import InterpError
 from interp.generation import DecoderGeneration, KVCache
+from interp.memory import ModelMemory
 from interp.positions import RelativePositionBias
 from interp.tl_weights import TLWeights
 from interp.tokenize import positions_from_mask
@@ -75,6 +76,9 @@ class HookedTransformer(TLWeights, DecoderGeneration, HookedBase):
                 for i in range(cfg.n_layers)
             ]
         )
+        # the memory layers' run-time stores (interp.memory); None without memory
+        self.memory = None if cfg.memory_kind is None else ModelMemory(self, {
+            i: b.attn.memory.store for i, b in enumerate(self.blocks) if b.attn.memory})
         if cfg.final_norm and cfg.norm != "none":
             self.ln_final = make_norm(cfg)
         if cfg.has_unembed:

@@ -19,6 +19,7 @@ from transformer_lens.hook_points import HookPoint
 
 from interp.components.context import AttnContext
 from interp.components.learned_masks import AdaptiveSpan, HardConcreteGates, SelectiveAttention
+from interp.components.memory import AttentionMemory, add_memory_hooks, has_memory
 from interp.components.norms import RMSNorm
 from interp.config import ModelConfig
 from interp.errors import InterpError
@@ -103,6 +104,10 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
         self.hook_result = HookPoint()  # [batch, pos, head, d_model] (opt-in)
         self._init_learned_masks(cfg, cross)
+        # memory-augmented attention (interp.components.memory), self-attention layers only
+        self.memory = AttentionMemory(cfg, nh, nkv, dh) if has_memory(cfg, layer, cross) else None
+        if self.memory is not None:
+            add_memory_hooks(self, cfg.memory_kind)
 
     def _init_learned_masks(self, cfg: ModelConfig, cross: bool) -> None:
         """Adaptive span, hard-concrete gates, selective attention (interp.components.
@@ -244,9 +249,14 @@ class Attention(nn.Module):
             q = hp(self.hook_rot_q, apply_rope(q, cos, sin, cfg.rope_interleaved))
             k = hp(self.hook_rot_k, apply_rope(k, cos, sin, cfg.rope_interleaved))
         if past is not None:
+            if self.memory is not None and self.memory.kind != "persistent":
+                raise InterpError(f"memory_kind={cfg.memory_kind!r} writes each forward to "
+                                  "its memory; generate with use_past_kv_cache=False.")
             k, v = past.append(k, v)
 
-        if cfg.attn_kernel == "linear":
+        if self.memory is not None:
+            z = self.memory.attend(self, q, k, v, ctx, x)
+        elif cfg.attn_kernel == "linear":
             z = self._linear(q, k, v, ctx)
         elif (cfg.attn_kernel == "eager" or self._edits_scores
               or is_reached(self.hook_attn_scores) or is_reached(self.hook_pattern)):

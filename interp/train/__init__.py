@@ -81,6 +81,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # checkpoints packaged in interp/data (scripts/train_shipped.sh regenerates them)
 SHIPPED = ("induction", "knowledge", "domains_moe", "induction_sinusoidal", "induction_learned",
            "induction_rope", "induction_alibi", "offsets_span", "induction_gates")
+SHIPPED += ("retrieval_knn",)  # memory-augmented attention (interp.memory)
 
 
 def shipped(name: str) -> Path:

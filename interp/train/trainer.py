@@ -338,7 +338,7 @@ def _step(run: _Run, step: int, acc: dict[str, float], device: torch.device) -> 
         g["lr"] = lr
     batch = run.task.sample(tc.batch_size, run.gen)
     tokens, labels = batch.tokens.to(device), batch.labels.to(device)
-    logits = model(tokens)
+    logits = run.task.forward(model, tokens)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=-100, label_smoothing=tc.label_smoothing)
     moe = model.moe_losses()

@@ -105,6 +105,11 @@ class Task:
         """A batch drawn with ``generator`` (the only source of randomness)."""
         raise NotImplementedError
 
+    def forward(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of a training batch; a task that feeds its sequences in pieces (segments
+        through a memory, :mod:`.retrieval`) overrides it."""
+        return model(tokens)
+
     @torch.no_grad()
     def evaluate(self, model: Any, seed: int = 12345) -> dict[str, float]:
         """Task metrics of a trained model (a fixed held-out draw, independent of training)."""

@@ -10,12 +10,14 @@ from interp.train.tasks.domains import Domains
 from interp.train.tasks.induction import Induction
 from interp.train.tasks.knowledge import Knowledge
 from interp.train.tasks.offsets import Offsets
+from interp.train.tasks.retrieval import Retrieval
 from interp.train.tasks.text import Text
 
 __all__ = ["TASKS", "make_task"]
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Induction, Knowledge, Domains, Text,
                                                     Offsets)}
+TASKS[Retrieval.name] = Retrieval  # segments through a memory (interp.memory)
 
 
 def make_task(task: str | Task, **params: Any) -> Task:
