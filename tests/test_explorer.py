@@ -218,6 +218,19 @@ def test_heads_report_of_a_model_without_tokenizer_explores_random_tokens(
     assert "explorer.html" in (tmp_path / "r" / "index.md").read_text()
 
 
+
+def test_heads_report_of_a_word_list_model_explores_random_tokens(tmp_path: Path) -> None:
+    """The shipped induction model's tokenizer is a 65-word list that cannot read the sample
+    text: the report still carries an explorer (random tokens), saying why."""
+    model = Path(__file__).resolve().parent.parent / "interp" / "data" / "induction.pt"
+    result = _invoke("heads", model, "--n-random", "2", "--out", tmp_path / "r", "-q")
+    assert result.exit_code == 0, (result.output, result.exception)
+    page = (tmp_path / "r" / "explorer.html").read_text()
+    data = page_data(page)
+    assert data["texts"][0]["title"].startswith("repeated random tokens")
+    assert "cannot be read by this model" in page
+    assert "No attention explorer" not in (tmp_path / "r" / "index.md").read_text()
+
 @pytest.mark.slow
 def test_interp_explore_on_minilm_end_to_end(tmp_path: Path) -> None:
     """The command on the packaged MiniLM: a text past its 512-token context is refused in

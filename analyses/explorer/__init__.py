@@ -104,10 +104,12 @@ def explore(model: HookedTransformer, texts: Sequence[str], *, heads: Any = None
 
 
 def explore_random(model: HookedTransformer, *, heads: Any = None, half_len: int = 12,
-                   seed: int = 0, model_name: str = "model") -> AttentionView:
+                   seed: int = 0, model_name: str = "model",
+                   note: str | None = None) -> AttentionView:
     """The explorer on one repeated random-token sequence (``x1..xn x1..xn``, as the
     taxonomy's induction scores use), for a model that cannot read text: token ids label the
-    positions, and induction and previous-token stripes show as they are scored."""
+    positions, and induction and previous-token stripes show as they are scored. ``note``
+    replaces the page's "no tokenizer" note (a tokenizer that cannot read the texts)."""
     import torch
 
     from analyses.heads import random_batches
@@ -124,5 +126,5 @@ def explore_random(model: HookedTransformer, *, heads: Any = None, half_len: int
     title = f"repeated random tokens, 2 x {half_len} (seed {seed})"
     doc = Doc(title, ids, pats, layers, text=" ".join(ids))
     return AttentionView([doc], model=model_name, labels=head_infos(heads),
-                         notes=["The model has no tokenizer: the text is a repeated random "
-                                "token sequence, each token shown by its id."])
+                         notes=[note or "The model has no tokenizer: the text is a repeated "
+                                "random token sequence, each token shown by its id."])

@@ -108,7 +108,12 @@ def explorer_files(model: HookedTransformer, heads: pd.DataFrame | None, texts: 
     except InterpError as e:
         if layer is not None or head is not None:
             raise
-        return {}, None, f"No attention explorer: {e}"
+        try:  # a tokenizer that cannot read the texts (a trained model's word list)
+            view = X.explore_random(model, heads=heads, model_name=model_name, note=(
+                f"The report's texts cannot be read by this model ({e}): the text is a "
+                "repeated random token sequence, each token shown by its id."))
+        except InterpError:
+            return {}, None, f"No attention explorer: {e}"
     page = view.to_html()
     n_tok = sum(len(d.tokens) for d in view.docs)
     return ({"explorer.html": page}, view,
