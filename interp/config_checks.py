@@ -393,9 +393,9 @@ def _memory_conflicts(cfg: ModelConfig) -> list[tuple[bool, str]]:
         (cfg.architecture == "encoder_decoder",
          "architecture='encoder_decoder' (memory is built for decoder-only and encoder-only "
          "stacks; set architecture='decoder' or memory_kind=None)"),
-        (past and cfg.positional in ("rope", "alibi", "relative"),
+        (past and cfg.positional in ("alibi", "relative"),
          f"positional={cfg.positional!r} (past memories carry no relative position here; use "
-         "positional='learned', 'sinusoidal' or 'none')"),
+         "positional='rope', 'learned', 'sinusoidal' or 'none')"),
         (cfg.attn_kernel == "linear",
          "attn_kernel='linear' (memory attention is a softmax over memory and context; use "
          "attn_kernel='auto')"),
