@@ -22,7 +22,10 @@ q_pos, topk] (``knn``: which store entries; editing them replaces what is retrie
 ``hook_mem_gate`` [head] (``knn``). With ``persistent`` and ``xl`` the context's
 ``hook_pattern`` and the memory's ``hook_mem_pattern`` share one softmax: together they sum
 to 1 per query. The stores are run-time state read and written through ``model.memory``
-(:class:`interp.memory.ModelMemory`).
+(:class:`interp.memory.ModelMemory`). Relative positions (RoPE, T5 or ALiBi biases) apply to the
+context only: memory entries are stored and scored without them (Wu et al. 2022 use T5 biases
+locally and none in memory), so a stored entry matches by content; learned absolute positions
+instead stay in the residual stream and so in the memory's keys.
 """
 
 from __future__ import annotations
