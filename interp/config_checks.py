@@ -388,14 +388,11 @@ def check_unembedding(cfg: ModelConfig) -> None:
 #: what each memory kind cannot run with: (condition, the setting to name, what to change)
 def _memory_conflicts(cfg: ModelConfig) -> list[tuple[bool, str]]:
     kind = cfg.memory_kind
-    past = kind in ("knn", "xl")  # memories from earlier segments: no positions across them
     return [
         (cfg.architecture == "encoder_decoder",
          "architecture='encoder_decoder' (memory is built for decoder-only and encoder-only "
          "stacks; set architecture='decoder' or memory_kind=None)"),
-        (past and cfg.positional in ("rope", "alibi", "relative"),
-         f"positional={cfg.positional!r} (past memories carry no relative position here; use "
-         "positional='learned', 'sinusoidal' or 'none')"),
+
         (cfg.attn_kernel == "linear",
          "attn_kernel='linear' (memory attention is a softmax over memory and context; use "
          "attn_kernel='auto')"),

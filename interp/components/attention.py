@@ -244,6 +244,7 @@ class Attention(nn.Module):
         q, k, v = hp(self.hook_q, q), hp(self.hook_k, k), hp(self.hook_v, v)
         if self.sliding:
             ctx = ctx.local
+        q_content, k_content = q, k  # memory matches content only (Wu et al. 2022)
         if self.use_rope:
             cos, sin = ctx.rope
             q = hp(self.hook_rot_q, apply_rope(q, cos, sin, cfg.rope_interleaved))
@@ -255,7 +256,7 @@ class Attention(nn.Module):
             k, v = past.append(k, v)
 
         if self.memory is not None:
-            z = self.memory.attend(self, q, k, v, ctx, x)
+            z = self.memory.attend(self, q, k, v, ctx, x, q_content, k_content)
         elif cfg.attn_kernel == "linear":
             z = self._linear(q, k, v, ctx)
         elif (cfg.attn_kernel == "eager" or self._edits_scores

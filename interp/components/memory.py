@@ -22,7 +22,10 @@ q_pos, topk] (``knn``: which store entries; editing them replaces what is retrie
 ``hook_mem_gate`` [head] (``knn``). With ``persistent`` and ``xl`` the context's
 ``hook_pattern`` and the memory's ``hook_mem_pattern`` share one softmax: together they sum
 to 1 per query. The stores are run-time state read and written through ``model.memory``
-(:class:`interp.memory.ModelMemory`).
+(:class:`interp.memory.ModelMemory`). Relative positions (RoPE, T5 or ALiBi biases) apply to the
+context only: memory entries are stored and scored without them (Wu et al. 2022 use T5 biases
+locally and none in memory), so a stored entry matches by content; learned absolute positions
+instead stay in the residual stream and so in the memory's keys.
 """
 
 from __future__ import annotations
@@ -148,15 +151,21 @@ class AttentionMemory(nn.Module):
         self.store = MemoryStore(self.kind, cfg)
 
     def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               ctx: AttnContext, x: torch.Tensor) -> torch.Tensor:
+               ctx: AttnContext, x: torch.Tensor, q_content: torch.Tensor | None = None,
+               k_content: torch.Tensor | None = None) -> torch.Tensor:
         """z [batch, pos, head, d_head] of queries q [batch, pos, head, d_head] over the
         context's keys k and values v [batch, k_pos, kv_head, d_head] and the memory; ``x`` is
-        the layer's (normed) input, which XL memory keeps."""
+        the layer's (normed) input, which XL memory keeps. ``q_content`` / ``k_content`` are q
+        and k before RoPE (None: the same): the memory is searched and stored with them, so a
+        stored entry matches by content, not by the position it had in its own segment
+        (Memorizing Transformers: relative positions locally, none in memory)."""
         B = q.shape[0]
         self.store.check_batch(B)
+        q_content = q if q_content is None else q_content
+        k_content = k if k_content is None else k_content
         if self.kind == "knn":
-            z = self._knn(attn, q, k, v, ctx)
-            self.store.append_kv(k, v)
+            z = self._knn(attn, q, k, v, ctx, q_content)
+            self.store.append_kv(k_content, v)
             return z
         if self.kind == "persistent":
             mk = self.slots_k[None].expand(B, -1, -1, -1).to(q.dtype)
@@ -164,7 +173,7 @@ class AttentionMemory(nn.Module):
         else:
             mk, mv = self._xl_kv(attn, x)
         mk, mv = hp(attn.hook_mem_k, mk), hp(attn.hook_mem_v, mv)
-        z = joint_attention(attn, q, k, v, mk, mv, ctx)
+        z = joint_attention(attn, q, k, v, mk, mv, ctx, q_content)
         if self.kind == "xl":
             self.store.append_states(x)
         return z
@@ -185,9 +194,9 @@ class AttentionMemory(nn.Module):
             B, M, nkv, dh)
 
     def _knn(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             ctx: AttnContext) -> torch.Tensor:
+             ctx: AttnContext, q_mem: torch.Tensor) -> torch.Tensor:
         """Local attention (the layer's own kernel) mixed by the gate with attention over the
-        top-k entries of the store (exact search; the store is small)."""
+        top-k entries of the store (exact search; the store is small), queried with q_mem."""
         hooked = is_reached(attn.hook_attn_scores) or is_reached(attn.hook_pattern)
         z_local = attn._eager(q, k, v, ctx) if hooked or attn.cfg.attn_kernel == "eager" else (
             attn._sdpa(q, k, v, ctx))
@@ -200,7 +209,7 @@ class AttentionMemory(nn.Module):
         mk, mv = hp(attn.hook_mem_k, mk.to(q.dtype)), hp(attn.hook_mem_v, mv.to(q.dtype))
         kh = attn._repeat_kv(mk).transpose(1, 2)  # [batch, head, mem, d_head]
         vh = attn._repeat_kv(mv).transpose(1, 2)
-        qh = q.transpose(1, 2)  # [batch, head, q, d_head]
+        qh = q_mem.transpose(1, 2)  # [batch, head, q, d_head]
         topk = min(attn.cfg.memory_topk, N)
         with torch.no_grad():  # the search is not differentiated (Wu et al. 2022)
             idx = (qh @ kh.transpose(-1, -2)).topk(topk, dim=-1).indices
@@ -222,12 +231,14 @@ class AttentionMemory(nn.Module):
 
 
 def joint_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    mk: torch.Tensor, mv: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+                    mk: torch.Tensor, mv: torch.Tensor, ctx: AttnContext,
+                    q_mem: torch.Tensor | None = None) -> torch.Tensor:
     """One softmax over the memory's keys mk and the context's keys k (masked as usual,
     position bias on the context only): z [batch, pos, head, d_head]. ``hook_attn_scores`` /
     ``hook_pattern`` hold the context's part, ``hook_mem_scores`` / ``hook_mem_pattern`` the
-    memory's."""
+    memory's, scored with q_mem (q before RoPE; None: q)."""
     qh = q.transpose(1, 2)  # [batch, head, q, d_head]
+    mqh = qh if q_mem is None else q_mem.transpose(1, 2)
     kh, vh = attn._repeat_kv(k).transpose(1, 2), attn._repeat_kv(v).transpose(1, 2)
     mkh, mvh = attn._repeat_kv(mk).transpose(1, 2), attn._repeat_kv(mv).transpose(1, 2)
     scores = (qh @ kh.transpose(-1, -2)) * attn.scale  # [batch, head, q, k]
@@ -238,7 +249,7 @@ def joint_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.
     hard = ctx.hard()
     if hard is not None:
         scores = scores.masked_fill(~hard, torch.finfo(scores.dtype).min)
-    mem_scores = (qh @ mkh.transpose(-1, -2)) * (attn.scale / ctx.temperature)
+    mem_scores = (mqh @ mkh.transpose(-1, -2)) * (attn.scale / ctx.temperature)
     scores = hp(attn.hook_attn_scores, scores)
     mem_scores = hp(attn.hook_mem_scores, mem_scores)  # [batch, head, q, mem]
     M = mem_scores.shape[-1]
