@@ -97,6 +97,17 @@ def _head(cfg: ModelConfig) -> int:
     return total
 
 
+def _memory(cfg: ModelConfig) -> int:
+    """Memory-augmented attention's parameters on its layers: persistent key/value slots, or
+    the kNN gate (one logit per head); XL memory has none (its states are not parameters)."""
+    if cfg.memory_kind is None:
+        return 0
+    n = cfg.n_layers if cfg.memory_layers is None else len(cfg.memory_layers)
+    if cfg.memory_kind == "persistent":
+        return n * 2 * cfg.n_memory_slots * cfg.n_kv_heads * cfg.d_head
+    return n * cfg.n_heads if cfg.memory_kind == "knn" else 0
+
+
 def parameter_count(cfg: ModelConfig) -> int:
     """The number of distinct parameters the model of ``cfg`` has (tied weights once).
 
@@ -108,7 +119,7 @@ def parameter_count(cfg: ModelConfig) -> int:
     364
     """
     stacks = 2 if cfg.architecture == "encoder_decoder" else 1
-    total = _embeddings(cfg) + _head(cfg)
+    total = _embeddings(cfg) + _head(cfg) + _memory(cfg)
     if cfg.positional == "relative":
         total += stacks * cfg.relative_buckets * cfg.n_heads
     if cfg.final_norm and cfg.norm != "none":

@@ -231,6 +231,25 @@ def _variants(draw: Any, n_layers: int) -> dict[str, Any]:
     return kw
 
 
+def _memory(draw: Any, n_layers: int) -> dict[str, Any]:
+    """Memory-augmented attention (issue 22): persistent slots, a kNN store or XL states, on
+    every layer or some; sizes small. Combinations memory refuses are refused in one line."""
+    kind = draw(st.sampled_from(["persistent", "knn", "xl"]))
+    kw: dict[str, Any] = {"memory_kind": kind}
+    if draw(st.booleans()):
+        kw["memory_layers"] = tuple(draw(st.sets(st.integers(0, n_layers - 1), min_size=1)))
+    if kind == "persistent":
+        kw["n_memory_slots"] = draw(st.integers(1, 6))
+    elif kind == "knn":
+        kw["memory_topk"] = draw(st.integers(1, 4))
+        kw["memory_size"] = draw(st.integers(4, 64))
+    else:
+        kw["mem_len"] = draw(st.integers(1, 8))
+        kw["cmem_len"] = draw(st.integers(0, 4))
+        kw["cmem_rate"] = draw(st.integers(1, 3))
+    return kw
+
+
 def _configs(draw: Any) -> dict[str, Any]:
     """Keyword arguments for ``ModelConfig`` over its whole field space (see the module doc):
     a draw from every field's usual range, then, in about a third of the draws, one or two
@@ -269,6 +288,8 @@ def _configs(draw: Any) -> dict[str, Any]:
         kw.update(_moe(draw, kw["n_layers"]))
     if draw(st.integers(0, 2)) == 0:
         kw.update(_variants(draw, kw["n_layers"]))
+    if draw(st.integers(0, 3)) == 0:
+        kw.update(_memory(draw, kw["n_layers"]))
     n_hostile = draw(st.sampled_from([0, 0, 0, 0, 1, 1, 2]))
     # the fields of the issue's examples (mask parameters, T5 buckets) weigh more
     fields = [*["mask", "relative_max_distance"] * 4, *SIZE_FIELDS, *SCALAR_FIELDS, *FLAGS]
@@ -279,7 +300,7 @@ def _configs(draw: Any) -> dict[str, Any]:
 
 
 configs = st.composite(_configs)
-DRAWERS = (_sizes, _positions, _attention, _moe, _variants, _configs)
+DRAWERS = (_sizes, _positions, _attention, _moe, _variants, _memory, _configs)
 
 
 def _batch(cfg: ModelConfig, data: st.DataObject, vocab: int) -> torch.Tensor:
