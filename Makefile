@@ -32,5 +32,9 @@ reports: $(STAMP)
 	$(BIN)/interp heads induction --compare induction_sinusoidal --compare induction_learned --compare induction_rope --compare induction_alibi --out reports/induction-positions --force --quiet
 	$(BIN)/interp report interp/data/knowledge.pt --out reports/knowledge --force --quiet
 	$(BIN)/interp report interp/data/domains_moe.pt --out reports/domains-moe --force --quiet
+	$(BIN)/interp patch smollm2-135m --task ioi --pairs 100 --out reports/smollm2-ioi --force --quiet
+	$(BIN)/interp study norm --out reports/study-norm --force --quiet --threads 1
+	$(BIN)/interp study masking --out reports/study-masking --force --quiet --threads 1
+	@echo "reports/smollm2-sae: see reports/smollm2-sae/README.md (a corpus, interp activations, then interp sae --from-activations)"
 
 .PHONY: reports
