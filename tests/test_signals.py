@@ -65,6 +65,22 @@ def _no_process_left() -> Iterable[None]:
             proc.wait()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _sigint_not_ignored() -> Iterable[None]:
+    """The runs here stand for a user at a terminal. A suite started in the background by a
+    shell without job control (``make test &``, ``nohup``) has SIGINT ignored, every child
+    inherits that, and interp leaves an ignored signal ignored on purpose (see
+    :func:`~analyses.app.signals.handle_stop_signals`), so no SIGINT case could pass there.
+    Handled signals are reset to the default in a child, ignored ones are not: handle it
+    here while the module runs."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def side_by_side(cases: Iterable[Any], one: Callable[[Any], Any]) -> list[Any]:
     """``one(case)`` for every case, :data:`PARALLEL` at a time; results in case order."""
     with ThreadPoolExecutor(PARALLEL) as pool:
