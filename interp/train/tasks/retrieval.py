@@ -83,14 +83,7 @@ class Retrieval(Task):
 
     def model_config(self, overrides: dict[str, Any] | None = None) -> ModelConfig:
         """The default config; ``n_ctx`` is one segment (the local window)."""
-        over = {"n_ctx": self.params["segment_len"], **(overrides or {})}
-        fields = {"d_vocab": self.d_vocab, **self.model_defaults, **over}
-        try:
-            cfg = ModelConfig.from_dict(fields)
-        except ValueError as e:
-            raise InterpError(str(e)) from None
-        self.check_config(cfg)
-        return cfg
+        return super().model_config({"n_ctx": self.params["segment_len"], **(overrides or {})})
 
     def check_config(self, cfg: ModelConfig) -> None:
         """As every task, except that a model needs ``n_ctx`` of one segment only."""
