@@ -125,7 +125,7 @@ def _scatter(heads: pd.DataFrame, r: float) -> Figure:
         ax.annotate(f"L{row.layer}H{row.head}", (row.activation, row.attribution), fontsize=7)
     ax.set_xlabel("activation patching (normalised)")
     ax.set_ylabel("attribution patching (normalised)")
-    ax.set_title(f"Heads: attribution vs activation patching (Pearson r = {r:.3f})")
+    ax.set_title(f"Heads: attribution vs activation patching\nPearson r = {r:.3f}; colour: layer")
     return fig
 
 
