@@ -7,10 +7,12 @@ What is proved here:
 - :class:`~analyses.circuits.patching.SiteSums` merges the ranks' tables in the one-process
   site order even where a site (a position only longer pairs have) first appears on rank 1;
 - two real gloo ranks give the one-process tables of activation patching (heads, residual
-  stream by position on pairs of two lengths), attribution patching, path patching, edge
+  stream by position on pairs of three lengths), attribution patching, path patching, edge
   attribution patching and both direct logit attributions, rows in the same order;
 - ``interp --nproc 2 patch`` and ``interp --nproc 2 report --only patch`` on the shipped
-  induction model write the one-process CSVs (counts exactly, floats to 1e-6 relative).
+  induction model write the one-process CSVs (counts exactly, floats to 1e-6 relative);
+- a rank killed at its first reduction during ``interp patch`` fails the run with one line and
+  writes nothing.
 """
 
 from __future__ import annotations
@@ -228,3 +230,15 @@ def test_nproc_2_report_patch_section_writes_the_one_process_numbers(tmp_path):
     findings = [(d / "index.md").read_text().split("Heads whose patching")[1][:200]
                 for d in (one, two)]
     assert findings[0] == findings[1]  # the same top heads, read from the reduced table
+
+
+@pytest.mark.slow  # one 2-rank run stopped at its first reduction: ~20-40 s on 2 loaded cores
+def test_a_killed_rank_fails_patch_cleanly(tmp_path):
+    out = tmp_path / "report"
+    r = _run(["--nproc", "2", *PATCH, "--out", str(out), "-q"], INTERP_TEST_KILL_RANK="1")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        "error: rank 1 of 2 was killed by SIGKILL; the run was stopped and no report was "
+        "written"], r.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
