@@ -110,17 +110,20 @@ def test_native_detection_reads_flags_only(monkeypatch):
 
 # ------------------------------------------------------------------ the FFN analysis
 def test_ffn_products_choice():
-    from analyses.ffn import resolve_products
-    model = load_checkpoint(shipped("knowledge"))
-    assert resolve_products("auto", model) == "float32"  # d_model 64 < 512: nothing to gain
-    assert resolve_products("bfloat16", model) == "bfloat16"
-    with pytest.raises(InterpError, match="products must be one of auto, float32, bfloat16"):
-        resolve_products("fp8", model)
+    from analyses import ffn as fk
+    from analyses.ffn.pipeline import _products
+    assert fk.PRODUCTS == ("float32", "bfloat16")
+    with _products("bfloat16"):
+        assert kernels.linear_products() == "bfloat16"
+    assert kernels.linear_products() == "float32"
+    with pytest.raises(InterpError, match="products must be one of float32, bfloat16"):
+        _products("fp8")
 
 
-def test_ffn_trace_and_neurons_within_tolerance_in_bf16():
-    """The issue's tolerance (0.01 on every reported effect), on the shipped knowledge model:
-    causal tracing and integrated gradients under bf16 products against float32."""
+def test_ffn_trace_within_tolerance_in_bf16():
+    """On the shipped knowledge model (d_model 64) causal tracing under bf16 products stays
+    within 0.01 of float32 on every probability and effect; on SmolLM2 it does not (up to
+    ~0.02, BENCHMARKS.md), which is why ``--products bfloat16`` is opt-in."""
     from analyses import ffn as fk
     model = load_checkpoint(shipped("knowledge"))
     prepared = fk.prepare_facts(model, fk.facts_for_model(model))
@@ -129,15 +132,35 @@ def test_ffn_trace_and_neurons_within_tolerance_in_bf16():
     runs = {}
     for products in ("float32", "bfloat16"):
         with (kernels.bf16_products() if products == "bfloat16" else torch.no_grad()):
-            trace = fk.causal_trace(model, facts, n_samples=2, seed=0, subject_pool=prepared)
-            ig = fk.integrated_gradients(model, facts[0].prompts[0], facts[0].answer_id,
-                                         steps=8)
-        runs[products] = (trace, ig)
-    (t32, ig32), (t16, ig16) = runs["float32"], runs["bfloat16"]
+            runs[products] = fk.causal_trace(model, facts, n_samples=2, seed=0,
+                                             subject_pool=prepared)
+    t32, t16 = runs["float32"], runs["bfloat16"]
     assert len(t32) == len(t16) and (t32["kind"] == t16["kind"]).all()
     for col in ("clean_prob", "corrupt_prob", "restored_prob", "indirect_effect"):
         diff = (t32[col] - t16[col]).abs().max()
         assert diff <= 0.01, (col, diff)
     assert (t32["indirect_effect"] - t16["indirect_effect"]).abs().max() > 0  # really bf16
-    scale = ig32.attributions.abs().max()
-    assert (ig32.attributions - ig16.attributions).abs().max() <= 0.02 * scale
+
+
+def test_ffn_cli_rejects_unknown_products(tmp_path):
+    from click.testing import CliRunner
+
+    from analyses.app.cli import cli
+    res = CliRunner().invoke(cli, ["ffn", "--products", "fp8", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "fp8" in res.output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_ffn_cli_bf16_report_says_so(tmp_path):
+    from click.testing import CliRunner
+
+    from analyses.app.cli import cli
+    out = tmp_path / "r"
+    res = CliRunner().invoke(cli, ["ffn", "--products", "bfloat16", "--max-facts", "2",
+                                   "--samples", "1", "--ig-steps", "4", "--kv-layers", "0",
+                                   "--top-k", "3", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    text = (out / "index.md").read_text()
+    assert "Causal tracing multiplied in bfloat16" in text
+    assert (out / "data" / "causal_trace.csv").exists()

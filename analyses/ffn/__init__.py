@@ -86,7 +86,7 @@ from analyses.ffn.neurons import (
     refined_neurons,
     summarize_edits,
 )
-from analyses.ffn.pipeline import PRODUCTS, analyse, resolve_products
+from analyses.ffn.pipeline import PRODUCTS, analyse
 from analyses.ffn.prepare import (
     PreparedFact,
     fact_predictions,
@@ -151,7 +151,6 @@ __all__ = [
     "logit_lens",
     "prepare_facts",
     "refined_neurons",
-    "resolve_products",
     "select_facts",
     "summarize_edits",
     "trigger_table",

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-import torch
 
 from analyses.ffn.facts import default_corpus, facts_for_model
 from analyses.ffn.lens import logit_lens
@@ -25,7 +24,7 @@ from analyses.ffn.readout import check_model
 from analyses.ffn.tracing import average_trace, causal_trace, default_window
 from interp import HookedTransformer
 from interp.errors import InterpError
-from interp.perf.kernels import bf16_products, bf16_products_native
+from interp.perf.kernels import bf16_products
 from interp.progress import Progress, no_progress
 
 KN_COLUMNS = ["fact", "layer", "neuron", "attribution", "share", "n_prompts", "shared_with",
@@ -50,42 +49,21 @@ def _detail_neurons(kn: pd.DataFrame, kv: KVMemories, n: int) -> list[tuple[int,
 #: How the costly methods multiply: float32, or bfloat16 products with float32 sums and a
 #: float32 residual stream (:func:`interp.perf.kernels.bf16_products`).
 PRODUCTS = ("float32", "bfloat16")
-#: Narrower models keep float32 under ``auto``: their products are too small for bfloat16 to
-#: gain anything over the cost of casting (measured in BENCHMARKS.md, "FFN throughput").
-BF16_MIN_WIDTH = 512
-
-
-def resolve_products(choice: str, model: HookedTransformer) -> str:
-    """``auto`` -> ``bfloat16`` for a float32 model at least :data:`BF16_MIN_WIDTH` wide on a
-    device that multiplies bfloat16 natively (AMX / AVX512-BF16 CPUs, CUDA), else
-    ``float32``; an explicit choice is kept."""
-    if choice != "auto":
-        _products(choice)
-        return choice
-    p = next(model.parameters())
-    native = p.dtype == torch.float32 and bf16_products_native(p.device)
-    return "bfloat16" if native and model.cfg.d_model >= BF16_MIN_WIDTH else "float32"
-
-
 def _products(products: str) -> contextlib.AbstractContextManager:
-    """The block the costly methods (causal tracing, integrated gradients) run in."""
+    """The block causal tracing runs in."""
     if products not in PRODUCTS:
-        raise InterpError(f"products must be one of auto, {', '.join(PRODUCTS)}, got "
-                          f"{products!r}.")
+        raise InterpError(f"products must be one of {', '.join(PRODUCTS)}, got {products!r}.")
     return bf16_products() if products == "bfloat16" else contextlib.nullcontext()
 
 
 def _neurons_and_edits(model: HookedTransformer, chosen: list[PreparedFact],
                        known: list[PreparedFact], ig_steps: int, n_unrelated: int, seed: int,
-                       progress: Progress, products: str = "float32",
-                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                       progress: Progress) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Knowledge neurons of the chosen facts, and their edits; unrelated facts are drawn from
-    every known fact (only the analysed ones have neurons). Integrated gradients multiply as
-    ``products`` says; the edits' effects are always measured in float32."""
+    every known fact (only the analysed ones have neurons)."""
     if not chosen:
         return pd.DataFrame(columns=KN_COLUMNS), pd.DataFrame()
-    with _products(products):
-        kn = knowledge_neurons(model, chosen, steps=ig_steps, progress=progress)
+    kn = knowledge_neurons(model, chosen, steps=ig_steps, progress=progress)
     edits = edit_knowledge_neurons(model, known if len(known) > len(chosen) else chosen, kn,
                                    n_unrelated=n_unrelated, seed=seed)
     return kn, edits
@@ -105,10 +83,12 @@ def analyse(model: HookedTransformer, facts: Sequence[Any] | None = None,
     ``kv_agreement``, ``kv_triggers``, ``timings`` (seconds per method), ``n_facts``,
     ``n_known``, ``window``.
 
-    ``products="bfloat16"`` runs causal tracing and integrated gradients (~90% of the time on
-    a real model) with bfloat16 matrix products and float32 sums, residual stream, norms and
-    softmaxes (:func:`interp.perf.kernels.bf16_products`); which facts are known, the logit
-    lens, the neuron edits and the key-value memories stay float32.
+    ``products="bfloat16"`` runs causal tracing (~60% of the time on SmolLM2) with bfloat16
+    matrix products and float32 sums, residual stream, norms and softmaxes
+    (:func:`interp.perf.kernels.bf16_products`): 1.8x faster on an AMX CPU, but SmolLM2's
+    answer probabilities move by up to ~0.02, so it is opt-in. Integrated gradients stay
+    float32: at bfloat16 precision their completeness check fails for most layers, and the
+    step doubling it triggers makes them 4.5x slower, not faster (BENCHMARKS.md).
     """
     check_model(model)
     _products(products)  # a bad value fails before any work
@@ -134,8 +114,7 @@ def analyse(model: HookedTransformer, facts: Sequence[Any] | None = None,
     out["causal_trace"], out["trace_average"] = trace, average_trace(trace)
     timings["causal_tracing"] = time.perf_counter() - t
     t = time.perf_counter()
-    kn, edits = _neurons_and_edits(model, chosen, known, ig_steps, n_unrelated, seed, progress,
-                                   products)
+    kn, edits = _neurons_and_edits(model, chosen, known, ig_steps, n_unrelated, seed, progress)
     out["knowledge_neurons"], out["edits"], out["edit_summary"] = kn, edits, summarize_edits(edits)
     timings["knowledge_neurons"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -229,11 +229,10 @@ def _products_note(products: str) -> str:
     one (the numbers differ in the third decimal)."""
     if products != "bfloat16":
         return " All products in float32."
-    return (" Causal tracing and integrated gradients multiplied in bfloat16 with float32 sums, "
-            "residual stream, norms and softmaxes (`--products bfloat16`, the default on "
-            "hardware with native bfloat16 for models at least 512 wide; on SmolLM2 every "
-            "effect within 0.01 of float32, BENCHMARKS.md \"FFN throughput\"); known facts, "
-            "the logit lens, the neuron edits and the key-value memories in float32.")
+    return (" Causal tracing multiplied in bfloat16 with float32 sums, residual stream, norms "
+            "and softmaxes (`--products bfloat16`: on SmolLM2 probabilities move by up to "
+            "~0.02 against float32, BENCHMARKS.md \"FFN throughput\"); everything else in "
+            "float32.")
 
 
 # ------------------------------------------------------------------------------------- builder
@@ -256,7 +255,7 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
                      ig_steps=opts.get("ig_steps", 20), kv_layers=opts.get("kv_layers"),
                      top_k=opts.get("top_k", 25), batch_size=opts.get("batch_size", 8),
                      max_tokens=opts.get("max_tokens"), seed=opts.get("seed", 0),
-                     products=fk.resolve_products(opts.get("products", "auto"), model),
+                     products=opts.get("products", "float32"),
                      progress=progress)
     chosen = res["facts"]
     findings = [f"Facts: the model gets {res['n_known']} of {res['n_facts']} right (greedy next "
@@ -355,12 +354,11 @@ def _parse_layers(value: str | None, n_layers: int) -> list[int] | None:
               help="Layers for key-value memories: all or 0,5,11.")
 @click.option("--top-k", type=click.IntRange(min=1), default=25, show_default=True,
               help="Trigger contexts kept per neuron.")
-@click.option("--products", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
+@click.option("--products", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True,
-              help="How causal tracing and integrated gradients multiply: bfloat16 products "
-                   "with float32 sums and residual stream (~3x faster on AMX CPUs and GPUs; "
-                   "effects within 0.01 of float32 on SmolLM2), or float32. auto: bfloat16 "
-                   "for float32 models at least 512 wide on hardware with native bfloat16.")
+              help="How causal tracing multiplies: float32, or bfloat16 products with float32 "
+                   "sums and residual stream (1.8x faster tracing on CPUs with AMX and on "
+                   "GPUs; SmolLM2's probabilities move by up to ~0.02).")
 @click.option("--svg", is_flag=True, help="Also write SVG figures.")
 @common_options
 @click.pass_context
