@@ -405,6 +405,9 @@ def _memory_conflicts(cfg: ModelConfig) -> list[tuple[bool, str]]:
          "sliding layers (XL memory extends the window it would cut; remove layer_types)"),
         (kind == "xl" and cfg.qk_norm != "none",
          "qk_norm (XL memory recomputes keys without it; set qk_norm='none')"),
+        (kind != "knn" and cfg.memory_qk_norm is not False,
+         "memory_qk_norm (the cosine search of a kNN store; set memory_kind='knn' or "
+         "memory_qk_norm=False)"),
     ]
 
 
@@ -422,6 +425,8 @@ def check_memory(cfg: ModelConfig) -> None:
             raise ValueError(f"memory_kind={kind!r} cannot run with {what}.")
     for name in ("n_memory_slots", "memory_topk", "memory_size", "mem_len", "cmem_rate"):
         positive_int(name, getattr(cfg, name))
+    if not isinstance(cfg.memory_qk_norm, bool):
+        raise ValueError(f"memory_qk_norm must be True or False, got {cfg.memory_qk_norm!r}.")
     if isinstance(cfg.cmem_len, bool) or not isinstance(cfg.cmem_len, int) or cfg.cmem_len < 0:
         raise ValueError(f"cmem_len must be an integer >= 0, got {cfg.cmem_len!r}.")
     if cfg.memory_topk > cfg.memory_size:

@@ -30,6 +30,7 @@ instead stay in the residual stream and so in the memory's keys.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
     from interp.components.attention import Attention
 
 __all__ = ["AttentionMemory", "MemoryStore", "add_memory_hooks", "has_memory"]
+
+#: ``memory_qk_norm``'s initial cosine scale, log(10): a cosine of 1 against 0.5 then weighs
+#: e^5 ~ 150 to 1, sharp enough to pick one of ``memory_topk`` entries from the start
+_COS_SCALE_INIT = math.log(10.0)
 
 
 def has_memory(cfg: ModelConfig, layer: int, cross: bool = False) -> bool:
@@ -148,6 +153,8 @@ class AttentionMemory(nn.Module):
         if self.kind == "knn":
             # sigmoid(0) = 0.5: local and retrieved attention start equal (Wu et al. 2022)
             self.gate_logit = nn.Parameter(torch.zeros(n_heads))
+            if cfg.memory_qk_norm:  # cosine scores need a temperature: log of a per-head scale
+                self.mem_log_scale = nn.Parameter(torch.full((n_heads,), _COS_SCALE_INIT))
         self.store = MemoryStore(self.kind, cfg)
 
     def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -210,6 +217,10 @@ class AttentionMemory(nn.Module):
         kh = attn._repeat_kv(mk).transpose(1, 2)  # [batch, head, mem, d_head]
         vh = attn._repeat_kv(mv).transpose(1, 2)
         qh = q_mem.transpose(1, 2)  # [batch, head, q, d_head]
+        scale: torch.Tensor | float = attn.scale
+        if attn.cfg.memory_qk_norm:  # a cosine search: no query-independent per-key bias
+            qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
+            scale = self.mem_log_scale.exp().to(q.dtype)[None, :, None, None]
         topk = min(attn.cfg.memory_topk, N)
         with torch.no_grad():  # the search is not differentiated (Wu et al. 2022)
             idx = (qh @ kh.transpose(-1, -2)).topk(topk, dim=-1).indices
@@ -220,7 +231,7 @@ class AttentionMemory(nn.Module):
         flat = idx.reshape(B, nh, T * topk, 1)
         sel_k = kh.gather(2, flat.expand(-1, -1, -1, dh)).view(B, nh, T, topk, dh)
         sel_v = vh.gather(2, flat.expand(-1, -1, -1, dh)).view(B, nh, T, topk, dh)
-        scores = torch.einsum("bhqd,bhqkd->bhqk", qh, sel_k) * attn.scale
+        scores = torch.einsum("bhqd,bhqkd->bhqk", qh, sel_k) * scale
         scores = hp(attn.hook_mem_scores, scores)
         pattern = hp(attn.hook_mem_pattern, torch.softmax(scores.float(), -1).to(q.dtype))
         if not N:  # nothing stored yet: the context alone
