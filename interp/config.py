@@ -306,6 +306,9 @@ class ModelConfig(TLConfigNames):
     # knn: search and score the store by cosine (q, k L2-normalised per head, times a learned
     # per-head scale), Wu et al. 2022's normalised keys: no query-independent key bias
     memory_qk_norm: bool = False
+    # knn: the retrieved entries join the context's keys in one softmax (Focused Transformer,
+    # Tworkowski et al. 2023) instead of the per-head gate mixing two attentions
+    memory_joint: bool = False
 
     # --- tokenization ---
     # TransformerLens' name: whether to_tokens puts BOS first. Default: decoders yes, others no;

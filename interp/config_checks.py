@@ -408,6 +408,9 @@ def _memory_conflicts(cfg: ModelConfig) -> list[tuple[bool, str]]:
         (kind != "knn" and cfg.memory_qk_norm is not False,
          "memory_qk_norm (the cosine search of a kNN store; set memory_kind='knn' or "
          "memory_qk_norm=False)"),
+        (kind != "knn" and cfg.memory_joint is not False,
+         "memory_joint (one softmax over retrieved kNN entries and the context; set "
+         "memory_kind='knn' or memory_joint=False)"),
     ]
 
 
@@ -425,8 +428,9 @@ def check_memory(cfg: ModelConfig) -> None:
             raise ValueError(f"memory_kind={kind!r} cannot run with {what}.")
     for name in ("n_memory_slots", "memory_topk", "memory_size", "mem_len", "cmem_rate"):
         positive_int(name, getattr(cfg, name))
-    if not isinstance(cfg.memory_qk_norm, bool):
-        raise ValueError(f"memory_qk_norm must be True or False, got {cfg.memory_qk_norm!r}.")
+    for name in ("memory_qk_norm", "memory_joint"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}.")
     if isinstance(cfg.cmem_len, bool) or not isinstance(cfg.cmem_len, int) or cfg.cmem_len < 0:
         raise ValueError(f"cmem_len must be an integer >= 0, got {cfg.cmem_len!r}.")
     if cfg.memory_topk > cfg.memory_size:

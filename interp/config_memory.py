@@ -99,7 +99,8 @@ def _head(cfg: ModelConfig) -> int:
 
 def _memory(cfg: ModelConfig) -> int:
     """Memory-augmented attention's parameters on its layers: persistent key/value slots, or
-    the kNN gate (one logit per head, and one scale per head with ``memory_qk_norm``); XL
+    the kNN gate (one logit per head, none with ``memory_joint``; one scale per head with
+    ``memory_qk_norm``); XL
     memory has none (its states are not parameters)."""
     if cfg.memory_kind is None:
         return 0
@@ -107,7 +108,7 @@ def _memory(cfg: ModelConfig) -> int:
     if cfg.memory_kind == "persistent":
         return n * 2 * cfg.n_memory_slots * cfg.n_kv_heads * cfg.d_head
     if cfg.memory_kind == "knn":
-        return n * cfg.n_heads * (2 if cfg.memory_qk_norm else 1)
+        return n * cfg.n_heads * (int(not cfg.memory_joint) + int(cfg.memory_qk_norm))
     return 0
 
 

@@ -29,7 +29,8 @@ def _pair(kind: str, extra: dict, **mem) -> tuple[HookedTransformer, HookedTrans
     torch.manual_seed(0)
     with_mem = HookedTransformer(cfg).eval()
     missing = with_mem.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert all(".attn.memory." in k for k in missing) and (bool(missing) or kind == "xl")
+    assert all(".attn.memory." in k for k in missing)
+    assert bool(missing) or kind == "xl" or mem.get("memory_joint")  # the gate, the scale
     return plain, with_mem
 
 
@@ -169,6 +170,28 @@ def test_memory_qk_norm_searches_and_scores_by_cosine() -> None:
                                c["blocks.1.attn.hook_mem_scores"])
 
 
+@pytest.mark.parametrize("name", ["mha_sdpa", "gqa_eager"])
+def test_memory_joint_is_one_softmax_over_retrieved_entries_and_context(name: str) -> None:
+    """memory_joint: no gate; each query's top-k entries and the context share one softmax
+    (hook_mem_pattern + hook_pattern sum to 1), an empty store leaves today's model bit for bit,
+    and memory scores set to the minimum leave the context's softmax."""
+    plain, joint = _pair("knn", PLAIN[name], memory_topk=3, memory_joint=True)
+    assert not hasattr(joint.blocks[1].attn.memory, "gate_logit")
+    assert "blocks.1.attn.hook_mem_gate" not in joint.hook_dict
+    t = torch.randint(0, 23, (2, 8))
+    assert torch.equal(joint(t), plain(t))  # empty store: the context alone
+    t2 = torch.randint(0, 23, (2, 8))
+    cut = ("blocks.1.attn.hook_mem_scores", lambda s, hook: torch.full_like(
+        s, torch.finfo(s.dtype).min))
+    with joint.memory.frozen():
+        _, c = joint.run_with_cache(t2, names_filter=lambda n: n.startswith("blocks.1.attn"))
+        torch.testing.assert_close(joint.run_with_hooks(t2, fwd_hooks=[cut]), plain(t2))
+    mem, ctx = c["blocks.1.attn.hook_mem_pattern"], c["blocks.1.attn.hook_pattern"]
+    assert mem.shape == (2, 4, 8, 3)
+    torch.testing.assert_close(mem.sum(-1) + ctx.sum(-1), torch.ones(2, 4, 8))
+    assert float(mem.sum(-1).min()) > 0  # the memory is read
+
+
 def test_runner_equals_segment_loop_and_save_load_round_trips(tmp_path) -> None:
     cfg = ModelConfig(**BASE, memory_kind="knn", memory_topk=3)
     m = HookedTransformer(cfg).eval()
@@ -202,6 +225,7 @@ def test_runner_equals_segment_loop_and_save_load_round_trips(tmp_path) -> None:
     (dict(memory_kind="xl", memory_layers=(5,)), "memory_layers"),
     (dict(memory_kind="knn", soft_mask_penalty=2.0), "soft mask"),
     (dict(memory_kind="xl", memory_qk_norm=True), "memory_qk_norm"),
+    (dict(memory_kind="persistent", memory_joint=True), "memory_joint"),
     (dict(memory_kind="knn", memory_qk_norm=1), "memory_qk_norm must be True or False"),
 ])
 def test_impossible_memory_settings_fail_in_one_line(fields: dict, needle: str) -> None:
