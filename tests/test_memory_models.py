@@ -1,12 +1,12 @@
-"""The shipped retrieval model (interp/data/retrieval_knn.pt, cosine kNN search, top-32): the
-answer lies segments before the query, beyond the local window; the kNN memory finds it far
-above chance (not yet the 90% issue 22 asks for: 0.44-0.45, see notes/memory.md), the memory
-analysis names the heads that retrieve it, and cutting their memory access drops accuracy to
-near chance.
+"""The shipped retrieval models (interp/data/retrieval_knn.pt, cosine kNN search, top-32;
+retrieval_xl.pt): the answer lies segments before the query, beyond the local window; the kNN
+memory finds it far above chance (not yet the 90% issue 22 asks for: 0.44-0.46, see
+notes/memory.md), the XL / compressive memory at 99%; the memory analysis names the heads that
+retrieve it, and cutting their memory access drops accuracy to near chance.
 
 "Near chance" is at most twice chance (2/16 = 0.125): 128 documents hold 512 memory queries,
 so a model at chance scores 0.0625 +- 0.011 (one s.d.) and 0.125 is ~6 s.d. above it, while the
-intact model is ~30 s.d. above; the retrieving heads cut together give 0.11 (512 documents)."""
+kNN model is ~30 s.d. above; its retrieving heads cut together give 0.11 (512 documents)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 import interp
 from interp.train import shipped, task_from, train
 
-NAMES = ["retrieval_knn"]  # retrieval_xl is not shipped: it stays near chance
+NAMES = ["retrieval_knn", "retrieval_xl"]
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -46,7 +46,7 @@ def test_analysis_names_retrieving_heads_and_their_ablation_is_chance(model) -> 
     acc = res.accuracy.set_index("condition").accuracy
     chance = acc["chance (1 / n_values)"]
     assert acc["memory intact"] >= 0.4
-    assert 0 < len(res.retrieving_heads) < model.cfg.n_heads, res.heads
+    assert 0 < len(res.retrieving_heads) < len(res.heads), res.heads  # not every memory head
     assert acc["retrieving heads' memory ablated"] <= 2 * chance, res.accuracy  # near chance
     assert acc["every memory head ablated"] <= 2 * chance
     assert acc["memory reset (last segment alone)"] <= 2 * chance
@@ -82,3 +82,67 @@ def test_the_same_model_without_memory_stays_near_chance() -> None:
     model, _, metrics = train("retrieval", {"memory_kind": None}, steps=600, seed=0,
                               quiet=True, save_optimizer=False)
     assert metrics["accuracy"] <= metrics["chance"] + 0.08, metrics
+
+
+# --- retrieval_xl: issue 22's >= 90% (Transformer-XL + compressive memory on every layer) ---
+# "Near chance" below is chance + 0.05: at chance (1/16) the 1024 (or 512) scored queries have a
+# binomial standard deviation of 0.008 (0.011), so 0.05 is > 4 deviations, yet under 5% of the
+# trained model's gain over chance (0.99 - 0.06): a cut that left a real fraction of the
+# retrieval working would fail it.
+NEAR = 0.05
+
+
+@pytest.fixture(scope="module")
+def xl():
+    return interp.load_pretrained(str(shipped("retrieval_xl"))).eval()
+
+
+def test_xl_model_reaches_90_percent_and_its_reset_memory_is_chance(xl) -> None:
+    task = task_from(xl)
+    out = task.evaluate(xl, batch_size=256)  # the eval seed's 1024 memory queries
+    assert out["accuracy"] >= 0.9, out
+    batch = task.eval_batch(256, torch.Generator().manual_seed(7))
+    L = task.params["segment_len"]
+    xl.memory.reset()
+    alone = task.score(xl(batch.tokens[:, -L:]), batch.labels[:, -L:])  # no earlier segment
+    xl.memory.reset()
+    assert alone["accuracy"] <= out["chance"] + NEAR, alone
+
+
+def test_xl_analysis_names_layer0_heads_and_cutting_them_is_chance(xl, tmp_path) -> None:
+    """Layer 0's memory holds the pooled (value, key) embeddings of segment 0: its heads find
+    the query key's token there (top entry the stored pair for most queries); cutting their
+    memory access alone leaves a guess, while cutting layer 1's memory costs nothing."""
+    from click.testing import CliRunner
+
+    from analyses.app.cli import cli
+    from analyses.memory import _hooks, _Run, analyse_memory
+
+    res = analyse_memory(xl, n_docs=128, batch_size=64)
+    acc = res.accuracy.set_index("condition").accuracy
+    chance = acc["chance (1 / n_values)"]
+    assert acc["memory intact"] >= 0.9
+    assert res.retrieving_heads and {la for la, _ in res.retrieving_heads} == {0}, res.heads
+    assert acc["retrieving heads' memory ablated"] <= chance + NEAR, res.accuracy
+    heads = res.heads.set_index(["layer", "head"])
+    assert (heads.loc[res.retrieving_heads, "top1_target"] >= 0.5).all(), res.heads
+    task = task_from(xl)
+    batch = task.eval_batch(128, torch.Generator().manual_seed(3))
+    run = _Run(xl, task, batch.tokens, batch.labels)
+    hit, n = run.correct(_hooks("xl", [(1, h) for h in range(xl.cfg.n_heads)]))
+    assert hit / n >= 0.9  # layer 1's memory is not where the answer comes from
+    xl.memory.reset()
+    out = tmp_path / "mem_xl"
+    cli_res = CliRunner().invoke(cli, ["memory", "interp/data/retrieval_xl.pt", "--n-docs", "32",
+                                       "--batch-size", "32", "--out", str(out), "--quiet"])
+    assert cli_res.exit_code == 0, (cli_res.output, cli_res.exception)
+    assert "Retrieving heads: L0H" in (out / "index.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_xl_recipe_without_memory_stays_near_chance() -> None:
+    """retrieval_xl's recipe (T5 positions, 2000 steps) with memory_kind=None: each segment
+    on its own cannot beat guessing at the memory queries."""
+    _, _, metrics = train("retrieval", {"positional": "relative", "memory_kind": None},
+                          steps=2000, seed=0, quiet=True, save_optimizer=False)
+    assert metrics["accuracy"] <= metrics["chance"] + NEAR, metrics

@@ -172,7 +172,7 @@ def _launch(ctx: click.Context, param: click.Parameter, value: int | None) -> No
               is_eager=False, callback=_launch,
               help="Run the command as N local processes that share the work "
                    "(torch.distributed, like torchrun --nproc-per-node N): heads, moe, ffn, "
-                   "masking, report.")
+                   "masking, patch, report.")
 def cli() -> None:
     """interp: hook any transformer, classify its heads, probe FFN knowledge, measure
     MoE specialisation and masking effects, and write reports.

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from analyses.circuits.metrics import Metric, get_metric, normalise
-from analyses.circuits.patching import Baseline
+from analyses.circuits.patching import Baseline, SiteSums, my_batches
 from analyses.circuits.sites import resolve, sites
 from interp.progress import Progress, no_progress
 
@@ -72,14 +72,15 @@ def attribution_patching(model, pairs, what: str = "head", *, metric: str | Metr
 
     Same columns as activation patching (``layer``, site columns, ``metric`` = estimated mean
     metric of the patched run, ``score`` normalised); ``df.attrs`` has ``clean`` and
-    ``corrupted``.
+    ``corrupted``. In a distributed run each rank differentiates its share of the pair
+    batches and the per-site sums are added over the ranks (:class:`SiteSums`).
     """
     fn = get_metric(metric)
     kind, hooks = resolve(model, what, layers)
     names = [h for _, h in hooks]
-    base, sums, labels = Baseline(), {}, {}
-    batches = list(pairs.batches(batch_size))
-    for b in progress(batches, desc=f"attribution {what}", total=len(batches)):
+    base, sums = Baseline(), SiteSums()
+    batches = my_batches(pairs, batch_size)
+    for i, b in progress(batches, desc=f"attribution {what}", total=len(batches)):
         b = b.to(model.device)
         with torch.no_grad():
             clean_logits, cache = model.run_with_cache(b.clean, names_filter=names)
@@ -89,15 +90,15 @@ def attribution_patching(model, pairs, what: str = "head", *, metric: str | Metr
         for layer, name in hooks:
             prod = ((cache[name] - corr[name]) * grads[name]).double().sum(0)  # [*dims]
             for site in sites(kind, layer, name, prod.shape):
-                key = (name, *site.labels.values())
-                labels[key] = site.labels
-                sums[key] = sums.get(key, 0.0) + float(prod[site.index].sum())
+                sums.add(i, (name, *site.labels.values()), site.labels,
+                         float(prod[site.index].sum()))
         del cache, corr, grads
+    base.reduce()
     m_clean, m_corr = base.means
     rows = []
-    for k, v in sums.items():
+    for labels, v in sums.merged():
         est = m_corr + v / base.n
-        rows.append({**labels[k], "metric": est, "score": normalise(est, m_clean, m_corr)})
+        rows.append({**labels, "metric": est, "score": normalise(est, m_clean, m_corr)})
     df = pd.DataFrame(rows)
     df.attrs.update(clean=m_clean, corrupted=m_corr, what=what, n_pairs=base.n)
     return df
@@ -144,13 +145,16 @@ def edge_attribution_patching(model, pairs, *, metric: str | Metric = "logit_dif
     ``logits``. Columns ``sender``, ``receiver``, ``attribution`` (mean over pairs of the
     estimated metric change) and ``score`` (normalised by clean - corrupted). Needs a model
     whose blocks read a residual stream (a pre-norm decoder; not parallel attention/MLP).
+    In a distributed run each rank takes its share of the pair batches and the edge sums are
+    all-reduced.
     """
     fn = get_metric(metric)
     senders, receivers = _nodes(model)
     s_hooks = sorted({n[2] for n in senders})
     r_hooks = sorted({n[2] for n in receivers})
-    base, total = Baseline(), None
-    batches = list(pairs.batches(batch_size))
+    base = Baseline(torch.zeros(len(senders), len(receivers), dtype=torch.float64,
+                                device=model.device))
+    batches = [b for _, b in my_batches(pairs, batch_size)]
     with use_flags(model, attn_result=True, split_qkv_input=True, hook_mlp_in=True):
         for b in progress(batches, desc="edge attribution", total=len(batches)):
             b = b.to(model.device)
@@ -162,9 +166,10 @@ def edge_attribution_patching(model, pairs, *, metric: str | Metric = "logit_dif
             base.add(fn(cl, b.answer, b.wrong, cl), m_corr)
             delta = _stack(cache.cache_dict, senders) - _stack(corr, senders)
             g = _stack(grads, receivers)
-            part = torch.einsum("bpsd,bprd->sr", delta.double(), g.double())
-            total = part if total is None else total + part
+            base.totals += torch.einsum("bpsd,bprd->sr", delta.double(), g.double())
             del cache, corr, grads
+    base.reduce()
+    total = base.totals
     m_clean, m_corr = base.means
     rows = []
     for i, (s_name, s_ord, _, _) in enumerate(senders):

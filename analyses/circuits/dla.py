@@ -12,6 +12,9 @@ as ``unowned``.
 
 By source position: a head's output at the last position is ``sum_k A[-1, k] (v_k W_O)``,
 so its attribution splits over the positions it reads from, exactly.
+
+Data-parallel (:mod:`analyses.distributed`): each rank decomposes its round-robin share of
+the pair batches; the per-component sums and the pair counts are added over the ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from analyses import distributed
 from analyses.circuits.pairs import PromptPairs
+from analyses.circuits.patching import SiteSums, my_batches
 from interp.progress import Progress, no_progress
 
 __all__ = ["direct_logit_attribution", "dla_by_source_position"]
@@ -59,7 +64,7 @@ def direct_logit_attribution(model, pairs: PromptPairs, *, expand_neurons: bool 
     sums: torch.Tensor | None = None
     labels: list[str] = []
     n, ld, unowned = 0, 0.0, 0.0
-    batches = list(pairs.batches(batch_size))
+    batches = [b for _, b in my_batches(pairs, batch_size)]
     for b in progress(batches, desc="direct logit attribution", total=len(batches)):
         b = b.to(model.device)
         logits, cache = model.run_with_cache(b.clean)
@@ -75,14 +80,28 @@ def direct_logit_attribution(model, pairs: PromptPairs, *, expand_neurons: bool 
         unowned += float((diff - attrs.sum(0)).sum())
         n += int(b.answer.shape[0])
         del cache
-    df = pd.DataFrame([{"component": lab, **_parse(lab), "attribution": float(v) / n}
-                       for lab, v in zip(labels, sums.tolist(), strict=True)])
+    labels, totals, ld, unowned, n = _merge(labels, sums, ld, unowned, n)
+    df = pd.DataFrame([{"component": lab, **_parse(lab), "attribution": v / n}
+                       for lab, v in zip(labels, totals, strict=True)])
     for col in _LABEL_COLS:
         if col not in df:
             df[col] = pd.NA
     df[list(_LABEL_COLS)] = df[list(_LABEL_COLS)].astype("Int64")
     df.attrs.update(logit_diff=ld / n, unowned=unowned / n, n_pairs=n)
     return df[["component", "kind", *_LABEL_COLS, "attribution"]]
+
+
+def _merge(labels: list[str], sums: torch.Tensor | None, ld: float, unowned: float, n: int,
+           ) -> tuple[list[str], list[float], float, float, int]:
+    """The ranks' sums added (in rank order; a no-op in one process). Gathered rather than
+    all-reduced because a rank left without a batch (fewer batches than ranks) has not run
+    the decomposition, so it does not know the components."""
+    parts = distributed.gather_objects((labels, None if sums is None else sums.tolist(),
+                                        ld, unowned, n))
+    got = [p for p in parts if p[1] is not None]
+    totals = [sum(vals) for vals in zip(*(p[1] for p in got), strict=True)]
+    return (got[0][0], totals, sum(p[2] for p in parts), sum(p[3] for p in parts),
+            sum(p[4] for p in parts))
 
 
 @torch.no_grad()
@@ -94,12 +113,12 @@ def dla_by_source_position(model, pairs: PromptPairs, *, batch_size: int = 8,
     :func:`direct_logit_attribution`."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     W_O = model.W_O  # [layer, head, d_head, d_model]
-    sums: dict[tuple[int, int, int], float] = {}
+    sums = SiteSums()
     n = 0
     names = ([f"blocks.{i}.attn.hook_v" for i in range(L)]
              + [f"blocks.{i}.attn.hook_pattern" for i in range(L)])
-    batches = list(pairs.batches(batch_size))
-    for b in progress(batches, desc="DLA by position", total=len(batches)):
+    batches = my_batches(pairs, batch_size)
+    for i, b in progress(batches, desc="DLA by position", total=len(batches)):
         b = b.to(model.device)
         _, cache = model.run_with_cache(b.clean, names_filter=lambda nm: nm in names
                                         or nm.startswith("ln_final"))
@@ -116,8 +135,8 @@ def dla_by_source_position(model, pairs: PromptPairs, *, batch_size: int = 8,
             per = torch.einsum("bhk,bhkm,bm->hk", a, out / scale[:, None, None], d).double()
             for h in range(H):
                 for k, value in enumerate(per[h].tolist()):
-                    sums[(layer, h, k)] = sums.get((layer, h, k), 0.0) + value
+                    sums.add(i, (layer, h, k), {"layer": layer, "head": h, "src_pos": k}, value)
         n += int(b.answer.shape[0])
         del cache
-    return pd.DataFrame([{"layer": layer, "head": h, "src_pos": k, "attribution": v / n}
-                         for (layer, h, k), v in sums.items()])
+    n = int(distributed.sum_values([n])[0])
+    return pd.DataFrame([{**labels, "attribution": v / n} for labels, v in sums.merged()])

@@ -10,6 +10,12 @@ Batched: a group of P sites is one forward of P stacked copies of the corrupted 
 patched at site p only. Memory is bounded: pairs stream in batches of ``batch_size`` and only
 the current batch's clean activations of the hooks being patched are held; a forward holds at
 most ``max_batch`` sequences.
+
+Data-parallel (:mod:`analyses.distributed`): under ``torchrun`` or ``interp --nproc N`` each
+rank patches every site on its round-robin share of the pair batches, and the per-site sums
+and the pair counts are added over the ranks afterwards (:class:`SiteSums`,
+:meth:`Baseline.reduce`), so the means are the one-process means, not averages of per-rank
+averages. Outside a process group nothing changes.
 """
 
 from __future__ import annotations
@@ -19,31 +25,88 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from analyses import distributed
 from analyses.circuits.metrics import Metric, get_metric, normalise
-from analyses.circuits.pairs import PromptPairs
+from analyses.circuits.pairs import PairBatch, PromptPairs
 from analyses.circuits.runs import PairRuns
 from analyses.circuits.sites import Kind, resolve, sites
 from interp.progress import Progress, no_progress
 
-__all__ = ["Baseline", "activation_patching", "baseline"]
+__all__ = ["Baseline", "SiteSums", "activation_patching", "baseline", "my_batches"]
 
 
 class Baseline:
-    """Per-pair metric sums of the clean and corrupted runs, streamed over batches."""
+    """Per-pair metric sums of the clean and corrupted runs, streamed over batches, and
+    optionally ``totals``, a fixed-shape float64 running sum the caller adds into (one value
+    per sender, per edge), reduced with them in :meth:`reduce`."""
 
-    def __init__(self) -> None:
+    def __init__(self, totals: torch.Tensor | None = None) -> None:
         self.clean = 0.0
         self.corrupted = 0.0
         self.n = 0
+        self.totals = totals
 
     def add(self, m_clean: torch.Tensor, m_corr: torch.Tensor) -> None:
         self.clean += float(m_clean.double().sum())
         self.corrupted += float(m_corr.double().sum())
         self.n += int(m_clean.shape[0])
 
+    def reduce(self) -> None:
+        """Add the ranks' sums and pair counts (a no-op in one process)."""
+        extra = ["totals"] if self.totals is not None else []
+        distributed.reduce_sums(self, ["clean", "corrupted", "n", *extra])
+
     @property
     def means(self) -> tuple[float, float]:
         return self.clean / self.n, self.corrupted / self.n
+
+
+class SiteSums:
+    """A running metric sum per site, and the sites in the order one process meets them.
+
+    One process inserts sites batch by batch, so a site first seen in a later batch (a
+    position only longer pairs have) comes after the earlier batches' sites. Each rank sees
+    only its share of the batches, so every site keeps where it was first met, ``(batch,
+    its place within that batch)``; :meth:`merged` adds the ranks' sums and sorts by that, which is
+    the one-process order. Sites are keyed, not a fixed tensor, because which sites exist
+    depends on the pair lengths a rank happens to get, so the ranks' tables are gathered
+    (``all_gather_object``) and added in rank order rather than reduced as one tensor.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple, float] = {}
+        self.labels: dict[tuple, dict] = {}
+        self.first: dict[tuple, tuple[int, int]] = {}
+        self._batch, self._seq = -1, 0
+
+    def add(self, batch: int, key: tuple, labels: dict, value: float) -> None:
+        """Add ``value`` (a sum over pair batch ``batch``'s pairs) to site ``key``."""
+        if batch != self._batch:
+            self._batch, self._seq = batch, 0
+        if key not in self.sums:
+            self.sums[key], self.labels[key] = 0.0, labels
+            self.first[key] = (batch, self._seq)
+        self._seq += 1
+        self.sums[key] += value
+
+    def merged(self) -> list[tuple[dict, float]]:
+        """``(labels, sum over every rank's batches)`` per site, in the one-process order."""
+        sums: dict[tuple, float] = {}
+        labels: dict[tuple, dict] = {}
+        first: dict[tuple, tuple[int, int]] = {}
+        for part_sums, part_labels, part_first in distributed.gather_objects(
+                (self.sums, self.labels, self.first)):
+            for key, value in part_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+                labels.setdefault(key, part_labels[key])
+                first[key] = min(first.get(key, part_first[key]), part_first[key])
+        return [(labels[k], sums[k]) for k in sorted(sums, key=first.__getitem__)]
+
+
+def my_batches(pairs: PromptPairs, batch_size: int) -> list[tuple[int, PairBatch]]:
+    """``(index, batch)`` for this rank's round-robin share of the pair batches (all of them
+    in one process); every rank builds the same batches, in the same order."""
+    return [(i, b) for i, b in enumerate(pairs.batches(batch_size)) if distributed.mine(i)]
 
 
 def _last(logits: torch.Tensor) -> torch.Tensor:
@@ -53,12 +116,13 @@ def _last(logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def baseline(model, pairs: PromptPairs, metric: str | Metric = "logit_diff", *,
              batch_size: int = 8) -> tuple[float, float]:
-    """Mean metric of the clean and of the corrupted prompts."""
+    """Mean metric of the clean and of the corrupted prompts (over every rank's batches)."""
     fn, base = get_metric(metric), Baseline()
-    for b in pairs.batches(batch_size):
+    for _, b in my_batches(pairs, batch_size):
         b = b.to(model.device)
         cl, co = _last(model(b.clean)), _last(model(b.corrupted))
         base.add(fn(cl, b.answer, b.wrong, cl), fn(co, b.answer, b.wrong, cl))
+    base.reduce()
     return base.means
 
 
@@ -129,14 +193,14 @@ def activation_patching(model, pairs: PromptPairs, what: str = "head", *,
 
     A forward holds at most ``max_batch`` sequences (sites x pairs of the batch); the shared
     prefix and the blocks below each site run once per batch (:mod:`analyses.circuits.runs`).
+    In a distributed run each rank patches its share of the batches (:func:`my_batches`).
     """
     fn = get_metric(metric)
     kind, hooks = resolve(model, what, layers)
     names = [h for _, h in hooks]
-    base, sums = Baseline(), {}
-    labels: dict[tuple, dict] = {}
-    batches = list(pairs.batches(batch_size))
-    for b in progress(batches, desc=f"patching {what}", total=len(batches)):
+    base, sums = Baseline(), SiteSums()
+    batches = my_batches(pairs, batch_size)
+    for i, b in progress(batches, desc=f"patching {what}", total=len(batches)):
         b = b.to(model.device)
         runs = PairRuns(model, b, names, [x for x, _ in hooks], fast=kind.layered)
         cl = runs.clean_last
@@ -149,20 +213,19 @@ def activation_patching(model, pairs: PromptPairs, what: str = "head", *,
             every = list(sites(kind, layer, name, _full_shape(kind, act.shape[1:], T),
                                positions))
             index = [_shift(kind, site.index, runs.start) for site in every]
-            todo = [i for i, at in enumerate(index) if at is not None]
+            todo = [j for j, at in enumerate(index) if at is not None]
             values = [float(m_corr.double().sum())] * len(every)  # a no-op patch: corrupted
             for g in _groups(len(todo), per_forward):
-                got = _patched_run(runs, layer, name, [index[todo[i]] for i in g], act, fn)
-                for i, value in zip(g, got.tolist(), strict=True):
-                    values[todo[i]] = value
+                got = _patched_run(runs, layer, name, [index[todo[j]] for j in g], act, fn)
+                for j, value in zip(g, got.tolist(), strict=True):
+                    values[todo[j]] = value
             for site, value in zip(every, values, strict=True):
-                key = (name, *site.labels.values())
-                labels[key] = site.labels
-                sums[key] = sums.get(key, 0.0) + value
+                sums.add(i, (name, *site.labels.values()), site.labels, value)
         del runs
+    base.reduce()
     m_clean, m_corr = base.means
-    rows = [{**labels[k], "metric": v / base.n, "score": normalise(v / base.n, m_clean, m_corr)}
-            for k, v in sums.items()]
+    rows = [{**labels, "metric": v / base.n, "score": normalise(v / base.n, m_clean, m_corr)}
+            for labels, v in sums.merged()]
     df = pd.DataFrame(rows)
     df.attrs.update(clean=m_clean, corrupted=m_corr, what=what, n_pairs=base.n)
     return df

@@ -25,7 +25,7 @@ import torch
 from analyses.circuits.attribution import use_flags
 from analyses.circuits.metrics import Metric, get_metric, normalise
 from analyses.circuits.pairs import PromptPairs
-from analyses.circuits.patching import Baseline
+from analyses.circuits.patching import Baseline, my_batches
 from interp.errors import InterpError
 from interp.progress import Progress, no_progress
 
@@ -90,6 +90,8 @@ def path_patching(model, pairs: PromptPairs, receivers: Sequence[str], *,
 
     Columns ``layer``, ``head`` (the sender), ``metric`` (mean patched metric) and ``score``
     (0 = corrupted, 1 = clean); ``df.attrs`` has ``clean``, ``corrupted`` and ``receivers``.
+    In a distributed run each rank takes its share of the pair batches and the per-sender
+    sums are all-reduced.
     """
     fn = get_metric(metric)
     if not receivers:
@@ -103,8 +105,8 @@ def path_patching(model, pairs: PromptPairs, receivers: Sequence[str], *,
             raise InterpError(f"Sender L{layer}H{h} must be a head in a layer before the first "
                               f"receiver's layer {first}; choose senders in layers 0..{first - 1}.")
     names = sorted({f"blocks.{layer}.attn.hook_result" for layer, _ in senders})
-    base, sums = Baseline(), [0.0] * len(senders)
-    batches = list(pairs.batches(batch_size))
+    base = Baseline(torch.zeros(len(senders), dtype=torch.float64, device=model.device))
+    batches = [b for _, b in my_batches(pairs, batch_size)]
     with use_flags(model, attn_result=True, split_qkv_input=True):
         for b in progress(batches, desc="path patching", total=len(batches)):
             b = b.to(model.device)
@@ -124,12 +126,12 @@ def path_patching(model, pairs: PromptPairs, receivers: Sequence[str], *,
                 logits = model.run_with_hooks(b.corrupted.repeat(P, 1),
                                               fwd_hooks=_group_hooks(parsed, P, B, delta))
                 m = fn(logits[:, -1].float(), *(_rep(t, P) for t in (b.answer, b.wrong, cl)))
-                for i, value in enumerate(m.view(P, B).double().sum(1).tolist()):
-                    sums[s + i] += value
+                base.totals[s:s + P] += m.view(P, B).double().sum(1)
             del clean, corr
+    base.reduce()
     m_clean, m_corr = base.means
     df = pd.DataFrame([{"layer": layer, "head": h, "metric": v / base.n,
                         "score": normalise(v / base.n, m_clean, m_corr)}
-                       for (layer, h), v in zip(senders, sums, strict=True)])
+                       for (layer, h), v in zip(senders, base.totals.tolist(), strict=True)])
     df.attrs.update(clean=m_clean, corrupted=m_corr, receivers=list(receivers), n_pairs=base.n)
     return df

@@ -86,7 +86,7 @@ from analyses.ffn.neurons import (
     refined_neurons,
     summarize_edits,
 )
-from analyses.ffn.pipeline import analyse
+from analyses.ffn.pipeline import PRODUCTS, analyse, resolve_products
 from analyses.ffn.prepare import (
     PreparedFact,
     fact_predictions,
@@ -111,6 +111,7 @@ from interp.progress import Progress
 
 __all__ = [
     "DAI_AMPLIFY",
+    "PRODUCTS",
     "DAI_SUPPRESS",
     "POSITION_ROLES",
     "TRACE_KINDS",
@@ -150,6 +151,7 @@ __all__ = [
     "logit_lens",
     "prepare_facts",
     "refined_neurons",
+    "resolve_products",
     "select_facts",
     "summarize_edits",
     "trigger_table",

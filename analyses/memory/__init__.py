@@ -238,20 +238,22 @@ def analyse_memory(model: Any, *, n_docs: int = 256, batch_size: int = 64, seed:
     heads = _heads_frame(acc, counts, base, chance)
     order = [(int(r.layer), int(r.head)) for r in heads.sort_values(
         ["acc_drop", "top1_target"], ascending=False).itertuples()]
+    flagged = {(int(r.layer), int(r.head)) for r in heads.itertuples() if r.retrieving}
+    sets = [sorted(flagged | set(order[:k])) for k in range(1, len(order) + 1)]
     examples: list[dict[str, Any]] = []
     for run in runs("memory: retrieving heads"):  # head sets ablated together, same memories
-        for k in range(1, len(order) + 1):
-            _add(counts, ("top", k), run.correct(_hooks(cut, order[:k])))
+        for k, heads_k in enumerate(sets, 1):
+            _add(counts, ("top", k), run.correct(_hooks(cut, heads_k)))
         if kind != "persistent" and not examples:
             examples = _examples(model, run, _grab(model, run, layers), order[:1], n_examples)
         model.memory.reset()  # then the last segment alone: what a model without memory sees
         _add(counts, "reset", run.correct())
-    # the retrieving heads: the fewest heads, by decreasing single-head drop, whose memory
-    # access together carries at least three quarters of the accuracy above chance
+    # the retrieving heads: those flagged on their own, plus the fewest heads by decreasing
+    # single-head drop whose memory access together with theirs carries at least three
+    # quarters of the accuracy above chance; the accuracy row is that very set's ablation
     k = next((k for k in range(1, len(order) + 1) if counts[("top", k)][0]
               / max(counts[("top", k)][1], 1) <= chance + 0.25 * (base - chance)), len(order))
-    named = sorted(set(order[:k]) | {(int(r.layer), int(r.head))
-                                     for r in heads.itertuples() if r.retrieving})
+    named = sets[k - 1]
     counts["retrieving"] = counts[("top", k)]
     heads["retrieving"] = [(int(r.layer), int(r.head)) in named for r in heads.itertuples()]
     if kind != "persistent" and examples:

@@ -82,6 +82,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SHIPPED = ("induction", "knowledge", "domains_moe", "induction_sinusoidal", "induction_learned",
            "induction_rope", "induction_alibi", "offsets_span", "induction_gates")
 SHIPPED += ("retrieval_knn",)  # memory-augmented attention (interp.memory)
+SHIPPED += ("retrieval_xl",)  # Transformer-XL / compressive memory on every layer
 
 
 def shipped(name: str) -> Path:

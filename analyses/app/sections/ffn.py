@@ -224,6 +224,18 @@ def _method(opts: dict, window: int) -> str:
     )
 
 
+def _products_note(products: str) -> str:
+    """How the costly methods multiplied, so a reader can tell a bfloat16 run from a float32
+    one (the numbers differ in the third decimal)."""
+    if products != "bfloat16":
+        return " All products in float32."
+    return (" Causal tracing and integrated gradients multiplied in bfloat16 with float32 sums, "
+            "residual stream, norms and softmaxes (`--products bfloat16`, the default on "
+            "hardware with native bfloat16 for models at least 512 wide; on SmolLM2 every "
+            "effect within 0.01 of float32, BENCHMARKS.md \"FFN throughput\"); known facts, "
+            "the logit lens, the neuron edits and the key-value memories in float32.")
+
+
 # ------------------------------------------------------------------------------------- builder
 def build(model: Any, opts: dict, progress: Any) -> Section:
     """Run :func:`analyses.ffn.analyse` and assemble the report section."""
@@ -244,6 +256,7 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
                      ig_steps=opts.get("ig_steps", 20), kv_layers=opts.get("kv_layers"),
                      top_k=opts.get("top_k", 25), batch_size=opts.get("batch_size", 8),
                      max_tokens=opts.get("max_tokens"), seed=opts.get("seed", 0),
+                     products=fk.resolve_products(opts.get("products", "auto"), model),
                      progress=progress)
     chosen = res["facts"]
     findings = [f"Facts: the model gets {res['n_known']} of {res['n_facts']} right (greedy next "
@@ -273,7 +286,7 @@ def build(model: Any, opts: dict, progress: Any) -> Section:
     figures["ffn_kv_agreement"] = agreement_figure(res["kv_agreement"])
     tables.update({"kv_memories": res["kv_memories"], "kv_agreement": res["kv_agreement"],
                    "kv_triggers": res["kv_triggers"]})
-    method = _method(opts, res["window"])
+    method = _method(opts, res["window"]) + _products_note(res["products"])
     corpus = opts.get("text_name") or (
         "the knowledge task's training sequences" if fk._task_name(model) == "knowledge"
         else "`analyses/data/sample_text.txt` (40 sentences written for this project) "
@@ -342,12 +355,19 @@ def _parse_layers(value: str | None, n_layers: int) -> list[int] | None:
               help="Layers for key-value memories: all or 0,5,11.")
 @click.option("--top-k", type=click.IntRange(min=1), default=25, show_default=True,
               help="Trigger contexts kept per neuron.")
+@click.option("--products", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
+              show_default=True,
+              help="How causal tracing and integrated gradients multiply: bfloat16 products "
+                   "with float32 sums and residual stream (~3x faster on AMX CPUs and GPUs; "
+                   "effects within 0.01 of float32 on SmolLM2), or float32. auto: bfloat16 "
+                   "for float32 models at least 512 wide on hardware with native bfloat16.")
 @click.option("--svg", is_flag=True, help="Also write SVG figures.")
 @common_options
 @click.pass_context
 def ffn_cmd(ctx: click.Context, model: str, facts_file: Path | None, text_file: Path | None,
             max_facts: int, samples: int, replacements: int | None, positions: str,
-            window: int | None, ig_steps: int, kv_layers: str, top_k: int, svg: bool,
+            window: int | None, ig_steps: int, kv_layers: str, top_k: int, products: str,
+            svg: bool,
             out: Path | None, batch_size: int, max_tokens: int | None, device: str, dtype: str,
             seed: int, quiet: bool, force: bool) -> None:
     """Where MODEL keeps what it knows: causal tracing, knowledge neurons, key-value memories
@@ -388,7 +408,7 @@ def ffn_cmd(ctx: click.Context, model: str, facts_file: Path | None, text_file: 
             "facts": str(facts_file) if facts_file else None, "texts": texts,
             "text_name": f"`{text_file.name}`" if text_file else None, "max_facts": max_facts,
             "samples": samples, "replacements": replacements, "positions": positions,
-            "window": window, "ig_steps": ig_steps,
+            "window": window, "ig_steps": ig_steps, "products": products,
             "kv_layers": _parse_layers(kv_layers, m.cfg.n_layers), "top_k": top_k}
     section = build(m, opts, progress_bar(quiet))
     write_report([section], out=out, force=force, model_source=model, model=m, seed=seed, ctx=ctx,
