@@ -405,6 +405,9 @@ def _memory_conflicts(cfg: ModelConfig) -> list[tuple[bool, str]]:
          "sliding layers (XL memory extends the window it would cut; remove layer_types)"),
         (kind == "xl" and cfg.qk_norm != "none",
          "qk_norm (XL memory recomputes keys without it; set qk_norm='none')"),
+        (kind == "xl" and (cfg.use_attn_in or cfg.use_split_qkv_input),
+         "use_attn_in / use_split_qkv_input (XL memory keeps one layer input per position, not "
+         "one per head; turn them off)"),
         (kind != "knn" and cfg.memory_qk_norm is not False,
          "memory_qk_norm (the cosine search of a kNN store; set memory_kind='knn' or "
          "memory_qk_norm=False)"),

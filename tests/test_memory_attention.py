@@ -226,6 +226,7 @@ def test_runner_equals_segment_loop_and_save_load_round_trips(tmp_path) -> None:
     (dict(memory_kind="knn", soft_mask_penalty=2.0), "soft mask"),
     (dict(memory_kind="xl", memory_qk_norm=True), "memory_qk_norm"),
     (dict(memory_kind="persistent", memory_joint=True), "memory_joint"),
+    (dict(memory_kind="xl", use_attn_in=True), "use_attn_in"),
     (dict(memory_kind="knn", memory_qk_norm=1), "memory_qk_norm must be True or False"),
 ])
 def test_impossible_memory_settings_fail_in_one_line(fields: dict, needle: str) -> None:
