@@ -303,6 +303,12 @@ class ModelConfig(TLConfigNames):
     mem_len: int = 32  # xl: past states kept uncompressed
     cmem_len: int = 0  # xl: compressed states kept (0: no compressive memory)
     cmem_rate: int = 2  # xl: states mean-pooled into one compressed state
+    # knn: search and score the store by cosine (q, k L2-normalised per head, times a learned
+    # per-head scale), Wu et al. 2022's normalised keys: no query-independent key bias
+    memory_qk_norm: bool = False
+    # knn: the retrieved entries join the context's keys in one softmax (Focused Transformer,
+    # Tworkowski et al. 2023) instead of the per-head gate mixing two attentions
+    memory_joint: bool = False
 
     # --- tokenization ---
     # TransformerLens' name: whether to_tokens puts BOS first. Default: decoders yes, others no;

@@ -405,6 +405,15 @@ def _memory_conflicts(cfg: ModelConfig) -> list[tuple[bool, str]]:
          "sliding layers (XL memory extends the window it would cut; remove layer_types)"),
         (kind == "xl" and cfg.qk_norm != "none",
          "qk_norm (XL memory recomputes keys without it; set qk_norm='none')"),
+        (kind == "xl" and (cfg.use_attn_in or cfg.use_split_qkv_input),
+         "use_attn_in / use_split_qkv_input (XL memory keeps one layer input per position, not "
+         "one per head; turn them off)"),
+        (kind != "knn" and cfg.memory_qk_norm is not False,
+         "memory_qk_norm (the cosine search of a kNN store; set memory_kind='knn' or "
+         "memory_qk_norm=False)"),
+        (kind != "knn" and cfg.memory_joint is not False,
+         "memory_joint (one softmax over retrieved kNN entries and the context; set "
+         "memory_kind='knn' or memory_joint=False)"),
     ]
 
 
@@ -422,6 +431,9 @@ def check_memory(cfg: ModelConfig) -> None:
             raise ValueError(f"memory_kind={kind!r} cannot run with {what}.")
     for name in ("n_memory_slots", "memory_topk", "memory_size", "mem_len", "cmem_rate"):
         positive_int(name, getattr(cfg, name))
+    for name in ("memory_qk_norm", "memory_joint"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}.")
     if isinstance(cfg.cmem_len, bool) or not isinstance(cfg.cmem_len, int) or cfg.cmem_len < 0:
         raise ValueError(f"cmem_len must be an integer >= 0, got {cfg.cmem_len!r}.")
     if cfg.memory_topk > cfg.memory_size:

@@ -99,13 +99,17 @@ def _head(cfg: ModelConfig) -> int:
 
 def _memory(cfg: ModelConfig) -> int:
     """Memory-augmented attention's parameters on its layers: persistent key/value slots, or
-    the kNN gate (one logit per head); XL memory has none (its states are not parameters)."""
+    the kNN gate (one logit per head, none with ``memory_joint``; one scale per head with
+    ``memory_qk_norm``); XL
+    memory has none (its states are not parameters)."""
     if cfg.memory_kind is None:
         return 0
     n = cfg.n_layers if cfg.memory_layers is None else len(cfg.memory_layers)
     if cfg.memory_kind == "persistent":
         return n * 2 * cfg.n_memory_slots * cfg.n_kv_heads * cfg.d_head
-    return n * cfg.n_heads if cfg.memory_kind == "knn" else 0
+    if cfg.memory_kind == "knn":
+        return n * cfg.n_heads * (int(not cfg.memory_joint) + int(cfg.memory_qk_norm))
+    return 0
 
 
 def parameter_count(cfg: ModelConfig) -> int:

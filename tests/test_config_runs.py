@@ -243,6 +243,8 @@ def _memory(draw: Any, n_layers: int) -> dict[str, Any]:
     elif kind == "knn":
         kw["memory_topk"] = draw(st.integers(1, 4))
         kw["memory_size"] = draw(st.integers(4, 64))
+        kw["memory_qk_norm"] = draw(st.booleans())
+        kw["memory_joint"] = draw(st.booleans())
     else:
         kw["mem_len"] = draw(st.integers(1, 8))
         kw["cmem_len"] = draw(st.integers(0, 4))

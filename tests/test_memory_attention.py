@@ -29,16 +29,18 @@ def _pair(kind: str, extra: dict, **mem) -> tuple[HookedTransformer, HookedTrans
     torch.manual_seed(0)
     with_mem = HookedTransformer(cfg).eval()
     missing = with_mem.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert all(".attn.memory." in k for k in missing) and (bool(missing) or kind == "xl")
+    assert all(".attn.memory." in k for k in missing)
+    assert bool(missing) or kind == "xl" or mem.get("memory_joint")  # the gate, the scale
     return plain, with_mem
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("name", list(PLAIN))
-def test_memory_off_is_todays_model(name: str) -> None:
+def test_memory_off_is_todays_model(name: str, qk_norm: bool) -> None:
     """memory_kind=None builds no memory, no hook and no parameter: the same state dict keys,
-    and the same logits bit for bit as a kNN model whose store is still empty (its first
-    forward is the context alone) or whose gate is forced to 0 (hook_mem_gate)."""
-    plain, knn = _pair("knn", PLAIN[name], memory_topk=4)
+    and the same logits bit for bit as a kNN model (cosine search or not) whose store is still
+    empty (its first forward is the context alone) or whose gate is forced to 0."""
+    plain, knn = _pair("knn", PLAIN[name], memory_topk=4, memory_qk_norm=qk_norm)
     assert plain.memory is None and not any("mem" in n for n in plain.hook_dict)
     t = torch.randint(0, 23, (3, 8))
     ref = plain(t)
@@ -140,6 +142,56 @@ def test_relative_position_memory_is_searched_by_content(kind: str, positional: 
     torch.testing.assert_close(c1["blocks.1.attn.hook_mem_scores"], want)
 
 
+def test_memory_qk_norm_searches_and_scores_by_cosine() -> None:
+    """memory_qk_norm: the store is searched by cos(q, k) and the retrieved entries scored
+    cos * exp(mem_log_scale) per head, so a stored key's norm (a query-independent bias in a
+    dot-product search) does not move its rank; hook_mem_k keeps the raw keys."""
+    cfg = ModelConfig(**BASE, memory_kind="knn", memory_layers=(1,), memory_topk=3,
+                      memory_qk_norm=True)
+    m = HookedTransformer(cfg).eval()
+    attn = m.blocks[1].attn
+    m(torch.randint(0, 23, (1, 8)))
+    x = torch.randint(0, 23, (1, 8))
+    names = lambda n: n.startswith("blocks.1.attn")  # noqa: E731
+    with m.memory.frozen():
+        _, c = m.run_with_cache(x, names_filter=names)
+        m.memory.stores[1].k = m.memory.stores[1].k * torch.linspace(0.01, 100, 8)[None, :, None,
+                                                                                    None]
+        _, c2 = m.run_with_cache(x, names_filter=names)
+    q, mk = c["blocks.1.attn.hook_q"], c["blocks.1.attn.hook_mem_k"]
+    cos = torch.einsum("bqhd,bkhd->bhqk", torch.nn.functional.normalize(q, dim=-1),
+                       torch.nn.functional.normalize(mk, dim=-1))
+    idx = c["blocks.1.attn.hook_mem_indices"]
+    assert torch.equal(idx, cos.topk(3, dim=-1).indices)
+    want = cos.gather(-1, idx) * attn.memory.mem_log_scale.exp()[None, :, None, None]
+    torch.testing.assert_close(c["blocks.1.attn.hook_mem_scores"], want)
+    assert torch.equal(c2["blocks.1.attn.hook_mem_indices"], idx)  # key norms do not rank
+    torch.testing.assert_close(c2["blocks.1.attn.hook_mem_scores"],
+                               c["blocks.1.attn.hook_mem_scores"])
+
+
+@pytest.mark.parametrize("name", ["mha_sdpa", "gqa_eager"])
+def test_memory_joint_is_one_softmax_over_retrieved_entries_and_context(name: str) -> None:
+    """memory_joint: no gate; each query's top-k entries and the context share one softmax
+    (hook_mem_pattern + hook_pattern sum to 1), an empty store leaves today's model bit for bit,
+    and memory scores set to the minimum leave the context's softmax."""
+    plain, joint = _pair("knn", PLAIN[name], memory_topk=3, memory_joint=True)
+    assert not hasattr(joint.blocks[1].attn.memory, "gate_logit")
+    assert "blocks.1.attn.hook_mem_gate" not in joint.hook_dict
+    t = torch.randint(0, 23, (2, 8))
+    assert torch.equal(joint(t), plain(t))  # empty store: the context alone
+    t2 = torch.randint(0, 23, (2, 8))
+    cut = ("blocks.1.attn.hook_mem_scores", lambda s, hook: torch.full_like(
+        s, torch.finfo(s.dtype).min))
+    with joint.memory.frozen():
+        _, c = joint.run_with_cache(t2, names_filter=lambda n: n.startswith("blocks.1.attn"))
+        torch.testing.assert_close(joint.run_with_hooks(t2, fwd_hooks=[cut]), plain(t2))
+    mem, ctx = c["blocks.1.attn.hook_mem_pattern"], c["blocks.1.attn.hook_pattern"]
+    assert mem.shape == (2, 4, 8, 3)
+    torch.testing.assert_close(mem.sum(-1) + ctx.sum(-1), torch.ones(2, 4, 8))
+    assert float(mem.sum(-1).min()) > 0  # the memory is read
+
+
 def test_runner_equals_segment_loop_and_save_load_round_trips(tmp_path) -> None:
     cfg = ModelConfig(**BASE, memory_kind="knn", memory_topk=3)
     m = HookedTransformer(cfg).eval()
@@ -172,6 +224,10 @@ def test_runner_equals_segment_loop_and_save_load_round_trips(tmp_path) -> None:
     (dict(memory_kind="knn", memory_topk=9, memory_size=8), "memory_topk=9"),
     (dict(memory_kind="xl", memory_layers=(5,)), "memory_layers"),
     (dict(memory_kind="knn", soft_mask_penalty=2.0), "soft mask"),
+    (dict(memory_kind="xl", memory_qk_norm=True), "memory_qk_norm"),
+    (dict(memory_kind="persistent", memory_joint=True), "memory_joint"),
+    (dict(memory_kind="xl", use_attn_in=True), "use_attn_in"),
+    (dict(memory_kind="knn", memory_qk_norm=1), "memory_qk_norm must be True or False"),
 ])
 def test_impossible_memory_settings_fail_in_one_line(fields: dict, needle: str) -> None:
     base = {k: v for k, v in BASE.items() if k not in fields}

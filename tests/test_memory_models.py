@@ -1,8 +1,12 @@
-"""The shipped retrieval models (interp/data/retrieval_knn.pt, retrieval_xl.pt): the answer lies
-segments before the query, beyond the local window; the kNN memory finds it far above chance
-(not yet the 90% issue 22 asks for: 41-48%, see notes/memory.md), the XL / compressive memory
-at 99%; the memory analysis names the heads that retrieve it, and cutting their memory access
-drops accuracy to near chance."""
+"""The shipped retrieval models (interp/data/retrieval_knn.pt, cosine kNN search, top-32;
+retrieval_xl.pt): the answer lies segments before the query, beyond the local window; the kNN
+memory finds it far above chance (not yet the 90% issue 22 asks for: 0.44-0.46, see
+notes/memory.md), the XL / compressive memory at 99%; the memory analysis names the heads that
+retrieve it, and cutting their memory access drops accuracy to near chance.
+
+"Near chance" is at most twice chance (2/16 = 0.125): 128 documents hold 512 memory queries,
+so a model at chance scores 0.0625 +- 0.011 (one s.d.) and 0.125 is ~6 s.d. above it, while the
+kNN model is ~30 s.d. above; its retrieving heads cut together give 0.11 (512 documents)."""
 
 from __future__ import annotations
 
@@ -25,14 +29,14 @@ def test_memory_model_beats_chance_and_the_reset_memory_is_chance(model) -> None
     task = task_from(model)
     assert task.name == "retrieval"
     out = task.evaluate(model, batch_size=128)
-    assert out["accuracy"] >= 0.35 >= 5 * out["chance"], out
+    assert out["accuracy"] >= 0.4 >= 5 * out["chance"], out
     assert len(model.memory) == 0  # evaluate leaves the memory empty
     batch = task.eval_batch(128, torch.Generator().manual_seed(7))
     L = task.params["segment_len"]
     model.memory.reset()
     alone = task.score(model(batch.tokens[:, -L:]), batch.labels[:, -L:])  # no earlier segment
     model.memory.reset()
-    assert alone["accuracy"] <= out["chance"] + 0.1, alone
+    assert alone["accuracy"] <= 2 * out["chance"], alone
 
 
 def test_analysis_names_retrieving_heads_and_their_ablation_is_chance(model) -> None:
@@ -41,12 +45,11 @@ def test_analysis_names_retrieving_heads_and_their_ablation_is_chance(model) -> 
     res = analyse_memory(model, n_docs=128, batch_size=64)
     acc = res.accuracy.set_index("condition").accuracy
     chance = acc["chance (1 / n_values)"]
-    assert acc["memory intact"] >= 0.35
+    assert acc["memory intact"] >= 0.4
     assert 0 < len(res.retrieving_heads) < len(res.heads), res.heads  # not every memory head
-    assert acc["retrieving heads' memory ablated"] <= chance + 0.25 * (
-        acc["memory intact"] - chance), res.accuracy
-    assert acc["every memory head ablated"] <= chance + 0.05
-    assert acc["memory reset (last segment alone)"] <= chance + 0.05
+    assert acc["retrieving heads' memory ablated"] <= 2 * chance, res.accuracy  # near chance
+    assert acc["every memory head ablated"] <= 2 * chance
+    assert acc["memory reset (last segment alone)"] <= 2 * chance
     heads = res.heads.set_index(["layer", "head"])
     for lh in res.retrieving_heads:  # each one's memory access matters on its own
         assert heads.loc[lh, "acc_drop"] > 0.05

@@ -8,7 +8,8 @@ hooks read it (so every variant below sees the same memory):
 
 - **Memory share per head**: the attention mass a head puts on memory entries
   (``hook_mem_pattern`` summed over entries; one softmax with the context for persistent and
-  XL memory, Sukhbaatar et al. 2019, Dai et al. 2019) or, for a kNN memory, its gate
+  XL memory, Sukhbaatar et al. 2019, Dai et al. 2019; and for a kNN memory with
+  ``memory_joint``, Tworkowski et al. 2023) or, for a gated kNN memory, its gate
   ``sigmoid(g_h)`` (``hook_mem_gate``, the share of its output taken from retrieval, Wu et
   al. 2022), at the query positions and over all positions.
 - **Retrieved entries**: each memory entry is mapped back to the document positions it holds
@@ -19,7 +20,7 @@ hooks read it (so every variant below sees the same memory):
   previous-token head) for at least half of the queries, or when cutting its memory access
   alone costs half of the accuracy above chance.
 - **Ablation of memory access** (one head at a time, then the retrieving heads together,
-  then every memory head): kNN gate set to 0 (the head keeps its local attention), or the
+  then every memory head): a gated kNN head's gate set to 0 (it keeps its local attention), or the
   head's memory scores set to the dtype's minimum (the softmax renormalises over the context);
   the accuracy drop against the intact model and chance (1 / n_values).
 
@@ -74,10 +75,11 @@ def entry_positions(model: Any, layer: int, seen: int) -> list[tuple[int, int]]:
 
 
 def _ablate_hook(kind: str, heads: Iterable[int]) -> tuple[str, Callable]:
-    """(hook suffix, hook fn) cutting the memory access of ``heads``."""
+    """(hook suffix, hook fn) cutting the memory access of ``heads``: ``kind`` "gate" sets a
+    gated kNN head's gate to 0, any other kind its memory scores to the minimum."""
     idx = list(heads)
 
-    if kind == "knn":
+    if kind == "gate":
         def gate(g: torch.Tensor, hook: Any) -> torch.Tensor:
             g = g.clone()
             g[idx] = 0.0
@@ -141,12 +143,12 @@ def _head_stats(model: Any, run: _Run, layer: int, grab: dict[str, torch.Tensor]
     kind, pre = model.cfg.memory_kind, f"blocks.{layer}.attn."
     pat = grab[pre + "hook_mem_pattern"].float()  # [batch, head, q, mem | topk]
     rows, qpos, target = run.targets()
-    if kind == "knn":
+    if pre + "hook_mem_gate" in grab:  # a gated kNN memory
         share = grab[pre + "hook_mem_gate"].float()[None, :, None].expand(pat.shape[:3])
-        entries = grab[pre + "hook_mem_indices"]  # [batch, head, q, topk]
     else:
         share = pat.sum(-1)  # [batch, head, q]
-        entries = torch.arange(pat.shape[-1]).expand(pat.shape)
+    entries = (grab[pre + "hook_mem_indices"] if kind == "knn"  # [batch, head, q, topk]
+               else torch.arange(pat.shape[-1]).expand(pat.shape))
     spans = entry_positions(model, layer, run.seen) if kind != "persistent" else []
     lo = torch.tensor([s[0] for s in spans] or [0])
     hi = torch.tensor([s[1] for s in spans] or [0])
@@ -208,6 +210,7 @@ def analyse_memory(model: Any, *, n_docs: int = 256, batch_size: int = 64, seed:
         raise InterpError(f"The memory analysis needs a model trained on 'retrieval', not "
                           f"{task.name!r}.")
     kind, layers, nh = model.cfg.memory_kind, list(model.memory.layers), model.cfg.n_heads
+    cut = "gate" if kind == "knn" and not model.cfg.memory_joint else kind  # how to ablate
     dev = model.embed.W_E.device
     sizes = [min(batch_size, n_docs - s) for s in range(0, n_docs, batch_size)]
 
@@ -226,9 +229,9 @@ def analyse_memory(model: Any, *, n_docs: int = 256, batch_size: int = 64, seed:
         _add(counts, "intact", run.correct())
         for layer in layers:
             for h in range(nh):
-                suffix, fn = _ablate_hook(kind, [h])
+                suffix, fn = _ablate_hook(cut, [h])
                 _add(counts, (layer, h), run.correct([(f"blocks.{layer}.attn.{suffix}", fn)]))
-        _add(counts, "all", run.correct(_hooks(kind, [(la, h) for la in layers
+        _add(counts, "all", run.correct(_hooks(cut, [(la, h) for la in layers
                                                       for h in range(nh)])))
     chance = 1.0 / task.params["n_values"]
     base = counts["intact"][0] / counts["intact"][1]
@@ -240,7 +243,7 @@ def analyse_memory(model: Any, *, n_docs: int = 256, batch_size: int = 64, seed:
     examples: list[dict[str, Any]] = []
     for run in runs("memory: retrieving heads"):  # head sets ablated together, same memories
         for k, heads_k in enumerate(sets, 1):
-            _add(counts, ("top", k), run.correct(_hooks(kind, heads_k)))
+            _add(counts, ("top", k), run.correct(_hooks(cut, heads_k)))
         if kind != "persistent" and not examples:
             examples = _examples(model, run, _grab(model, run, layers), order[:1], n_examples)
         model.memory.reset()  # then the last segment alone: what a model without memory sees

@@ -107,7 +107,7 @@ class Attention(nn.Module):
         # memory-augmented attention (interp.components.memory), self-attention layers only
         self.memory = AttentionMemory(cfg, nh, nkv, dh) if has_memory(cfg, layer, cross) else None
         if self.memory is not None:
-            add_memory_hooks(self, cfg.memory_kind)
+            add_memory_hooks(self, cfg.memory_kind, gate=not cfg.memory_joint)
 
     def _init_learned_masks(self, cfg: ModelConfig, cross: bool) -> None:
         """Adaptive span, hard-concrete gates, selective attention (interp.components.

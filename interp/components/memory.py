@@ -30,6 +30,7 @@ instead stay in the residual stream and so in the memory's keys.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AttentionMemory", "MemoryStore", "add_memory_hooks", "has_memory"]
 
+#: ``memory_qk_norm``'s initial cosine scale, log(10): a cosine of 1 against 0.5 then weighs
+#: e^5 ~ 150 to 1, sharp enough to pick one of ``memory_topk`` entries from the start
+_COS_SCALE_INIT = math.log(10.0)
+
 
 def has_memory(cfg: ModelConfig, layer: int, cross: bool = False) -> bool:
     """Whether self-attention layer ``layer`` carries the config's memory."""
@@ -55,16 +60,18 @@ def has_memory(cfg: ModelConfig, layer: int, cross: bool = False) -> bool:
     return cfg.memory_layers is None or layer in cfg.memory_layers
 
 
-def add_memory_hooks(attn: nn.Module, kind: str) -> None:
+def add_memory_hooks(attn: nn.Module, kind: str, gate: bool = True) -> None:
     """The memory's hook points, on the attention module so their names are
-    ``blocks.{l}.attn.hook_mem_*`` (the module docstring lists shapes)."""
+    ``blocks.{l}.attn.hook_mem_*`` (the module docstring lists shapes); ``gate`` False: a kNN
+    memory with ``memory_joint`` has no gate to hook."""
     attn.hook_mem_k = HookPoint()  # [batch, mem, kv_head, d_head]
     attn.hook_mem_v = HookPoint()  # [batch, mem, kv_head, d_head]
     attn.hook_mem_scores = HookPoint()  # [batch, head, q_pos, mem | topk]
     attn.hook_mem_pattern = HookPoint()  # [batch, head, q_pos, mem | topk]
     if kind == "knn":
         attn.hook_mem_indices = HookPoint()  # [batch, head, q_pos, topk]
-        attn.hook_mem_gate = HookPoint()  # [head]
+        if gate:
+            attn.hook_mem_gate = HookPoint()  # [head]
 
 
 class MemoryStore:
@@ -145,9 +152,11 @@ class AttentionMemory(nn.Module):
             shape = (cfg.n_memory_slots, n_kv_heads, d_head)
             self.slots_k = nn.Parameter(torch.randn(shape) * d_head**-0.5)
             self.slots_v = nn.Parameter(torch.randn(shape) * cfg.init_std)
-        if self.kind == "knn":
+        if self.kind == "knn" and not cfg.memory_joint:
             # sigmoid(0) = 0.5: local and retrieved attention start equal (Wu et al. 2022)
             self.gate_logit = nn.Parameter(torch.zeros(n_heads))
+        if self.kind == "knn" and cfg.memory_qk_norm:  # a cosine score's temperature (log)
+            self.mem_log_scale = nn.Parameter(torch.full((n_heads,), _COS_SCALE_INIT))
         self.store = MemoryStore(self.kind, cfg)
 
     def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -195,22 +204,26 @@ class AttentionMemory(nn.Module):
 
     def _knn(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              ctx: AttnContext, q_mem: torch.Tensor) -> torch.Tensor:
-        """Local attention (the layer's own kernel) mixed by the gate with attention over the
-        top-k entries of the store (exact search; the store is small), queried with q_mem."""
-        hooked = is_reached(attn.hook_attn_scores) or is_reached(attn.hook_pattern)
-        z_local = attn._eager(q, k, v, ctx) if hooked or attn.cfg.attn_kernel == "eager" else (
-            attn._sdpa(q, k, v, ctx))
-        gate = hp(attn.hook_mem_gate, torch.sigmoid(self.gate_logit))  # [head]
-        s = self.store
+        """Attention over the top-k entries of the store (exact search; the store is small),
+        queried with q_mem, then mixed with local attention: by the per-head gate, or
+        (``memory_joint``) in one softmax with the context's keys."""
+        cfg, s = attn.cfg, self.store
         B, T, nh, dh = q.shape
         N = 0 if s.k is None else s.k.shape[1]
+        joint = cfg.memory_joint and N > 0
+        z_local = None if joint else _local(attn, q, k, v, ctx)
+        gate = None if cfg.memory_joint else hp(attn.hook_mem_gate, torch.sigmoid(self.gate_logit))
         mk = s.k if N else q.new_zeros(B, 0, attn.n_kv_heads, dh)
         mv = s.v if N else q.new_zeros(B, 0, attn.n_kv_heads, dh)
         mk, mv = hp(attn.hook_mem_k, mk.to(q.dtype)), hp(attn.hook_mem_v, mv.to(q.dtype))
         kh = attn._repeat_kv(mk).transpose(1, 2)  # [batch, head, mem, d_head]
         vh = attn._repeat_kv(mv).transpose(1, 2)
         qh = q_mem.transpose(1, 2)  # [batch, head, q, d_head]
-        topk = min(attn.cfg.memory_topk, N)
+        scale: torch.Tensor | float = attn.scale / (ctx.temperature if joint else 1.0)
+        if cfg.memory_qk_norm:  # a cosine search: no query-independent per-key bias
+            qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
+            scale = self.mem_log_scale.exp().to(q.dtype)[None, :, None, None]
+        topk = min(cfg.memory_topk, N)
         with torch.no_grad():  # the search is not differentiated (Wu et al. 2022)
             idx = (qh @ kh.transpose(-1, -2)).topk(topk, dim=-1).indices
         idx = hp(attn.hook_mem_indices, idx)  # [batch, head, q, topk]
@@ -220,14 +233,52 @@ class AttentionMemory(nn.Module):
         flat = idx.reshape(B, nh, T * topk, 1)
         sel_k = kh.gather(2, flat.expand(-1, -1, -1, dh)).view(B, nh, T, topk, dh)
         sel_v = vh.gather(2, flat.expand(-1, -1, -1, dh)).view(B, nh, T, topk, dh)
-        scores = torch.einsum("bhqd,bhqkd->bhqk", qh, sel_k) * attn.scale
+        scores = torch.einsum("bhqd,bhqkd->bhqk", qh, sel_k) * scale
         scores = hp(attn.hook_mem_scores, scores)
+        if joint:
+            return _joint_topk(attn, q, k, v, ctx, scores, sel_v)
         pattern = hp(attn.hook_mem_pattern, torch.softmax(scores.float(), -1).to(q.dtype))
         if not N:  # nothing stored yet: the context alone
             return z_local
         z_mem = torch.einsum("bhqk,bhqkd->bqhd", pattern, sel_v)
         g = gate.to(q.dtype)[None, None, :, None]
         return g * z_mem + (1 - g) * z_local
+
+
+def _local(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           ctx: AttnContext) -> torch.Tensor:
+    """The layer's own attention kernel over the context (eager while its hooks are read)."""
+    hooked = is_reached(attn.hook_attn_scores) or is_reached(attn.hook_pattern)
+    if hooked or attn.cfg.attn_kernel == "eager":
+        return attn._eager(q, k, v, ctx)
+    return attn._sdpa(q, k, v, ctx)
+
+
+def _joint_topk(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ctx: AttnContext, mem_scores: torch.Tensor, sel_v: torch.Tensor
+                ) -> torch.Tensor:
+    """``memory_joint``: one softmax over each query's retrieved entries (``mem_scores``
+    [batch, head, q, topk], values ``sel_v`` [batch, head, q, topk, d_head]) and the context's
+    keys, masked and position-biased as usual (Focused Transformer, Tworkowski et al. 2023):
+    a query with no match in memory attends locally, and one whose answer lies only in memory
+    attends there, without a fixed per-head mix."""
+    qh = q.transpose(1, 2)
+    kh, vh = attn._repeat_kv(k).transpose(1, 2), attn._repeat_kv(v).transpose(1, 2)
+    scores = (qh @ kh.transpose(-1, -2)) * attn.scale  # [batch, head, q, k]
+    if ctx.pos_bias is not None:
+        scores = scores + ctx.pos_bias.to(scores.dtype)
+    if ctx.temperature != 1.0:
+        scores = scores / ctx.temperature
+    hard = ctx.hard()
+    if hard is not None:
+        scores = scores.masked_fill(~hard, torch.finfo(scores.dtype).min)
+    scores = hp(attn.hook_attn_scores, scores)
+    M = mem_scores.shape[-1]
+    both = torch.softmax(torch.cat([mem_scores, scores], -1).float(), -1).to(q.dtype)
+    mem_pattern = hp(attn.hook_mem_pattern, both[..., :M])
+    pattern = hp(attn.hook_pattern, both[..., M:])
+    z = pattern @ vh + torch.einsum("bhqk,bhqkd->bhqd", mem_pattern, sel_v)
+    return z.transpose(1, 2)
 
 
 def joint_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -28,17 +28,20 @@ METHOD = """\
 Held-out documents of the `retrieval` task are fed segment by segment through `model.memory`;
 the last segment (whose queries need a value given in the first) is run with the memory frozen.
 **Memory share**: per head, the attention mass on memory entries (`hook_mem_pattern`, one
-softmax with the context for persistent and XL memory) or a kNN head's gate (`hook_mem_gate`),
+softmax with the context for persistent, XL and joint kNN memory) or a gated kNN head's gate
+(`hook_mem_gate`),
 at the query positions and over all positions. **Retrieval**: memory entries are mapped back to
 the document positions they hold (a compressed state to the tokens pooled into it); a head
 *retrieves* when its top entry holds the answer's position for at least half of the queries, or
 when cutting its memory access alone costs half of the accuracy above chance. **Ablation**: a
-head's memory access is cut (kNN gate 0; or its memory scores set to the minimum, so the softmax
-renormalises over the context), one head at a time, then the retrieving heads together, then
-every memory head; accuracy is compared with the intact model, the memory reset, and chance."""
+head's memory access is cut (a gated kNN head's gate 0; or its memory scores set to the
+minimum, so the softmax renormalises over the context), one head at a time, then the retrieving
+heads together, then every memory head; accuracy is compared with the intact model, the memory
+reset, and chance."""
 SOURCE = """\
 Sukhbaatar et al. 2019, *Augmenting Self-attention with Persistent Memory*. Wu et al. 2022,
-*Memorizing Transformers*. Dai et al. 2019, *Transformer-XL*. Rae et al. 2020, *Compressive
+*Memorizing Transformers*. Tworkowski et al. 2023, *Focused Transformer* (retrieved entries in
+one softmax with the context). Dai et al. 2019, *Transformer-XL*. Rae et al. 2020, *Compressive
 Transformers for Long-Range Sequence Modelling*. Olsson et al. 2022, *In-context Learning and
 Induction Heads* (the match-and-copy mechanism the task plants)."""
 
