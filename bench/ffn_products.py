@@ -39,7 +39,8 @@ def compare(a: Path, b: Path) -> list[dict]:
         if x.shape == y.shape:
             text = [c for c in x.columns if x[c].dtype == object]
             row["text_equal"] = all((x[c].fillna("") == y[c].fillna("")).all() for c in text)
-            row["max_abs_diff"] = {c: float((x[c] - y[c]).abs().max()) for c in x.columns
+            row["max_abs_diff"] = {c: float((x[c].astype(float) - y[c].astype(float)).abs().max())
+                                   for c in x.columns
                                    if x[c].dtype.kind in "fib" and y[c].dtype.kind in "fib"}
         out.append(row)
     return out
