@@ -99,15 +99,6 @@ def test_model_forward_close_to_float32_and_hooks_fire():
     assert cache["blocks.1.hook_resid_post"].dtype == torch.float32
 
 
-def test_native_detection_reads_flags_only(monkeypatch):
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
-    assert kernels.bf16_products_native("cpu") == (kernels.platform.machine().lower()
-                                                   in ("x86_64", "amd64"))
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx512f"})
-    assert not kernels.bf16_products_native("cpu")
-    assert not kernels.bf16_products_native("meta")
-
-
 # ------------------------------------------------------------------ the FFN analysis
 def test_ffn_products_choice():
     from analyses import ffn as fk

@@ -46,9 +46,11 @@ def _detail_neurons(kn: pd.DataFrame, kv: KVMemories, n: int) -> list[tuple[int,
     return detail
 
 
-#: How the costly methods multiply: float32, or bfloat16 products with float32 sums and a
+#: How causal tracing multiplies: float32, or bfloat16 products with float32 sums and a
 #: float32 residual stream (:func:`interp.perf.kernels.bf16_products`).
 PRODUCTS = ("float32", "bfloat16")
+
+
 def _products(products: str) -> contextlib.AbstractContextManager:
     """The block causal tracing runs in."""
     if products not in PRODUCTS:

@@ -254,6 +254,33 @@ def _local(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return attn._sdpa(q, k, v, ctx)
 
 
+def _context_scores(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context's attention scores [batch, head, q, k] (scaled, position-biased, tempered
+    and masked as in the plain kernel; not yet hooked) and its values [batch, head, k, d_head],
+    for the one-softmax memory variants."""
+    qh = q.transpose(1, 2)
+    kh, vh = attn._repeat_kv(k).transpose(1, 2), attn._repeat_kv(v).transpose(1, 2)
+    scores = (qh @ kh.transpose(-1, -2)) * attn.scale
+    if ctx.pos_bias is not None:
+        scores = scores + ctx.pos_bias.to(scores.dtype)
+    if ctx.temperature != 1.0:
+        scores = scores / ctx.temperature
+    hard = ctx.hard()
+    if hard is not None:
+        scores = scores.masked_fill(~hard, torch.finfo(scores.dtype).min)
+    return scores, vh
+
+
+def _joint_softmax(attn: Attention, mem_scores: torch.Tensor, scores: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over memory and context scores, split back into the hooked memory pattern
+    and context pattern."""
+    M = mem_scores.shape[-1]
+    both = torch.softmax(torch.cat([mem_scores, scores], -1).float(), -1).to(scores.dtype)
+    return hp(attn.hook_mem_pattern, both[..., :M]), hp(attn.hook_pattern, both[..., M:])
+
+
 def _joint_topk(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: AttnContext, mem_scores: torch.Tensor, sel_v: torch.Tensor
                 ) -> torch.Tensor:
@@ -262,21 +289,9 @@ def _joint_topk(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     keys, masked and position-biased as usual (Focused Transformer, Tworkowski et al. 2023):
     a query with no match in memory attends locally, and one whose answer lies only in memory
     attends there, without a fixed per-head mix."""
-    qh = q.transpose(1, 2)
-    kh, vh = attn._repeat_kv(k).transpose(1, 2), attn._repeat_kv(v).transpose(1, 2)
-    scores = (qh @ kh.transpose(-1, -2)) * attn.scale  # [batch, head, q, k]
-    if ctx.pos_bias is not None:
-        scores = scores + ctx.pos_bias.to(scores.dtype)
-    if ctx.temperature != 1.0:
-        scores = scores / ctx.temperature
-    hard = ctx.hard()
-    if hard is not None:
-        scores = scores.masked_fill(~hard, torch.finfo(scores.dtype).min)
+    scores, vh = _context_scores(attn, q, k, v, ctx)
     scores = hp(attn.hook_attn_scores, scores)
-    M = mem_scores.shape[-1]
-    both = torch.softmax(torch.cat([mem_scores, scores], -1).float(), -1).to(q.dtype)
-    mem_pattern = hp(attn.hook_mem_pattern, both[..., :M])
-    pattern = hp(attn.hook_pattern, both[..., M:])
+    mem_pattern, pattern = _joint_softmax(attn, mem_scores, scores)
     z = pattern @ vh + torch.einsum("bhqk,bhqkd->bhqd", mem_pattern, sel_v)
     return z.transpose(1, 2)
 
@@ -288,24 +303,12 @@ def joint_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.
     position bias on the context only): z [batch, pos, head, d_head]. ``hook_attn_scores`` /
     ``hook_pattern`` hold the context's part, ``hook_mem_scores`` / ``hook_mem_pattern`` the
     memory's, scored with q_mem (q before RoPE; None: q)."""
-    qh = q.transpose(1, 2)  # [batch, head, q, d_head]
-    mqh = qh if q_mem is None else q_mem.transpose(1, 2)
-    kh, vh = attn._repeat_kv(k).transpose(1, 2), attn._repeat_kv(v).transpose(1, 2)
+    mqh = (q if q_mem is None else q_mem).transpose(1, 2)  # [batch, head, q, d_head]
     mkh, mvh = attn._repeat_kv(mk).transpose(1, 2), attn._repeat_kv(mv).transpose(1, 2)
-    scores = (qh @ kh.transpose(-1, -2)) * attn.scale  # [batch, head, q, k]
-    if ctx.pos_bias is not None:
-        scores = scores + ctx.pos_bias.to(scores.dtype)
-    if ctx.temperature != 1.0:
-        scores = scores / ctx.temperature
-    hard = ctx.hard()
-    if hard is not None:
-        scores = scores.masked_fill(~hard, torch.finfo(scores.dtype).min)
+    scores, vh = _context_scores(attn, q, k, v, ctx)
     mem_scores = (mqh @ mkh.transpose(-1, -2)) * (attn.scale / ctx.temperature)
     scores = hp(attn.hook_attn_scores, scores)
     mem_scores = hp(attn.hook_mem_scores, mem_scores)  # [batch, head, q, mem]
-    M = mem_scores.shape[-1]
-    both = torch.softmax(torch.cat([mem_scores, scores], -1).float(), -1).to(q.dtype)
-    mem_pattern = hp(attn.hook_mem_pattern, both[..., :M])
-    pattern = hp(attn.hook_pattern, both[..., M:])
+    mem_pattern, pattern = _joint_softmax(attn, mem_scores, scores)
     z = pattern @ vh + mem_pattern @ mvh  # [batch, head, q, d_head]
     return z.transpose(1, 2)

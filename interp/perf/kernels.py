@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linear", "bf16_products", "bf16_products_native", "linear", "linear_products",
-           "onednn_linear_available", "use_onednn_linear", "uses_onednn_linear"]
+__all__ = ["Linear", "bf16_products", "linear", "linear_products", "onednn_linear_available",
+           "use_onednn_linear", "uses_onednn_linear"]
 
 
 def _find_op():
@@ -88,6 +88,12 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     needs_grad = any(t is not None and t.requires_grad for t in (x, weight, bias))
     if torch.is_grad_enabled() and needs_grad:
         return False
+    return _untraced(x, weight)
+
+
+def _untraced(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Nothing is tracing, scripting, compiling or functorch-transforming this call: those see
+    the plain op they know, never interp's own paths."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or _is_compiling():
         return False
     return not (_is_wrapped is not None and (_is_wrapped(x) or _is_wrapped(weight)))
@@ -137,9 +143,7 @@ _PRODUCTS: ContextVar[_Bf16Weights | None] = ContextVar("interp_bf16_products", 
 def _bf16_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device != weight.device:
         return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or _is_compiling():
-        return False
-    return not (_is_wrapped is not None and (_is_wrapped(x) or _is_wrapped(weight)))
+    return _untraced(x, weight)
 
 
 class _Bf16Linear(torch.autograd.Function):
@@ -179,10 +183,11 @@ def bf16_products() -> Iterator[None]:
     Why: on CPUs with AMX (Intel Sapphire Rapids and later) a bfloat16 product runs ~4x
     faster than float32 at the row counts of batched interventions (256 x 576 -> 1536: 1,210
     vs 265 GFLOP/s on 2 threads here), and matrix products are ~80% of a forward. What it
-    costs: each product is off by about 2^-9 of its scale; on SmolLM2 the default ``interp
-    ffn`` run's probabilities move by at most a few thousandths (BENCHMARKS.md, "FFN
-    throughput"). Scoped to the block and to the current thread or task (a context variable):
-    nothing outside it changes, and the bfloat16 weight copies are freed when it ends.
+    costs: each product is off by about 2^-9 of its scale, and over SmolLM2's 30 layers an
+    answer probability moves by up to 0.017 (BENCHMARKS.md, "FFN throughput"), so callers opt
+    in (``interp ffn --products bfloat16``). Scoped to the block and to the current thread or
+    task (a context variable): nothing outside it changes, and the bfloat16 weight copies are
+    freed when it ends.
     """
     token = _PRODUCTS.set(_Bf16Weights())
     try:
@@ -194,28 +199,3 @@ def bf16_products() -> Iterator[None]:
 def linear_products() -> str:
     """``"bfloat16"`` inside :func:`bf16_products`, else ``"float32"``."""
     return "bfloat16" if _PRODUCTS.get() is not None else "float32"
-
-
-def bf16_products_native(device: torch.device | str = "cpu") -> bool:
-    """Whether ``device`` multiplies bfloat16 natively (CUDA with bf16 support; a CPU with
-    AMX or AVX512-BF16), i.e. whether :func:`bf16_products` is faster there; elsewhere it is
-    emulated and slower than float32."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if dev.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
-
-
-def _cpu_flags() -> set[str]:
-    """The x86 feature flags Linux reports (empty elsewhere): read, not probed, so asking
-    changes nothing in the process (probing AMX asks the kernel for tile state)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
