@@ -282,6 +282,41 @@ def test_run_with_hooks_patches_and_resets() -> None:
         assert torch.allclose(model(t), patched)
 
 
+def test_hook_contexts_remove_only_their_own_hooks() -> None:
+    """interp's remove_all_hook_fns visits only hook points holding hooks (a speed-up); the
+    semantics stay TransformerLens': a context's exit removes its level's hooks, nested
+    contexts keep the outer ones, permanent hooks survive, backward hooks go too."""
+    model = make({})
+    calls: list[str] = []
+
+    def note(tag: str):
+        def hook(act, hook):
+            calls.append(tag)
+        return hook
+
+    def hooked(hp) -> int:
+        return len(model.hook_dict[hp].fwd_hooks) + len(model.hook_dict[hp].bwd_hooks)
+
+    model.add_perma_hook("hook_embed", note("perma"))
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", note("outer"))],
+                     bwd_hooks=[("blocks.0.hook_resid_post", note("bwd"))]):
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", note("inner")),
+                                    ("blocks.1.hook_resid_pre", note("inner1"))]):
+            model(tokens())
+            assert calls == ["perma", "outer", "inner", "inner1"]
+        assert hooked("blocks.1.hook_resid_pre") == 0
+        assert hooked("blocks.0.hook_resid_pre") == 1  # the outer context's hook is kept
+        assert hooked("blocks.0.hook_resid_post") == 1
+    assert hooked("blocks.0.hook_resid_pre") == hooked("blocks.0.hook_resid_post") == 0
+    calls.clear()
+    model(tokens())
+    assert calls == ["perma"]  # permanent hooks survive every context
+    model.reset_hooks(including_permanent=True)
+    assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
+    with pytest.raises(ValueError, match="direction"):
+        model.remove_all_hook_fns("sideways")
+
+
 # ------------------------------------------------------------------------------------------
 # TransformerLens ActivationCache helpers
 # ------------------------------------------------------------------------------------------
