@@ -105,6 +105,7 @@ def corpus_batches(model: HookedTransformer, texts: Iterable[str], *, batch_size
         yield batch.tokens.to(model.device), batch.attention_mask.long().to(model.device)
 
 
+@torch.no_grad()
 def _value_projection(model: HookedTransformer, layer: int, n: int,
                       chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-n promoted and suppressed token ids [d_mlp, n] of each value vector (row of
@@ -117,10 +118,15 @@ def _value_projection(model: HookedTransformer, layer: int, n: int,
         W_out = W_out * ln.w.float()
     W_U = model.W_U.float()
     tops, bottoms = [], []
+    # one [chunk, d_vocab] buffer reused, negated in place for the bottom tokens: a fresh
+    # 100 MB product and its negated copy per chunk cost 20% of this function in page faults
+    # (same kernels, same values: the indices are identical)
+    buf = torch.empty(min(chunk, W_out.shape[0]), W_U.shape[1], device=W_U.device)
     for s in range(0, W_out.shape[0], chunk):
-        logits = W_out[s:s + chunk] @ W_U  # [chunk, d_vocab]
+        rows = W_out[s:s + chunk]
+        logits = torch.matmul(rows, W_U, out=buf[:rows.shape[0]])  # [chunk, d_vocab]
         tops.append(logits.topk(n, dim=-1).indices)
-        bottoms.append((-logits).topk(n, dim=-1).indices)
+        bottoms.append(logits.neg_().topk(n, dim=-1).indices)
     return torch.cat(tops).cpu(), torch.cat(bottoms).cpu()
 
 
