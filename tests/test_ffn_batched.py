@@ -11,6 +11,7 @@ checkpoint (interp/data/knowledge.pt), to 1e-5, so the speed-ups cannot drift th
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -55,7 +56,10 @@ def test_staggered_trace_equals_unbatched_reference(knowledge) -> None:
         _, clean = model.run_with_cache(torch.tensor([list(f.tokens)]))
         rows = trace[trace["fact"] == f.name]
         assert len(rows) == 5 * L * (len(f.tokens) - s0)
-        for _, r in rows.sample(10, random_state=0).iterrows():
+        mlp = rows[rows["kind"].str.startswith("mlp")]  # rows entering after the MLP's block
+        picked = pd.concat([rows.sample(10, random_state=0), mlp.sample(8, random_state=1),
+                            mlp[mlp["layer"].isin([0, L - 1])]])
+        for _, r in picked.iterrows():
             base = r["kind"].split("_")[0]
             if base == "resid":
                 names = [f"blocks.{r['layer']}.hook_resid_post"]
@@ -76,6 +80,26 @@ def test_staggered_trace_equals_unbatched_reference(knowledge) -> None:
                 hooks = [("hook_embed", add)] + [(n, restore) for n in names]
                 ref += _full_forward_prob(model, f.tokens, f.answer_id, hooks) / S
             assert r["restored_prob"] == pytest.approx(ref, abs=1e-5), r.to_dict()
+
+
+def test_mlp_restorations_skip_their_first_block_only_where_exact(knowledge) -> None:
+    """An MLP restoration's first block is not run where resid_post = resid_mid + mlp_out (the
+    block's other positions equal the corrupted run's); post-norm and parallel blocks, where
+    that does not hold, still run it."""
+    from interp import ModelConfig, build_model
+
+    model, facts = knowledge
+    assert fk.tracing._mlp_adds_to_resid_mid(model)
+    patches = fk.tracing._build_patches(model, facts[0], ("resid", "mlp", "attn"), 3, ("mlp",))
+    for p in patches:
+        first = p.restore[0] if p.restore else p.layer + 1
+        assert p.enters_after_mlp == p.kind.startswith("mlp")
+        assert p.start == first + p.enters_after_mlp
+    small = dict(n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=11, n_ctx=8)
+    for cfg in (dict(norm_placement="post"), dict(parallel_attn_mlp=True), dict(attn_only=True)):
+        other = build_model(ModelConfig(**small, **cfg))
+        assert not fk.tracing._mlp_adds_to_resid_mid(other), cfg
+    assert fk.tracing._mlp_adds_to_resid_mid(build_model(ModelConfig(**small)))
 
 
 def _reference_ig(model, tokens, answer, layer, steps) -> torch.Tensor:
