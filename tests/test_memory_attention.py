@@ -278,3 +278,23 @@ def test_retrieval_order_kv_swaps_only_the_stored_pairs() -> None:
     with pytest.raises(InterpError, match="order must be 'vk'") as e:
         Retrieval(order="qv")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("order", ["vk", "kv"])
+def test_memory_analysis_target_is_the_entry_a_retrieving_head_reads(order: str) -> None:
+    """analyses.memory's target per query: stored ``v k``, the stored key (whose state gets the
+    value from a previous-token head); stored ``k v``, the value itself (the state whose previous
+    token is the key). Checked on an untrained model: the targets depend on the documents only."""
+    from analyses.memory import _Run
+    from interp.model import build_model
+    from interp.train.tasks.retrieval import Retrieval
+
+    task = Retrieval(order=order)
+    model = build_model(task.model_config({"d_model": 16}), tokenizer=task.tokenizer).eval()
+    batch = task.eval_batch(8, torch.Generator().manual_seed(0))
+    run = _Run(model, task, batch.tokens, batch.labels)
+    rows, qpos, target = run.targets()
+    model.memory.reset()
+    assert bool((target < task.params["segment_len"]).all())  # in segment 0
+    want = run.labels[rows, qpos] if order == "kv" else run.last[rows, qpos]  # value / key
+    assert torch.equal(batch.tokens[rows, target], want)
