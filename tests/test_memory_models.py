@@ -2,8 +2,9 @@
 softmax with the context, top-32, T5 positions, layer 0 a 2-token sliding window; retrieval_xl.pt:
 Transformer-XL / compressive memory on every layer): the answer lies segments before the query,
 beyond the local window; both reach issue 22's 90% (the kNN model 1.000, the XL model 0.992 on
-the eval seed; the kNN recipe gets there on 2 of 5 seeds, see notes/memory.md); the memory analysis names the heads that retrieve it, and
-cutting their memory access drops accuracy to near chance.
+the eval seed; the kNN recipe gets there on 2 of 5 seeds, see notes/memory.md); the memory
+analysis names the heads that retrieve it, and cutting their memory access drops accuracy to
+near chance.
 
 "Near chance" is at most twice chance (2/16 = 0.125) in the tests shared by both models: 128
 documents hold 512 memory queries, so a model at chance scores 0.0625 +- 0.011 (one s.d.) and
