@@ -23,14 +23,14 @@ declare -A ARGS=(
   [induction_alibi]="induction --positional alibi"
   [knowledge]="knowledge"
   [domains_moe]="domains --config moe --n-experts 8 --top-k 2"
-  [retrieval_knn]="retrieval --config {\"memory_qk_norm\":true,\"memory_topk\":32}"
+  [retrieval_knn]="retrieval --positional relative --config {\"memory_joint\":true,\"memory_topk\":32,\"layer_types\":[\"sliding\",\"global\"],\"sliding_window\":2}"
   [retrieval_xl]="retrieval --positional relative --steps 2000 --config {\"memory_kind\":\"xl\",\"mem_len\":16,\"cmem_len\":16,\"cmem_rate\":2,\"memory_layers\":null}"
   [offsets_span]="offsets --span-coef 0.3 --steps 1500"
   [induction_gates]="induction --prune interp/data/induction.pt --l0-coef 0.3 --lr 0.05 --steps 600"
 )
 ORDER=(induction induction_sinusoidal induction_learned induction_rope induction_alibi knowledge domains_moe
        offsets_span induction_gates)
-ORDER+=(retrieval_knn)
+ORDER+=(retrieval_knn)  # kNN on layer 1, layer 0 sees 2 tokens: a previous-token head (notes/memory.md)
 ORDER+=(retrieval_xl)  # XL memory on every layer: layer 0 matches the key's token (notes/memory.md)
 NAMES=("$@")
 [ ${#NAMES[@]} -eq 0 ] && NAMES=("${ORDER[@]}")

@@ -250,3 +250,51 @@ def test_memory_config_round_trips() -> None:
     cfg = ModelConfig(**BASE, memory_kind="xl", memory_layers=[1], cmem_len=4)
     assert cfg.memory_layers == (1,)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_retrieval_order_kv_swaps_only_the_stored_pairs() -> None:
+    """order='kv' draws the same documents as the default 'vk' with each stored pair written key
+    first (as it is asked): both orders' tokens agree everywhere but the stored slots, where
+    they are swapped; the labels (the value after each asked key) are identical."""
+    from interp.train.tasks.retrieval import Retrieval
+
+    vk, kv = Retrieval(), Retrieval(order="kv")
+    a = vk.sample(16, torch.Generator().manual_seed(1))
+    b = kv.sample(16, torch.Generator().manual_seed(1))
+    assert torch.equal(a.labels, b.labels)
+    n_keys = vk.params["n_keys"]
+    is_key = b.tokens < n_keys  # keys are ids 0..n_keys-1, values the next n_values
+    differ = a.tokens != b.tokens
+    swapped = differ[:, :-1] & differ[:, 1:] & is_key[:, :-1]  # a stored kv pair at (i, i+1)
+    fixed = b.tokens.clone()
+    r, c = swapped.nonzero(as_tuple=True)
+    fixed[r, c], fixed[r, c + 1] = b.tokens[r, c + 1], b.tokens[r, c]
+    assert torch.equal(fixed, a.tokens)
+    # per document: segment 0's n_pairs and n_local per later segment were stored
+    p = vk.params
+    assert swapped.sum(1).eq(p["n_pairs"] + p["n_local"] * (p["n_segments"] - 1)).all()
+    asked = b.labels != -100  # every asked key is followed by its value, in both orders
+    assert torch.equal(b.tokens[:, 1:][asked[:, :-1]], b.labels[asked])
+    with pytest.raises(InterpError, match="order must be 'vk'") as e:
+        Retrieval(order="qv")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("order", ["vk", "kv"])
+def test_memory_analysis_target_is_the_entry_a_retrieving_head_reads(order: str) -> None:
+    """analyses.memory's target per query: stored ``v k``, the stored key (whose state gets the
+    value from a previous-token head); stored ``k v``, the value itself (the state whose previous
+    token is the key). Checked on an untrained model: the targets depend on the documents only."""
+    from analyses.memory import _Run
+    from interp.model import build_model
+    from interp.train.tasks.retrieval import Retrieval
+
+    task = Retrieval(order=order)
+    model = build_model(task.model_config({"d_model": 16}), tokenizer=task.tokenizer).eval()
+    batch = task.eval_batch(8, torch.Generator().manual_seed(0))
+    run = _Run(model, task, batch.tokens, batch.labels)
+    rows, qpos, target = run.targets()
+    model.memory.reset()
+    assert bool((target < task.params["segment_len"]).all())  # in segment 0
+    want = run.labels[rows, qpos] if order == "kv" else run.last[rows, qpos]  # value / key
+    assert torch.equal(batch.tokens[rows, target], want)

@@ -17,7 +17,9 @@ hooks read it (so every variant below sees the same memory):
   ``cmem_rate`` tokens pooled into it, Rae et al. 2020). A head *retrieves* when its
   top-weighted entry at the query holds the position of the query key's earlier occurrence
   (segment 0 stores the pair value first, so the value reaches the key's state through a
-  previous-token head) for at least half of the queries, or when cutting its memory access
+  previous-token head; with the task's ``order="kv"`` the pair is stored key first and the
+  target is the value's position, whose previous token is the key: an induction head's
+  target) for at least half of the queries, or when cutting its memory access
   alone costs half of the accuracy above chance.
 - **Ablation of memory access** (one head at a time, then the retrieving heads together,
   then every memory head): a gated kNN head's gate set to 0 (it keeps its local attention), or the
@@ -98,6 +100,7 @@ class _Run:
 
     def __init__(self, model: Any, task: Any, tokens: torch.Tensor, labels: torch.Tensor):
         L = task.params["segment_len"]
+        self.kv = task.params.get("order") == "kv"
         self.model, self.L = model, L
         self.last, self.labels = tokens[:, -L:], labels[:, -L:]
         self.tokens, self.seen = tokens, tokens.shape[1] - L
@@ -115,13 +118,15 @@ class _Run:
         return int((pred == self.labels[keep]).sum()), int(keep.sum())
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row, query position in the last segment, document position of the stored key)
-        per query: the entry a retrieving head should read (the pair is stored ``v k``, so
-        the value reaches the key's state through a previous-token head)."""
+        """(row, query position in the last segment, document position of the target) per
+        query: the entry a retrieving head should read. Stored ``v k`` (the default order),
+        the stored key's, as the value reaches the key's state through a previous-token
+        head; stored ``k v`` (``order="kv"``), the value's right after it, the state whose
+        previous token is the key (an induction head's target)."""
         rows, qpos = (self.labels != -100).nonzero(as_tuple=True)
         first = self.tokens[:, : self.L]
         keys = self.last[rows, qpos]
-        return rows, qpos, (first[rows] == keys[:, None]).float().argmax(1)
+        return rows, qpos, (first[rows] == keys[:, None]).float().argmax(1) + int(self.kv)
 
 
 def _grab(model: Any, run: _Run, layers: list[int]) -> dict[str, torch.Tensor]:

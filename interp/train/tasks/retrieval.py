@@ -39,6 +39,11 @@ class Retrieval(Task):
     ``n_local`` fresh pairs of its own, which the context alone answers: they teach the same
     heads. The loss is taken at every asked key; the accuracy (:meth:`eval_batch`) only at
     the memory queries.
+
+    ``order="kv"`` stores every pair key first, ``k v``, as it is asked: the classic induction
+    setup, where the head that answers ``k ?`` finds the state whose *previous* token is k
+    (K-composition with a previous-token head) and copies that state's token, so the query
+    never matches its own position; the default ``"vk"`` keeps the documents above exactly.
     """
 
     name = "retrieval"
@@ -46,7 +51,8 @@ class Retrieval(Task):
                  "carries the value before it, beyond the local window (Wu et al. 2022; Dai "
                  "et al. 2019)")
     defaults = {"n_keys": 32, "n_values": 16, "n_filler": 16, "segment_len": 16,
-                "n_segments": 4, "n_pairs": 4, "n_queries": 4, "n_local": 2}
+                "n_segments": 4, "n_pairs": 4, "n_queries": 4, "n_local": 2,
+                "order": "vk"}
     model_defaults = {"n_layers": 2, "d_model": 64, "n_heads": 4, "attn_only": True,
                       "positional": "learned", "memory_kind": "knn", "memory_layers": [1],
                       "memory_topk": 8, "default_prepend_bos": False}
@@ -64,6 +70,9 @@ class Retrieval(Task):
         int_param("n_pairs", p["n_pairs"], 1, min(p["n_keys"], p["segment_len"] // 2))
         int_param("n_queries", p["n_queries"], 1, p["n_pairs"])
         int_param("n_local", p["n_local"], 0, 64)
+        if p["order"] not in ("vk", "kv"):
+            raise InterpError(f"Task parameter order must be 'vk' (pairs stored value first) or "
+                              f"'kv' (key first, as asked), got {p['order']!r}.")
         if p["n_pairs"] + p["n_local"] * (p["n_segments"] - 1) > p["n_keys"]:
             raise InterpError("Every pair needs its own key: n_pairs + n_local * (n_segments - "
                               f"1) must be at most n_keys={p['n_keys']}; raise n_keys.")
@@ -115,11 +124,13 @@ class Retrieval(Task):
         tokens = torch.randint(nk + nv, nk + nv + nf, (B, S * L), generator=generator)
         memory, local = torch.full_like(tokens, -100), torch.full_like(tokens, -100)
         n_keys = npair + nl * (S - 1)  # distinct keys: segment 0's, then each segment's own
+        kv = p["order"] == "kv"  # stored pairs key first (else value first)
         for b in range(B):
             keys = torch.randperm(nk, generator=generator)[:n_keys]
             values = torch.randint(0, nv, (n_keys,), generator=generator) + nk
             where = torch.randperm(L // 2, generator=generator)[:npair] * 2
-            tokens[b, where], tokens[b, where + 1] = values[:npair], keys[:npair]  # stored v k
+            first, second = (keys, values) if kv else (values, keys)
+            tokens[b, where], tokens[b, where + 1] = first[:npair], second[:npair]  # stored
             for seg in range(1, S):
                 n_ask = nq if seg == S - 1 else 0
                 slots = seg * L + torch.randperm(L // 2, generator=generator)[: n_ask + 2 * nl] * 2
@@ -130,7 +141,7 @@ class Retrieval(Task):
                     memory[b, qpos] = values[ask]
                 mine = slice(npair + nl * (seg - 1), npair + nl * seg)
                 pairs = slots[n_ask:].view(2, nl).sort(0).values  # stored, then asked
-                tokens[b, pairs[0]], tokens[b, pairs[0] + 1] = values[mine], keys[mine]
+                tokens[b, pairs[0]], tokens[b, pairs[0] + 1] = first[mine], second[mine]
                 tokens[b, pairs[1]], tokens[b, pairs[1] + 1] = keys[mine], values[mine]
                 local[b, pairs[1]] = values[mine]
         return tokens, memory, local
