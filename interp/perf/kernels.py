@@ -4,12 +4,15 @@ PyTorch's CPU wheels route ``F.linear`` to MKL's ``sgemm``. The same wheels ship
 JIT-compiled float32 GEMM measured 10-25% faster at every shape of GPT-2 small and SmolLM2 on
 an AMD EPYC with AVX-512 (2 threads; 1,024 tokens: 576 -> 3,072 17.1 vs 20.3 ms, the
 49,152-way unembedding 330 vs 391 ms; 8 tokens: 0.26 vs 0.36 ms; BENCHMARKS.md change 9).
-On an Intel Xeon (AVX-512 and AMX, 2 threads) it is the other way round: MKL, Intel's own
-library, ran SmolLM2's products 5-30% faster from 64 rows up (1,000 rows: 576 -> 960 330 vs
-291 GFLOP/s, 1,536 -> 576 313 vs 298, 576 -> 576 345 vs 324; BENCHMARKS.md "FFN
-throughput"). So by default (``INTERP_CPU_LINEAR=auto``) interp takes oneDNN except on a CPU
-whose vendor is ``GenuineIntel``. Matrix products are ~90% of an unhooked forward on the CPU,
-so this is where interp gets ahead of plain transformers without recording less.
+On an Intel Xeon (AVX-512 and AMX, 2 threads, quiet, median of 7) MKL, Intel's own library,
+ran SmolLM2's attention and down projections faster at every row count from 64 (576 -> 960 at
+64 rows 243 vs 171 GFLOP/s, at 1,000 315 vs 305; 1,536 -> 576 at 1,000 343 vs 333; 576 ->
+576 at 64 270 vs 211), the gate/up product and the unembedding slower up to 300 rows and
+faster from 1,000; the whole ``interp ffn smollm2-135m`` run took 308 s on MKL against 332 s
+on oneDNN (BENCHMARKS.md "FFN throughput"). So by default (``INTERP_CPU_LINEAR=auto``) interp
+takes oneDNN except on a CPU whose vendor is ``GenuineIntel``. Matrix products are ~90% of an
+unhooked forward on the CPU, so this is where interp gets ahead of plain transformers without
+recording less.
 
 The oneDNN path (``torch.ops.mkldnn._linear_pointwise``, the op Inductor uses for frozen CPU
 linears) computes in float32 throughout, but sums in a different order from MKL, and a little
