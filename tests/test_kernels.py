@@ -110,22 +110,6 @@ def test_environment_variable_turns_it_off():
     assert out.stdout.strip() == "False"
 
 
-def test_default_choice_follows_the_vendor_and_the_variable_overrides_it():
-    """auto (unset): oneDNN except on Intel, where MKL measured faster (the module docstring);
-    onednn / aten force either way on any vendor."""
-    choose = kernels._default_enabled
-    assert not choose("auto", "GenuineIntel") and not choose("", "GenuineIntel")
-    assert choose("auto", "AuthenticAMD") and choose("auto", "")
-    assert choose("onednn", "GenuineIntel") and choose(" OneDNN ", "AuthenticAMD")
-    assert not choose("aten", "AuthenticAMD") and not choose("mkl", "GenuineIntel")
-    env = {**os.environ, "INTERP_CPU_LINEAR": "onednn"}
-    code = "from interp.perf import kernels; print(kernels.uses_onednn_linear())"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "True"
-
-
 def test_model_forward_agrees_with_mkl_and_uses_onednn(calls):
     """A whole GQA/SwiGLU/RoPE decoder: the oneDNN forward and the F.linear forward agree to
     float32 rounding, every projection and the unembedding went through oneDNN, and the

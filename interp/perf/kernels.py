@@ -1,18 +1,11 @@
-"""The linear layers' CPU kernel: oneDNN's or MKL's float32 GEMM, whichever the CPU runs faster.
+"""The linear layers' CPU kernel: oneDNN's float32 GEMM where autograd is not recording.
 
 PyTorch's CPU wheels route ``F.linear`` to MKL's ``sgemm``. The same wheels ship oneDNN, whose
 JIT-compiled float32 GEMM measured 10-25% faster at every shape of GPT-2 small and SmolLM2 on
-an AMD EPYC with AVX-512 (2 threads; 1,024 tokens: 576 -> 3,072 17.1 vs 20.3 ms, the
-49,152-way unembedding 330 vs 391 ms; 8 tokens: 0.26 vs 0.36 ms; BENCHMARKS.md change 9).
-On an Intel Xeon (AVX-512 and AMX, 2 threads, quiet, median of 7) MKL, Intel's own library,
-ran SmolLM2's attention and down projections faster at every row count from 64 (576 -> 960 at
-64 rows 243 vs 171 GFLOP/s, at 1,000 315 vs 305; 1,536 -> 576 at 1,000 343 vs 333; 576 ->
-576 at 64 270 vs 211), the gate/up product and the unembedding slower up to 300 rows and
-faster from 1,000; the whole ``interp ffn smollm2-135m`` run took 308 s on MKL against 332 s
-on oneDNN (BENCHMARKS.md "FFN throughput"). So by default (``INTERP_CPU_LINEAR=auto``) interp
-takes oneDNN except on a CPU whose vendor is ``GenuineIntel``. Matrix products are ~90% of an
-unhooked forward on the CPU, so this is where interp gets ahead of plain transformers without
-recording less.
+this project's CPU (an AMD EPYC with AVX-512, 2 threads; 1,024 tokens: 576 -> 3,072 17.1 vs
+20.3 ms, the 49,152-way unembedding 330 vs 391 ms; 8 tokens: 0.26 vs 0.36 ms; BENCHMARKS.md
+change 9). Matrix products are ~90% of an unhooked forward on the CPU, so this is where
+interp gets ahead of plain transformers without recording less.
 
 The oneDNN path (``torch.ops.mkldnn._linear_pointwise``, the op Inductor uses for frozen CPU
 linears) computes in float32 throughout, but sums in a different order from MKL, and a little
@@ -29,9 +22,13 @@ must match another MKL-based run. The path is taken only when all of these hold,
 * nothing is tracing or compiling the model (``torch.jit``, ``torch.compile``, ``torch.func``
   transforms see the plain op they know).
 
-``use_onednn_linear(False)`` or ``INTERP_CPU_LINEAR=aten`` in the environment turns it off,
-``INTERP_CPU_LINEAR=onednn`` on whatever the vendor (to compare the two on another CPU). Off
-x86-64 (ARM) the path is never taken.
+``use_onednn_linear(False)`` or ``INTERP_CPU_LINEAR=aten`` in the environment turns it off
+(for example to compare the two on another CPU). On an Intel Xeon with AMX MKL ran most of
+SmolLM2's shapes faster and ``interp ffn smollm2-135m`` in 308 instead of 332 s, but its sums
+change with the thread count (2.7e-6 relative between one and two threads), over the 1e-6
+within which a data-parallel run must reproduce the one-process numbers, while oneDNN's do
+not; so oneDNN stays the default there too (BENCHMARKS.md "FFN throughput"). Off x86-64 (ARM)
+the path is never taken.
 """
 
 from __future__ import annotations
@@ -65,31 +62,7 @@ def _find_op():
 
 _OP = _find_op()
 _OFF = ("aten", "mkl", "0", "off", "false", "no")
-
-
-def _cpu_vendor() -> str:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``), or "" where Linux's
-    /proc/cpuinfo does not say."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _default_enabled(choice: str, vendor: str) -> bool:
-    """``INTERP_CPU_LINEAR``'s meaning: off for ``aten`` (and its synonyms), on for
-    ``onednn``, and for ``auto`` (unset) on except on Intel CPUs, where MKL measured faster."""
-    choice = choice.strip().lower()
-    if choice in _OFF:
-        return False
-    return vendor != "GenuineIntel" if choice in ("auto", "") else True
-
-
-_enabled = _default_enabled(os.environ.get("INTERP_CPU_LINEAR", "auto"), _cpu_vendor())
+_enabled = os.environ.get("INTERP_CPU_LINEAR", "onednn").strip().lower() not in _OFF
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 # torch < 2.3 has no torch.compiler.is_compiling
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
