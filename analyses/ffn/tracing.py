@@ -101,10 +101,13 @@ class _Patch:
     start: int  # first block that must run
     restore: tuple[int, ...]  # layers whose mlp/attn output is restored (empty for resid)
     hook: str | None  # hook_mlp_out / hook_attn_out
-    # mlp kinds on blocks where resid_post = resid_mid + mlp_out: the first restored block
-    # does not run (its other positions equal the corrupted run's); the row enters after it
-    # with the corrupted resid_mid + the clean mlp_out at ``pos``
-    enters_after_mlp: bool = False
+
+    @property
+    def enters_after_mlp(self) -> bool:
+        """An mlp kind on blocks where resid_post = resid_mid + mlp_out: the first restored
+        block does not run (its other positions equal the corrupted run's); the row enters
+        after it with the corrupted resid_mid + the clean mlp_out at ``pos``."""
+        return bool(self.restore) and self.start > self.restore[0]
 
 
 def _traced_positions(fact: PreparedFact, positions: str) -> list[int]:
@@ -124,11 +127,10 @@ def _mlp_adds_to_resid_mid(model: HookedTransformer) -> bool:
     """Whether every block ends ``resid_post = resid_mid + mlp_out`` (pre-norm, sandwich or
     post-branch norms, sequential attention then MLP, no cross-attention), so restoring one
     position's MLP output leaves the block's other positions as they were."""
-    cfg = model.cfg
-    if cfg.norm_placement == "post" or cfg.parallel_attn_mlp or cfg.attn_only:
-        return False
-    return all(hasattr(b, "hook_resid_mid") and hasattr(b, "hook_mlp_out")
-               and not getattr(b, "has_cross", False) for b in model.blocks)
+    # parallel and attention-only blocks have no hook_resid_mid; post-norm ones norm the sum
+    return model.cfg.norm_placement != "post" and all(
+        hasattr(b, "hook_resid_mid") and hasattr(b, "hook_mlp_out")
+        and not getattr(b, "has_cross", False) for b in model.blocks)
 
 
 def _build_patches(model: HookedTransformer, fact: PreparedFact, kinds: Sequence[str],
@@ -157,7 +159,7 @@ def _build_patches(model: HookedTransformer, fact: PreparedFact, kinds: Sequence
                     continue
                 enters = skip_first and base == "mlp"
                 patches.append(_Patch(kind, layer, pos, layers[0] + enters, layers,
-                                      _HOOK_OF_KIND[base], enters))
+                                      _HOOK_OF_KIND[base]))
     return patches
 
 
