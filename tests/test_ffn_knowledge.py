@@ -323,10 +323,13 @@ def test_knowledge_neurons_refine_and_edit(word_model, word_facts) -> None:
 
 def test_edit_hook_touches_only_chosen_neurons_at_last_position() -> None:
     act = torch.ones(2, 5, 6)
-    hook = fk._scale_hook(torch.tensor([1, 4]), torch.tensor([4, 2]), 0.0)
+    # row 0 edits neurons 1 and 4 at its last position 4, row 1 only neuron 4 at position 2
+    hook = fk._scale_hook(torch.tensor([0, 0, 1]), torch.tensor([4, 2]),
+                          torch.tensor([1, 4, 4]), 0.0)
     out = hook(act, None)
-    assert out.sum() == act.sum() - 4
-    assert out[0, 4, 1] == 0 and out[1, 2, 4] == 0 and out[0, 2, 4] == 1
+    assert out.sum() == act.sum() - 3 and act.sum() == 60  # the input is not edited in place
+    assert out[0, 4, 1] == 0 and out[0, 4, 4] == 0 and out[1, 2, 4] == 0
+    assert out[1, 2, 1] == 1 and out[0, 2, 4] == 1 and out[1, 4, 4] == 1
 
 
 # ------------------------------------------------------------------------------- key-value memories
