@@ -25,7 +25,7 @@ import torch
 
 from analyses import distributed
 from analyses.ffn.prepare import PreparedFact
-from analyses.ffn.readout import FwdHook, _last_probs, _unembed, check_model, dense_layers
+from analyses.ffn.readout import FwdHook, _kv_rows, _unembed, check_model, dense_layers
 from analyses.ffn.stream import staggered_forward
 from interp import HookedTransformer, KVCache
 from interp.errors import InterpError
@@ -322,6 +322,53 @@ def _edit_hooks(chunk: Sequence[dict[int, torch.Tensor]], last: torch.Tensor,
             for layer, (rows, neurons) in sorted(pairs.items())]
 
 
+class _Prefixes:
+    """Each distinct prompt's keys and values before its last token (prompts of one length
+    in one cache), so the edits, which act at the prediction position only, recompute just
+    that position: a causal model's earlier positions cannot see them."""
+
+    def __init__(self, model: HookedTransformer, prompts: Sequence[tuple[int, ...]]) -> None:
+        self.model = model
+        self.row: dict[tuple[int, ...], int] = {}  # prompt -> its row in its length's cache
+        self.caches: dict[int, KVCache | None] = {}
+        by_len: dict[int, list[tuple[int, ...]]] = {}
+        for q in dict.fromkeys(prompts):
+            by_len.setdefault(len(q), []).append(q)
+        for T, qs in by_len.items():
+            self.row.update((q, r) for r, q in enumerate(qs))
+            cache = None
+            if T > 1:
+                cache = KVCache(model.cfg.n_layers)
+                model(torch.tensor([q[:-1] for q in qs], device=model.device), past_kv=cache,
+                      return_type="hidden")
+            self.caches[T] = cache
+
+    def probs(self, prompts: Sequence[tuple[int, ...]], answers: Sequence[int], batch_size: int,
+              hooks: Callable[[list[int]], list[FwdHook]] | None = None) -> list[float]:
+        """P(answer) at each prompt's last position, prompts of one length ``batch_size`` per
+        forward; ``hooks(rows)`` gives the hooks of a batch of ``prompts[rows]``."""
+        model, dev = self.model, self.model.device
+        out = [0.0] * len(prompts)
+        by_len: dict[int, list[int]] = {}
+        for i, q in enumerate(prompts):
+            by_len.setdefault(len(q), []).append(i)
+        for T, idx in by_len.items():
+            for s in range(0, len(idx), batch_size):
+                rows = idx[s:s + batch_size]
+                past = self.caches[T]
+                if past is not None:
+                    past = _kv_rows(past, torch.tensor([self.row[prompts[i]] for i in rows],
+                                                       device=dev), T - 1)
+                last = torch.tensor([[prompts[i][-1]] for i in rows], device=dev)
+                with model.hooks(fwd_hooks=hooks(rows) if hooks else []):
+                    hidden = model(last, past_kv=past, return_type="hidden")
+                p = torch.softmax(_unembed(model, hidden[:, -1]), -1)
+                p = p[torch.arange(len(rows)), torch.tensor([answers[i] for i in rows])]
+                for i, v in zip(rows, p.tolist(), strict=True):
+                    out[i] = v
+        return out
+
+
 @torch.no_grad()
 def edit_knowledge_neurons(model: HookedTransformer, facts: Sequence[PreparedFact],
                            neurons: pd.DataFrame, *,
@@ -334,8 +381,9 @@ def edit_knowledge_neurons(model: HookedTransformer, facts: Sequence[PreparedFac
 
     Every fact's edited prompts run together, ``batch_size`` per forward, each row editing its
     own fact's neurons (one forward per fact and mode took most of the time: SmolLM2's 15
-    facts x 13 prompts are 195 short rows); the unedited probabilities are computed once per
-    distinct prompt.
+    facts x 13 prompts are 195 short rows), and only their last position runs, reading the
+    earlier positions' keys and values from one cache per distinct prompt (:class:`_Prefixes`);
+    the unedited probabilities are computed once per distinct prompt.
 
     Columns: ``fact, mode, target, target_fact, prompt, p_before, p_after, rel_change``
     ((after - before) / before), ``n_neurons``. Facts without kept neurons get no rows.
@@ -360,27 +408,22 @@ def edit_knowledge_neurons(model: HookedTransformer, facts: Sequence[PreparedFac
         jobs.append((f, sel, targets))
     if not jobs:
         return pd.DataFrame(columns=_EDIT_COLUMNS)
+    prefixes = _Prefixes(model, [t[3] for _, _, targets in jobs for t in targets])
     # unedited: once per distinct (prompt, answer)
     distinct = list(dict.fromkeys((t[3], t[4]) for _, _, targets in jobs for t in targets))
-    probs = _last_probs(model, [q for q, _ in distinct], batch_size=batch_size)
-    p_before = dict(zip(distinct, probs[torch.arange(len(distinct)),
-                                        torch.tensor([a for _, a in distinct])].tolist(),
+    p_before = dict(zip(distinct, prefixes.probs([q for q, _ in distinct],
+                                                 [a for _, a in distinct], batch_size),
                         strict=True))
     # edited: every (fact, target) row, each with its fact's neurons per layer
     flat = [(k, t) for k, (_, _, targets) in enumerate(jobs) for t in targets]
     per_layer = [{int(layer): torch.tensor(g["neuron"].to_numpy(), dtype=torch.long)
                   for layer, g in sel.groupby("layer")} for _, sel, _ in jobs]
-    p_after: dict[str, list[float]] = {}
-    for mode in modes:
-        after = []
-        for s in range(0, len(flat), batch_size):
-            chunk = flat[s:s + batch_size]
-            seqs = [t[3] for _, t in chunk]
-            last = torch.tensor([len(q) - 1 for q in seqs], device=model.device)
-            hooks = _edit_hooks([per_layer[k] for k, _ in chunk], last, factor[mode])
-            p = _last_probs(model, seqs, fwd_hooks=hooks, batch_size=len(chunk))
-            after += p[torch.arange(len(chunk)), torch.tensor([t[4] for _, t in chunk])].tolist()
-        p_after[mode] = after
+    p_after = {mode: prefixes.probs(
+        [t[3] for _, t in flat], [t[4] for _, t in flat], batch_size,
+        hooks=lambda rows, f=factor[mode]: _edit_hooks(
+            [per_layer[flat[i][0]] for i in rows],
+            torch.zeros(len(rows), dtype=torch.long, device=model.device), f))
+        for mode in modes}
     rows = []
     start = 0
     for f, sel, targets in jobs:
