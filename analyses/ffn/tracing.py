@@ -16,7 +16,9 @@ at or after the restored one, reading earlier positions' keys and values from th
 run's KV cache (a causal model's earlier positions cannot change). An MLP restoration skips its
 first block where ``resid_post = resid_mid + mlp_out`` (pre-norm blocks): that block's other
 positions are the corrupted run's, so the row enters after it with the corrupted ``resid_mid``
-plus the clean MLP output at the restored position (2.6% of SmolLM2's tracing products).
+plus the clean MLP output at the restored position (2.6% of SmolLM2's tracing products). The
+last block's MLP runs at the last position only: nothing reads the other positions after it
+(4.5% of the token-layers).
 """
 
 from __future__ import annotations
