@@ -142,3 +142,75 @@ def test_model_forward_agrees_with_mkl_and_uses_onednn(calls):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     model(tokens).sum().backward()
     assert len(calls) == n_fast
+
+
+# ------------------------------------------------------------------ MKL, reproducibly
+_mkl_strict = pytest.mark.skipif(
+    kernels._mkl_cbwr() is None or not kernels._intel_cpu(),
+    reason="needs an Intel CPU and PyTorch's MKL (use_reproducible_mkl does nothing elsewhere)",
+)
+
+#: Products whose MKL sums moved with the thread count on the project's Xeon by default
+#: (576 -> 960 at 5 and 8 rows, 1,536 -> 576 at 63-129 rows), and the unembedding's shape.
+_THREAD_CHECK = """
+import sys, torch, torch.nn.functional as F
+from interp.perf import kernels
+print(kernels.use_reproducible_mkl(), kernels.uses_onednn_linear(), kernels.cpu_linear_kernel())
+torch.manual_seed(0)
+diff = 0
+for k, n, rows in ((576, 960, (5, 8)), (1536, 576, (63, 64, 100, 129)), (576, 4096, (7, 300))):
+    w = torch.randn(n, k) * 0.05
+    for m in rows:
+        x = torch.randn(m, k)
+        with torch.no_grad():
+            torch.set_num_threads(1); one = kernels.linear(x, w)
+            torch.set_num_threads(2); two = kernels.linear(x, w)
+        diff += not torch.equal(one, two)
+print(diff)
+"""
+
+
+def _python(code: str, **env: str) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("INTERP_CPU_LINEAR", "MKL_CBWR")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env},
+                         capture_output=True, text=True, check=True)
+    return out.stdout.split("\n")
+
+
+@_mkl_strict
+def test_reproducible_mkl_sums_do_not_depend_on_the_thread_count():
+    """A fresh process (what the interp command is) switches MKL to strict reproducible mode
+    and its linears to MKL: one and two threads give the same bits on shapes whose default
+    MKL sums differ between them."""
+    first, diff = _python(_THREAD_CHECK)[:2]
+    assert first == "True False MKL (strict reproducible mode)"
+    assert diff == "0"
+
+
+@_mkl_strict
+def test_reproducible_mkl_leaves_a_process_where_mkl_already_ran_alone():
+    """Once MKL has run its mode is fixed: the call changes nothing and oneDNN stays (an
+    in-process caller keeps its numbers); a user's INTERP_CPU_LINEAR or MKL_CBWR wins."""
+    ran = "import torch; torch.mm(torch.ones(8, 8), torch.ones(8, 8))\n"
+    assert _python(ran + _THREAD_CHECK)[0] == "False True oneDNN"
+    assert _python(_THREAD_CHECK, INTERP_CPU_LINEAR="onednn")[0] == "False True oneDNN"
+    assert _python(_THREAD_CHECK, MKL_CBWR="AUTO")[0] == "False True oneDNN"
+    assert _python(_THREAD_CHECK, MKL_CBWR="AUTO,STRICT")[0] == (
+        "True False MKL (strict reproducible mode)")
+
+
+@_mkl_strict
+def test_the_interp_command_runs_reproducible_mkl_and_records_it(tmp_path):
+    """The command chooses strict MKL before its first product, and run.json says so."""
+    import json
+
+    out = tmp_path / "r"
+    data = os.path.join(os.path.dirname(interp.__file__), "data", "knowledge.pt")
+    env = {k: v for k, v in os.environ.items() if k not in ("INTERP_CPU_LINEAR", "MKL_CBWR")}
+    subprocess.run([sys.executable, "-m", "analyses.app.cli", "ffn", data, "--max-facts", "1",
+                    "--samples", "1", "--ig-steps", "2", "--kv-layers", "0", "--top-k", "2",
+                    "--max-tokens", "64", "--out", str(out), "-q"], env=env, check=True,
+                   capture_output=True)
+    cpu = json.loads((out / "run.json").read_text())["cpu"]
+    assert cpu == {"linear_kernel": "MKL (strict reproducible mode)",
+                   "threads": cpu["threads"]} and cpu["threads"] >= 1

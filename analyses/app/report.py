@@ -7,7 +7,8 @@ Layout of a report folder::
     index.html        the same, self-contained (inline CSS, PNGs as base64 data URIs)
     figures/*.png     one per figure (+ *.svg with svg=True)
     data/*.csv        every table, in full (the figures can be redrawn from these)
-    run.json          versions, platform, model source and config, seed, command, timings
+    run.json          versions, platform, CPU product kernel and threads, model source and
+                      config, seed, command, timings
 
 Why this shape: a report is evidence. The CSVs let anyone recompute a number, run.json
 says exactly what produced them, and the HTML opens from an e-mail attachment or an air-
@@ -50,12 +51,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 
 from analyses.app.outdir import ReportError, out_lock, pause_point, swap_folders
 from analyses.app.paths import scrub_paths, shown_argv, shown_path
 from analyses.app.render import markdown_to_html, render_html, render_markdown
 from analyses.app.signals import signals_held
+from interp.perf import kernels
 
 __all__ = ["Report", "ReportError", "Section", "markdown_to_html"]
 
@@ -302,6 +305,8 @@ class Report:
             "versions": {name: _version(name) for name in VERSIONED_PACKAGES},
             "python": sys.version.split()[0],
             "platform": platform.platform(),
+            "cpu": {"linear_kernel": kernels.cpu_linear_kernel(),
+                    "threads": torch.get_num_threads()},
             "sections": [s.key for s in self.sections],
             "timings": {s.key: dict(s.timings) for s in self.sections},
             "tables": {name: {"rows": len(df), "columns": [str(c) for c in df.columns]}

@@ -25,7 +25,14 @@ import torch
 
 from analyses import distributed
 from analyses.ffn.prepare import PreparedFact
-from analyses.ffn.readout import FwdHook, _kv_rows, _unembed, check_model, dense_layers
+from analyses.ffn.readout import (
+    FwdHook,
+    _kv_rows,
+    _unembed,
+    answer_probs,
+    check_model,
+    dense_layers,
+)
 from analyses.ffn.stream import staggered_forward
 from interp import HookedTransformer, KVCache
 from interp.errors import InterpError
@@ -117,10 +124,12 @@ def _staggered_grads(model: HookedTransformer, rows: list[tuple[int, int, float]
 
     with torch.enable_grad():
         final = staggered_forward(model, [layer for _, layer, _ in rows],
-                                  toks[:, -1:].expand(len(rows), 1), entering, past, hooks)
-        p = torch.softmax(_unembed(model, final[:, -1]), -1)[:, answer_id]
-        grads = torch.autograd.grad(p.sum(), scaled)
-    return p.detach().float(), [(j, lo, hi) for j, _, lo, hi in runs], grads
+                                  toks[:, -1:].expand(len(rows), 1), entering, past, hooks)[:, -1]
+        # P(answer) and dP/d(final) outside autograd, in one reused vocabulary-wide buffer
+        # (readout.answer_probs); autograd takes it from the final hidden state back
+        p, g_final = answer_probs(model, final, answer_id, grads=True)
+        grads = torch.autograd.grad(final, scaled, grad_outputs=g_final.to(final.dtype))
+    return p, [(j, lo, hi) for j, _, lo, hi in runs], grads
 
 
 def _probs_and_grads(model: HookedTransformer, jobs: Sequence[tuple[int, torch.Tensor]],

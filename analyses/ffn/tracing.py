@@ -32,7 +32,7 @@ import torch
 
 from analyses import distributed
 from analyses.ffn.prepare import PreparedFact
-from analyses.ffn.readout import _token_str, _unembed, check_model, dense_layers
+from analyses.ffn.readout import _token_str, _unembed, answer_probs, check_model, dense_layers
 from analyses.ffn.stream import staggered_forward
 from interp import HookedTransformer, KVCache
 from interp.errors import InterpError
@@ -330,11 +330,8 @@ def _trace_one(model: HookedTransformer, fact: PreparedFact, corrupted: torch.Te
             finals.append(_restored_finals(model, fact, patches, chunk, pos, cache, kv,
                                            resid_in, resid_mid, S))
             order += chunk
-    # one large unembedding for every restored run (more efficient than many small ones)
-    final = torch.cat(finals)
-    a = fact.answer_id
-    probs = torch.cat([torch.softmax(_unembed(model, final[c:c + 1024]), -1)[:, a]
-                       for c in range(0, len(final), 1024)])
+    # one unembedding for every restored run, in one reused buffer (readout.answer_probs)
+    probs = answer_probs(model, torch.cat(finals), fact.answer_id)[0]
     probs = probs.view(len(order), S).mean(1)
     restored = {j: float(probs[k]) for k, j in enumerate(order)}
     return p_clean, p_corr, restored

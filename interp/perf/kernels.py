@@ -23,17 +23,23 @@ must match another MKL-based run. The path is taken only when all of these hold,
   transforms see the plain op they know).
 
 ``use_onednn_linear(False)`` or ``INTERP_CPU_LINEAR=aten`` in the environment turns it off
-(for example to compare the two on another CPU). On an Intel Xeon with AMX MKL ran most of
-SmolLM2's shapes faster and ``interp ffn smollm2-135m`` in 308 instead of 332 s, but its sums
-change with the thread count (2.7e-6 relative between one and two threads), over the 1e-6
-within which a data-parallel run must reproduce the one-process numbers, while oneDNN's do
-not; so oneDNN stays the default there too (BENCHMARKS.md "FFN throughput"). Off x86-64 (ARM)
-the path is never taken.
+(for example to compare the two on another CPU). Off x86-64 (ARM) the path is never taken.
+
+On an Intel Xeon (Emerald Rapids, AMX) MKL is the faster one: causal tracing of SmolLM2 ran
+16% faster on it than on oneDNN. But MKL's default sums change with the thread count (2.7e-6
+relative between one and two threads), over the 1e-6 within which a data-parallel run must
+reproduce the one-process numbers. MKL's conditional numerical reproducibility in strict mode
+(``MKL_CBWR=AUTO,STRICT``) makes them independent of it at no measured cost, but it is a
+process-wide switch that only takes effect before MKL's first call. So a library import never
+sets it; :func:`use_reproducible_mkl` is for a process that owns itself: the ``interp``
+command calls it first thing, and its linears take MKL when strict mode took effect on an
+Intel CPU (on the AMD EPYC of change 9 oneDNN was the faster one, and stays).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
 import weakref
@@ -44,8 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linear", "bf16_products", "linear", "linear_products", "onednn_linear_available",
-           "use_onednn_linear", "uses_onednn_linear"]
+__all__ = ["Linear", "bf16_products", "cpu_linear_kernel", "linear", "linear_products",
+           "mkl_reproducible",
+           "onednn_linear_available", "use_onednn_linear", "use_reproducible_mkl",
+           "uses_onednn_linear"]
 
 
 def _find_op():
@@ -82,6 +90,70 @@ def use_onednn_linear(enabled: bool) -> None:
 def uses_onednn_linear() -> bool:
     """Whether eligible calls (see the module docstring) take the oneDNN path."""
     return _enabled and _OP is not None
+
+
+# ------------------------------------------------------------------ MKL, reproducibly
+_MKL_CBWR_ALL, _MKL_CBWR_AUTO, _MKL_CBWR_STRICT = -1, 2, 0x10000
+
+
+def _mkl_cbwr() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
+    """MKL's CNR getter and setter (``mkl_cbwr_get``/``_set``, exported by PyTorch's CPU
+    library as ``mkl_serv_cbwr_*``), or None on builds without MKL."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib",
+                                       "libtorch_cpu.so"))
+        get, set_ = lib.mkl_serv_cbwr_get, lib.mkl_serv_cbwr_set
+    except (OSError, AttributeError):
+        return None
+    for f in (get, set_):
+        f.restype, f.argtypes = ctypes.c_int, [ctypes.c_int]
+    return get, set_
+
+
+def mkl_reproducible() -> bool:
+    """Whether MKL runs in strict conditional-numerical-reproducibility mode, where its sums
+    do not depend on the number of threads."""
+    cbwr = _mkl_cbwr()
+    return cbwr is not None and bool(cbwr[0](_MKL_CBWR_ALL) & _MKL_CBWR_STRICT)
+
+
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
+
+
+def use_reproducible_mkl() -> bool:
+    """For a process that owns itself (the ``interp`` command, before any product): switch MKL
+    to strict reproducible mode and route float32 CPU linears to MKL, on an Intel CPU. Returns
+    whether linears now take MKL.
+
+    Nothing changes when the user chose (``INTERP_CPU_LINEAR`` or ``MKL_CBWR`` set: the
+    latter is honoured, and MKL is taken only if it asks for strict mode), off Intel CPUs,
+    without MKL, or once MKL has run in this process (its mode can no longer change; an
+    in-process caller such as a test keeps oneDNN and its numbers).
+    """
+    if "INTERP_CPU_LINEAR" in os.environ or _OP is None or not _intel_cpu():
+        return False
+    cbwr = _mkl_cbwr()
+    if cbwr is None:
+        return False
+    if "MKL_CBWR" not in os.environ and cbwr[1](_MKL_CBWR_AUTO | _MKL_CBWR_STRICT) != 0:
+        return False  # MKL already ran here: its mode is fixed
+    if not mkl_reproducible():
+        return False
+    use_onednn_linear(False)
+    return True
+
+
+def cpu_linear_kernel() -> str:
+    """Which kernel eligible float32 CPU linears take, for a run's record: ``oneDNN``,
+    ``MKL (strict reproducible mode)`` or ``MKL``."""
+    if uses_onednn_linear():
+        return "oneDNN"
+    return "MKL (strict reproducible mode)" if mkl_reproducible() else "MKL"
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
