@@ -11,6 +11,8 @@ checkpoint (interp/data/knowledge.pt), to 1e-5, so the speed-ups cannot drift th
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
@@ -189,3 +191,32 @@ def test_batched_edits_equal_one_full_forward_per_prompt(knowledge) -> None:
         assert r.p_before == pytest.approx(before, abs=1e-5)
     moved = edits[edits["target"] == "self"]
     assert (moved["p_after"] != moved["p_before"]).all()  # the edits reach the probabilities
+
+
+@pytest.mark.parametrize("bias, scale", [(False, 1.0), (True, 0.5)])
+def test_answer_probs_in_one_buffer_equal_softmax_and_autograd(knowledge, monkeypatch, bias,
+                                                              scale) -> None:
+    """``readout.answer_probs`` (chunks of one reused buffer, the softmax's gradient written in
+    place) equals softmax(unembed) and its autograd gradient, per row, with an unembedding
+    bias and a logit scale too, over more rows than one chunk and per-row answers."""
+    from analyses.ffn import readout
+
+    model, _ = knowledge
+    monkeypatch.setattr(readout, "_CHUNK", 7)
+    if bias:
+        monkeypatch.setattr(model.unembed, "has_bias", True)
+        monkeypatch.setattr(model.unembed, "b_U", torch.randn(model.cfg.d_vocab_out))
+    monkeypatch.setattr(model, "cfg", dataclasses.replace(model.cfg, logit_scale=scale))
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(19, model.cfg.d_model, generator=gen) * 3
+    answers = torch.randint(model.cfg.d_vocab_out, (19,), generator=gen)
+    assert readout._plain_unembed(model, hidden)
+    p, g = readout.answer_probs(model, hidden, answers, grads=True)
+    h = hidden.clone().requires_grad_(True)
+    ref = torch.softmax(readout._unembed(model, h), -1)[torch.arange(19), answers]
+    (ref_g,) = torch.autograd.grad(ref.sum(), h)
+    torch.testing.assert_close(p, ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g, ref_g, rtol=1e-4, atol=1e-6)
+    p1, none = readout.answer_probs(model, hidden, int(answers[3]))
+    assert none is None
+    torch.testing.assert_close(p1[3], p[3], rtol=1e-6, atol=0)
