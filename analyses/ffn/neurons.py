@@ -85,6 +85,24 @@ def _last_position_states(model: HookedTransformer, toks: torch.Tensor, answer_i
     return prob, kv, store
 
 
+def _pass_through(act: torch.Tensor, hook: Any) -> None:
+    """A hook that changes nothing (see :func:`_eager_attention_hooks`)."""
+
+
+def _eager_attention_hooks(model: HookedTransformer) -> dict[int, list[FwdHook]]:
+    """Per layer, a pass-through hook on ``attn.hook_pattern``, which makes the attention
+    form its scores explicitly (a watched pattern must exist) instead of calling PyTorch's
+    fused kernel. Why: integrated gradients differentiate rows of one query against a dozen
+    keys, where the fused kernel's CPU backward costs 1.5 ms a call; the explicit scores' one
+    is a few small products. SmolLM2, 9 prompts: 11.55 -> 10.75 s, attributions equal to
+    1.1e-6. Softmax attention only (linear attention forms a pattern only when watched)."""
+    if model.cfg.attn_kernel == "linear":
+        return {}
+    return {i: [(f"blocks.{i}.attn.hook_pattern", _pass_through)]
+            for i, b in enumerate(model.blocks)
+            if hasattr(getattr(b, "attn", None), "hook_pattern")}
+
+
 def _staggered_grads(model: HookedTransformer, rows: list[tuple[int, int, float]],
                      store: dict[str, torch.Tensor], kv: KVCache, toks: torch.Tensor,
                      answer_id: int) -> tuple[torch.Tensor, list[tuple[int, int, int]],
@@ -113,8 +131,11 @@ def _staggered_grads(model: HookedTransformer, rows: list[tuple[int, int, float]
         lo, sc = joining[hook.layer()]  # rows joining at this layer are the batch's last
         return torch.cat([act[:lo], sc[:, None, :].to(act.dtype)])
 
+    eager = _eager_attention_hooks(model)
+
     def hooks(layer: int, n: int) -> list[Any]:
-        return [(f"blocks.{layer}.mlp.hook_post", replace)] if layer in joining else []
+        out = [(f"blocks.{layer}.mlp.hook_post", replace)] if layer in joining else []
+        return out + eager.get(layer, [])
 
     def past(layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if T == 1:
