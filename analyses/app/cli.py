@@ -138,7 +138,7 @@ def main() -> None:
             import torch  # noqa: F401
         # MKL's strict reproducible mode must be chosen before its first product, and is
         # process-wide: the command owns its process, so it is chosen here (on Intel CPUs the
-        # linears then take MKL, ~16% faster than oneDNN there, with thread-count-independent
+        # linears then take MKL, 12-16% faster than oneDNN there, with thread-count-independent
         # sums; interp.perf.kernels.use_reproducible_mkl).
         from interp.perf.kernels import use_reproducible_mkl
 

@@ -26,7 +26,7 @@ must match another MKL-based run. The path is taken only when all of these hold,
 (for example to compare the two on another CPU). Off x86-64 (ARM) the path is never taken.
 
 On an Intel Xeon (Emerald Rapids, AMX) MKL is the faster one: causal tracing of SmolLM2 ran
-16% faster on it than on oneDNN. But MKL's default sums change with the thread count (2.7e-6
+12-16% faster on it than on oneDNN. But MKL's default sums change with the thread count (2.7e-6
 relative between one and two threads), over the 1e-6 within which a data-parallel run must
 reproduce the one-process numbers. MKL's conditional numerical reproducibility in strict mode
 (``MKL_CBWR=AUTO,STRICT``) makes them independent of it at no measured cost, but it is a
