@@ -94,8 +94,9 @@ def _eager_attention_hooks(model: HookedTransformer) -> dict[int, list[FwdHook]]
     form its scores explicitly (a watched pattern must exist) instead of calling PyTorch's
     fused kernel. Why: integrated gradients differentiate rows of one query against a dozen
     keys, where the fused kernel's CPU backward costs 1.5 ms a call; the explicit scores' one
-    is a few small products. SmolLM2, 9 prompts: 11.55 -> 10.75 s, attributions equal to
-    1.1e-6. Softmax attention only (linear attention forms a pattern only when watched)."""
+    is a few small products. SmolLM2, 9 prompts, alternating: 10.73 -> 10.24 s and 11.85 ->
+    11.22 s, attributions equal to 6e-6. Softmax attention only (linear attention forms a
+    pattern only when watched)."""
     if model.cfg.attn_kernel == "linear":
         return {}
     return {i: [(f"blocks.{i}.attn.hook_pattern", _pass_through)]

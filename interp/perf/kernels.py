@@ -51,9 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Linear", "bf16_products", "cpu_linear_kernel", "linear", "linear_products",
-           "mkl_reproducible",
-           "onednn_linear_available", "use_onednn_linear", "use_reproducible_mkl",
-           "uses_onednn_linear"]
+           "mkl_reproducible", "onednn_linear_available", "use_onednn_linear",
+           "use_reproducible_mkl", "uses_onednn_linear"]
 
 
 def _find_op():
