@@ -153,7 +153,7 @@ _mkl_strict = pytest.mark.skipif(
 #: Products whose MKL sums moved with the thread count on the project's Xeon by default
 #: (576 -> 960 at 5 and 8 rows, 1,536 -> 576 at 63-129 rows), and the unembedding's shape.
 _THREAD_CHECK = """
-import sys, torch, torch.nn.functional as F
+import torch
 from interp.perf import kernels
 print(kernels.use_reproducible_mkl(), kernels.uses_onednn_linear(), kernels.cpu_linear_kernel())
 torch.manual_seed(0)
@@ -170,9 +170,14 @@ print(diff)
 """
 
 
-def _python(code: str, **env: str) -> list[str]:
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without a kernel choice of the caller's, plus ``extra``."""
     base = {k: v for k, v in os.environ.items() if k not in ("INTERP_CPU_LINEAR", "MKL_CBWR")}
-    out = subprocess.run([sys.executable, "-c", code], env={**base, **env},
+    return {**base, **extra}
+
+
+def _python(code: str, **env: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code], env=_env(**env),
                          capture_output=True, text=True, check=True)
     return out.stdout.split("\n")
 
@@ -206,10 +211,9 @@ def test_the_interp_command_runs_reproducible_mkl_and_records_it(tmp_path):
 
     out = tmp_path / "r"
     data = os.path.join(os.path.dirname(interp.__file__), "data", "knowledge.pt")
-    env = {k: v for k, v in os.environ.items() if k not in ("INTERP_CPU_LINEAR", "MKL_CBWR")}
     subprocess.run([sys.executable, "-m", "analyses.app.cli", "ffn", data, "--max-facts", "1",
                     "--samples", "1", "--ig-steps", "2", "--kv-layers", "0", "--top-k", "2",
-                    "--max-tokens", "64", "--out", str(out), "-q"], env=env, check=True,
+                    "--max-tokens", "64", "--out", str(out), "-q"], env=_env(), check=True,
                    capture_output=True)
     cpu = json.loads((out / "run.json").read_text())["cpu"]
     assert cpu == {"linear_kernel": "MKL (strict reproducible mode)",

@@ -66,8 +66,8 @@ def _plain_unembed(model: HookedTransformer, x: torch.Tensor) -> bool:
     softcap and its hook points), which :func:`answer_probs` may run in place."""
     u = model.unembed
     return (not hasattr(model, "mlm_head") and getattr(u, "softcap", None) is None
-            and hasattr(u, "_weight") and x.device.type == "cpu"
-            and x.dtype == torch.float32 and u._weight.dtype == torch.float32)
+            and hasattr(u, "W_U") and x.device.type == "cpu"
+            and x.dtype == torch.float32 and u.W_U.dtype == torch.float32)
 
 
 def answer_probs(model: HookedTransformer, hidden: torch.Tensor, answer: int | torch.Tensor,
@@ -100,9 +100,9 @@ def _answer_probs_inplace(model: HookedTransformer, hidden: torch.Tensor, ids: t
     """:func:`answer_probs` in one reused [chunk, vocabulary] buffer."""
     rows, dev = hidden.shape[0], hidden.device
     u, scale = model.unembed, model.cfg.logit_scale
-    W = u._weight.detach()  # [vocab, d_model]
+    W_U = u.W_U.detach()  # [d_model, vocab]
     bias = u.b_U.detach() if u.has_bias else None
-    buf = torch.empty(min(rows, _CHUNK), W.shape[0], dtype=torch.float32, device=dev)
+    buf = torch.empty(min(rows, _CHUNK), W_U.shape[1], dtype=torch.float32, device=dev)
     probs = torch.empty(rows, dtype=torch.float32, device=dev)
     g = torch.empty(hidden.shape, dtype=torch.float32, device=dev) if grads else None
     for lo in range(0, rows, _CHUNK):
@@ -111,17 +111,17 @@ def _answer_probs_inplace(model: HookedTransformer, hidden: torch.Tensor, ids: t
         if scale != 1.0:
             x = x * scale
         if bias is None:
-            torch.mm(x, W.T, out=out)
+            torch.mm(x, W_U, out=out)
         else:
-            torch.addmm(bias, x, W.T, out=out)
+            torch.addmm(bias, x, W_U, out=out)
         torch.ops.aten._softmax.out(out, -1, False, out=out)
         at = torch.arange(hi - lo, device=dev)
         p = out[at, a].clone()
         probs[lo:hi] = p
-        if g is not None:  # dP/dz = -P softmax(z), plus P at the answer; then back through W
+        if g is not None:  # dP/dz = -P softmax(z), plus P at the answer; then back through W_U
             out.mul_(-p[:, None])
             out[at, a] += p
-            torch.mm(out, W, out=g[lo:hi])
+            torch.mm(out, W_U.T, out=g[lo:hi])
             if scale != 1.0:
                 g[lo:hi] *= scale
     return probs, g

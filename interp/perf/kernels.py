@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import weakref
@@ -95,9 +96,10 @@ def uses_onednn_linear() -> bool:
 _MKL_CBWR_ALL, _MKL_CBWR_AUTO, _MKL_CBWR_STRICT = -1, 2, 0x10000
 
 
+@functools.cache
 def _mkl_cbwr() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
     """MKL's CNR getter and setter (``mkl_cbwr_get``/``_set``, exported by PyTorch's CPU
-    library as ``mkl_serv_cbwr_*``), or None on builds without MKL."""
+    library as ``mkl_serv_cbwr_*``), or None on builds without MKL (looked up once)."""
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib",
                                        "libtorch_cpu.so"))
